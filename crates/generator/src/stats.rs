@@ -1,0 +1,94 @@
+//! Per-server counters, mirrored into the process's Prometheus metrics.
+//!
+//! The atomics make one server's numbers observable in-process (tests embed several servers in
+//! one process, where the global metrics are shared); the `metrics` handles feed `/metrics`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use metrics::{Counter, Gauge};
+
+use crate::generation::Outcome;
+
+/// Counters of one generator server.
+pub struct Stats {
+    active: AtomicUsize,
+    tokens: AtomicU64,
+    active_gauge: Gauge,
+    tokens_counter: Counter,
+    outcomes: [Counter; 4],
+    rejected: Counter,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("active", &self.active())
+            .field("tokens", &self.tokens())
+            .finish()
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let outcome = |o: Outcome| metrics::counter!("tokenfan_generator_generations_total", "outcome" => o.as_str());
+        Self {
+            active: AtomicUsize::new(0),
+            tokens: AtomicU64::new(0),
+            active_gauge: metrics::gauge!("tokenfan_generator_active_generations"),
+            tokens_counter: metrics::counter!("tokenfan_generator_tokens_total"),
+            outcomes: [
+                outcome(Outcome::Stop),
+                outcome(Outcome::Length),
+                outcome(Outcome::Fault),
+                outcome(Outcome::Cancelled),
+            ],
+            rejected: metrics::counter!("tokenfan_generator_rejected_total"),
+        }
+    }
+}
+
+impl Stats {
+    /// Generations running now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Tokens sent since start.
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn try_start(&self, limit: usize) -> bool {
+        let ok = self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if ok {
+            self.active_gauge.increment(1.0);
+        }
+        ok
+    }
+
+    pub(crate) fn finished(&self, outcome: Outcome) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.active_gauge.decrement(1.0);
+        let i = match outcome {
+            Outcome::Stop => 0,
+            Outcome::Length => 1,
+            Outcome::Fault => 2,
+            Outcome::Cancelled => 3,
+        };
+        self.outcomes[i].increment(1);
+    }
+
+    pub(crate) fn token_sent(&self) {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+        self.tokens_counter.increment(1);
+    }
+
+    pub(crate) fn rejected(&self) {
+        self.rejected.increment(1);
+    }
+}

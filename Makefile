@@ -3,11 +3,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run test lint fmt build release deps bench-generator clean
+.PHONY: run run-generator test lint fmt build release deps bench-generator clean
 
-## run: build and start tokenfan on its embedded default
+## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
-	@echo "tokenfan-generator: gRPC on 127.0.0.1:50051, metrics on http://127.0.0.1:9464/metrics"
+	@echo "tokenfan: open http://127.0.0.1:8080/ (Ctrl-C stops it)"
+	$(RELEASE_DIR)/tokenfan-edge --listen 127.0.0.1:8080
+
+## run-generator: the mock LLM alone (gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464)
+run-generator: release
 	$(RELEASE_DIR)/tokenfan-generator
 
 ## test: format check, clippy -D warnings, every test (installs what is missing first)

@@ -1,0 +1,234 @@
+//! The HTTP application: shared state, the router, and the small endpoints (models, health,
+//! readiness, metrics, the demo page).
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    config::EdgeConfig,
+    hub::Hub,
+    request::MODELS,
+    transports::{longpoll, native, openai, shortpoll, sse, ws},
+};
+
+/// State every handler gets; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The stream hub.
+    pub hub: Arc<Hub>,
+    /// The configuration.
+    pub config: Arc<EdgeConfig>,
+    /// Cancelled at shutdown: streaming responses end so clients reconnect elsewhere.
+    pub shutdown: CancellationToken,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// Builds the router with every endpoint, CORS and the body limit.
+pub fn router(state: AppState) -> Router {
+    let cors = cors_layer(&state.config);
+    let router = Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/style.css", get(style_css))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/streams", post(native::create))
+        .route(
+            "/v1/streams/{id}",
+            get(shortpoll::status).delete(native::stop),
+        )
+        .route("/v1/streams/{id}/events", get(sse::events))
+        .route("/v1/streams/{id}/poll", get(longpoll::poll))
+        // `any`: WebSocket over HTTP/1.1 (GET + Upgrade) and HTTP/2 (extended CONNECT).
+        .route("/v1/ws", any(ws::upgrade))
+        .fallback(not_found)
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+fn cors_layer(config: &EdgeConfig) -> Option<CorsLayer> {
+    if config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static("last-event-id"),
+                header::HeaderName::from_static("traceparent"),
+                header::HeaderName::from_static("tracestate"),
+            ])
+            .expose_headers([header::HeaderName::from_static("x-stream-id")])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}})),
+    )
+        .into_response()
+}
+
+const INDEX_HTML: &str = include_str!("../../../web/index.html");
+const APP_JS: &str = include_str!("../../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../../web/style.css");
+
+fn static_file(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    let mut r = static_file(INDEX_HTML, "text/html; charset=utf-8");
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+async fn app_js() -> Response {
+    static_file(APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn style_css() -> Response {
+    static_file(STYLE_CSS, "text/css; charset=utf-8")
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let generator = app.hub.generators().ready().await;
+    let shutting_down = app.shutdown.is_cancelled();
+    let ready = generator && !shutting_down;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": {
+            "generator": if generator { "ok" } else { "down" },
+            "shutdown": if shutting_down { "draining" } else { "no" },
+        },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models() -> Response {
+    let data: Vec<_> = MODELS
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.id,
+                "object": "model",
+                "created": 1_767_225_600,
+                "owned_by": "tokenfan",
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+/// Counts an open streaming response or socket in `tokenfan_edge_connections{transport}` and
+/// its delivered events in `tokenfan_edge_events_delivered_total{transport}`.
+pub struct TransportGuard {
+    gauge: metrics::Gauge,
+    delivered: metrics::Counter,
+}
+
+impl TransportGuard {
+    /// Counts one more open connection of `transport`.
+    pub fn new(transport: &'static str) -> Self {
+        let gauge = metrics::gauge!("tokenfan_edge_connections", "transport" => transport);
+        gauge.increment(1.0);
+        Self {
+            gauge,
+            delivered: metrics::counter!(
+                "tokenfan_edge_events_delivered_total", "transport" => transport
+            ),
+        }
+    }
+
+    /// Counts delivered events.
+    pub fn delivered(&self, n: usize) {
+        self.delivered.increment(n as u64);
+    }
+}
+
+impl Drop for TransportGuard {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// The request span for a stream-starting request, continuing the caller's `traceparent`.
+pub fn request_span(headers: &axum::http::HeaderMap, route: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("http.request", otel.name = route, otel.kind = "server");
+    tokenfan_telemetry::propagation::set_parent(
+        &span,
+        tokenfan_telemetry::propagation::extract_http(headers),
+    );
+    span
+}

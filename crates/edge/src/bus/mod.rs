@@ -1,0 +1,100 @@
+//! Live fan-out between replicas behind a small trait. [`memory::MemoryBus`] serves one
+//! process; a NATS bus slots in for clusters.
+//!
+//! The owner publishes each batch of events once; every replica with local subscribers holds
+//! one bus subscription per stream and feeds it into its local [`crate::stream::StreamState`].
+//! Cancel requests travel on a control channel to whichever replica owns the stream.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::{event::Event, ids::StreamId};
+
+/// A bus failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bus backend: {0}")]
+pub struct BusError(pub String);
+
+/// Batches of one stream's events, as published (at most once: gaps are refilled from the
+/// store by the receiver).
+pub type EventFeed = mpsc::Receiver<Arc<[Arc<Event>]>>;
+
+/// Event fan-out and stream control between replicas.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes a batch of consecutive events of `id`.
+    async fn publish(&self, id: &StreamId, events: Arc<[Arc<Event>]>) -> Result<(), BusError>;
+    /// Receives the batches published for `id` from now on (the feed ends when dropped).
+    async fn subscribe(&self, id: &StreamId) -> Result<EventFeed, BusError>;
+    /// Asks the owner of `id` to cancel it.
+    async fn request_cancel(&self, id: &StreamId) -> Result<(), BusError>;
+    /// Receives cancel requests addressed to any stream.
+    async fn cancel_requests(&self) -> Result<mpsc::Receiver<StreamId>, BusError>;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The behaviour every [`Bus`] must have; run against each implementation.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::event::EventKind;
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Arc<[Arc<Event>]> {
+        seqs.map(|s| {
+            Arc::new(Event::new(
+                s,
+                EventKind::Token {
+                    text: s.to_string(),
+                },
+            ))
+        })
+        .collect()
+    }
+
+    /// Runs every check against `bus`.
+    pub async fn run(bus: &dyn Bus) {
+        let wait = Duration::from_secs(5);
+        let a = StreamId::random();
+        let b = StreamId::random();
+        let mut feed_a1 = bus.subscribe(&a).await.expect("subscribe");
+        let mut feed_a2 = bus.subscribe(&a).await.expect("subscribe");
+        let mut feed_b = bus.subscribe(&b).await.expect("subscribe");
+
+        bus.publish(&a, batch(1..=3)).await.expect("publish");
+        bus.publish(&a, batch(4..=4)).await.expect("publish");
+        for feed in [&mut feed_a1, &mut feed_a2] {
+            let first = tokio::time::timeout(wait, feed.recv())
+                .await
+                .expect("in time");
+            let second = tokio::time::timeout(wait, feed.recv())
+                .await
+                .expect("in time");
+            let seqs: Vec<u64> = first
+                .into_iter()
+                .chain(second)
+                .flat_map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>())
+                .collect();
+            assert_eq!(
+                seqs,
+                [1, 2, 3, 4],
+                "every subscriber of the stream, in order"
+            );
+        }
+        assert!(
+            feed_b.try_recv().is_err(),
+            "another stream's feed stays quiet"
+        );
+
+        let mut cancels = bus.cancel_requests().await.expect("control");
+        bus.request_cancel(&b).await.expect("cancel");
+        let got = tokio::time::timeout(wait, cancels.recv())
+            .await
+            .expect("in time");
+        assert_eq!(got, Some(b));
+    }
+}

@@ -1,0 +1,233 @@
+//! Stream events and their wire forms.
+//!
+//! An [`Event`] is serialized to its native JSON once, when it is created; the SSE frame and
+//! the WebSocket text are derived from those bytes at most once each and shared by every
+//! subscriber through the `Arc<Event>` they all hold.
+
+use std::sync::OnceLock;
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use serde::Serialize;
+
+/// Why a stream finished (`done` events) or how it stands (`status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The answer ended naturally.
+    Stop,
+    /// `max_tokens` cut the answer.
+    Length,
+    /// Stopped by a client or by the detach grace.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts reported with `done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens in the whole answer.
+    pub completion_tokens: u32,
+}
+
+/// What an event says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// Some answer text (one generator token, or several coalesced).
+    Token {
+        /// The text, valid UTF-8.
+        text: String,
+    },
+    /// The terminal event of a finished stream.
+    Done {
+        /// Why it finished.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The terminal event of a failed stream.
+    Error {
+        /// Stable machine tag, e.g. `generator_unavailable`.
+        code: &'static str,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// Serializes as `{"type":…,"seq":…,<fields>}`, the order the protocol documents.
+struct Wire<'a> {
+    kind: &'a EventKind,
+    type_name: &'static str,
+    seq: u64,
+}
+
+impl Serialize for Wire<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("type", self.type_name)?;
+        m.serialize_entry("seq", &self.seq)?;
+        match self.kind {
+            EventKind::Token { text } => m.serialize_entry("text", text)?,
+            EventKind::Done {
+                finish_reason,
+                usage,
+            } => {
+                m.serialize_entry("finish_reason", finish_reason)?;
+                m.serialize_entry("usage", usage)?;
+            }
+            EventKind::Error { code, message } => {
+                m.serialize_entry("code", code)?;
+                m.serialize_entry("message", message)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// One event of a stream, with its wire forms.
+#[derive(Debug)]
+pub struct Event {
+    /// Position in the stream: 1, 2, 3, … without gaps (token seq = generator index + 1).
+    pub seq: u64,
+    /// The content.
+    pub kind: EventKind,
+    /// Native JSON, e.g. `{"type":"token","seq":1,"text":"Hel"}`.
+    json: Bytes,
+    /// `id:`/`event:`/`data:` SSE frame, built on first use.
+    sse: OnceLock<Bytes>,
+    /// WebSocket text (the JSON with `"stream_id"`), built on first use.
+    ws: OnceLock<Bytes>,
+}
+
+impl Event {
+    /// Builds an event and serializes it.
+    pub fn new(seq: u64, kind: EventKind) -> Self {
+        let wire = Wire {
+            kind: &kind,
+            type_name: type_name(&kind),
+            seq,
+        };
+        let json = serde_json::to_vec(&wire)
+            .map(Bytes::from)
+            .unwrap_or_default();
+        Self {
+            seq,
+            kind,
+            json,
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
+        }
+    }
+
+    /// Whether this is the stream's last event.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self.kind, EventKind::Token { .. })
+    }
+
+    /// The wire type name.
+    pub fn type_name(&self) -> &'static str {
+        type_name(&self.kind)
+    }
+
+    /// The native JSON.
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// Size in bytes, for queue accounting.
+    pub fn size(&self) -> usize {
+        self.json.len()
+    }
+
+    /// The SSE frame: `id: <seq>\nevent: <type>\ndata: <json>\n\n`.
+    pub fn sse(&self) -> &Bytes {
+        self.sse.get_or_init(|| {
+            let mut b = BytesMut::with_capacity(self.json.len() + 40);
+            b.put_slice(b"id: ");
+            b.put_slice(self.seq.to_string().as_bytes());
+            b.put_slice(b"\nevent: ");
+            b.put_slice(self.type_name().as_bytes());
+            b.put_slice(b"\ndata: ");
+            b.put_slice(&self.json);
+            b.put_slice(b"\n\n");
+            b.freeze()
+        })
+    }
+
+    /// The WebSocket text: the native JSON with `"stream_id"` first. `stream_id` must be
+    /// the id of this event's stream (ids are URL-safe, so they need no escaping).
+    pub fn ws(&self, stream_id: &str) -> &Bytes {
+        self.ws.get_or_init(|| {
+            let mut b = BytesMut::with_capacity(self.json.len() + stream_id.len() + 16);
+            b.put_slice(b"{\"stream_id\":\"");
+            b.put_slice(stream_id.as_bytes());
+            b.put_slice(b"\",");
+            b.put_slice(&self.json[1..]);
+            b.freeze()
+        })
+    }
+
+    /// The text of a token event.
+    pub fn text(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Token { text } => Some(text),
+            _ => None,
+        }
+    }
+}
+
+fn type_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Token { .. } => "token",
+        EventKind::Done { .. } => "done",
+        EventKind::Error { .. } => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_forms_match_the_contract() {
+        let t = Event::new(1, EventKind::Token { text: "Hel".into() });
+        assert_eq!(&t.json()[..], br#"{"type":"token","seq":1,"text":"Hel"}"#);
+        assert_eq!(
+            &t.sse()[..],
+            b"id: 1\nevent: token\ndata: {\"type\":\"token\",\"seq\":1,\"text\":\"Hel\"}\n\n"
+        );
+        let v: serde_json::Value = serde_json::from_slice(t.ws("abc")).expect("valid JSON");
+        assert_eq!(v["stream_id"], "abc");
+        assert_eq!(v["seq"], 1);
+
+        let d = Event::new(
+            42,
+            EventKind::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage {
+                    prompt_tokens: 9,
+                    completion_tokens: 41,
+                },
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(d.json()).expect("valid JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"done","seq":42,"finish_reason":"stop",
+                "usage":{"prompt_tokens":9,"completion_tokens":41}})
+        );
+        assert!(d.is_terminal());
+    }
+}

@@ -1,0 +1,151 @@
+//! `tokenfan-edge`: re-exposes generator token streams over every web transport.
+//!
+//! - [`hub`] owns streams and their generator calls; [`stream`] is one stream's shared state
+//!   and the subscriptions to it; [`event`] the events and their wire forms.
+//! - [`transports`] adapt subscriptions to SSE, the OpenAI format, long-poll, short-poll and
+//!   WebSocket; [`app`] is the router; [`server`] the listener (HTTP/1.1, h2c, TLS).
+//! - [`store`] and [`bus`] are the history and fan-out backends behind small traits.
+//! - [`upstream`] is the generator client; with no `--generator`, [`start`] runs the mock
+//!   generator in-process and talks to it through that same client.
+
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod hub;
+pub mod ids;
+pub mod request;
+pub mod server;
+pub mod store;
+pub mod stream;
+pub mod transports;
+pub mod upstream;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub use config::EdgeConfig;
+
+use crate::{
+    app::AppState, bus::memory::MemoryBus, hub::Hub, store::memory::MemoryStore,
+    upstream::GeneratorPool,
+};
+
+/// A started edge.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The hub (for tests and embedding).
+    pub hub: Arc<Hub>,
+    /// Counters of the embedded generator, when there is one.
+    pub embedded_generator: Option<Arc<tokenfan_generator::Stats>>,
+    /// Resolves when the edge stopped (after `shutdown` and the drain).
+    pub task: JoinHandle<()>,
+}
+
+/// Starts the edge on `listener` and returns once it accepts connections; cancel `shutdown`
+/// to stop it (then await [`Running::task`]).
+pub async fn start(
+    config: EdgeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let addr = listener.local_addr()?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+
+    // The embedded generator gets its own token so it outlives the edge's drain.
+    let generator_shutdown = CancellationToken::new();
+    let (urls, embedded_generator) = if config.generator.is_empty() {
+        let (url, stats) = start_embedded_generator(&config, generator_shutdown.clone()).await?;
+        (vec![url], Some(stats))
+    } else {
+        (config.generator.clone(), None)
+    };
+    let generators = GeneratorPool::new(&urls)?;
+    let replica = config
+        .replica_id
+        .clone()
+        .unwrap_or_else(|| format!("edge-{}", addr.port()));
+    let hub = Hub::new(
+        config.clone(),
+        replica,
+        generators,
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryBus::default()),
+    );
+    let state = AppState {
+        hub: hub.clone(),
+        config: config.clone(),
+        shutdown: shutdown.clone(),
+        metrics: tokenfan_telemetry::metrics::install(),
+    };
+    let router = app::router(state);
+
+    let background = CancellationToken::new();
+    tokio::spawn(hub.clone().sweep(background.clone()));
+    tokio::spawn(hub.clone().serve_cancel_requests(background.clone()));
+
+    let task = {
+        let hub = hub.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            server::serve(listener, router, tls, config.http.max_connections, shutdown).await;
+            hub.drain(config.shutdown_grace()).await;
+            background.cancel();
+            generator_shutdown.cancel();
+        })
+    };
+    Ok(Running {
+        addr,
+        hub,
+        embedded_generator,
+        task,
+    })
+}
+
+/// Runs the mock generator in this process on a loopback port; returns its URL.
+async fn start_embedded_generator(
+    config: &EdgeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(String, Arc<tokenfan_generator::Stats>)> {
+    let mut gen_config =
+        <tokenfan_generator::GeneratorConfig as clap::Parser>::parse_from(["tokenfan-generator"]);
+    let s = &config.streams;
+    gen_config.limits.ttft_ms = config.embedded.embedded_ttft_ms.min(s.max_ttft_ms);
+    gen_config.limits.inter_token_ms = config
+        .embedded
+        .embedded_inter_token_ms
+        .min(s.max_inter_token_ms);
+    gen_config.limits.jitter_ms = gen_config.limits.jitter_ms.min(s.max_jitter_ms);
+    gen_config.limits.max_ttft_ms = s.max_ttft_ms;
+    gen_config.limits.max_inter_token_ms = s.max_inter_token_ms;
+    gen_config.limits.max_jitter_ms = s.max_jitter_ms;
+    gen_config.limits.max_tokens_cap = s.max_tokens_cap;
+    gen_config.limits.default_max_tokens = s.default_max_tokens;
+    gen_config.limits.max_generations = s.max_streams;
+    gen_config.shutdown_grace_secs = 1;
+    gen_config.validate()?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the embedded generator")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stats = Arc::new(tokenfan_generator::Stats::default());
+    let task_stats = stats.clone();
+    tokio::spawn(async move {
+        if let Err(err) =
+            tokenfan_generator::serve_grpc(&gen_config, listener, task_stats, shutdown).await
+        {
+            tracing::error!(%err, "embedded generator failed");
+        }
+    });
+    Ok((url, stats))
+}

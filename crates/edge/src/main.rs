@@ -1,0 +1,56 @@
+//! The `tokenfan-edge` binary: configuration, telemetry, listener, signals.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokenfan_edge::EdgeConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = EdgeConfig::parse();
+    if let Err(err) = config.validate() {
+        eprintln!("tokenfan-edge: invalid configuration: {err:#}");
+        std::process::exit(2);
+    }
+    let telemetry = tokenfan_telemetry::init("tokenfan-edge", &config.telemetry)?;
+    tokenfan_telemetry::metrics::install();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    let tls = config.tls_cert.is_some();
+    let embedded = config.generator.is_empty();
+    let running = tokenfan_edge::start(config, listener, shutdown.clone()).await?;
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(
+        addr = %running.addr,
+        url = %format!("{scheme}://{}/", running.addr),
+        embedded_generator = embedded,
+        "tokenfan-edge listening"
+    );
+    tokio::spawn(watch_signals(shutdown));
+    running.task.await?;
+    telemetry.shutdown().await;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn watch_signals(shutdown: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM received: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received: draining"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,447 @@
+//! One stream's shared state on this replica, and subscriptions to it.
+//!
+//! The stream's events live in one append-only vector shared by every subscriber: the history
+//! *is* the queue. A subscription is a cursor into it plus a `watch` receiver that wakes it when
+//! events are appended, so subscribing at `after = N` takes the history and the live tail under
+//! one lock, with no seam where an event could be missed or doubled, and a slow subscriber
+//! costs no memory of its own. A subscriber more than `queue` events behind gets its pending
+//! tokens coalesced into one event (texts joined, seq of the last); more than `max_bytes`
+//! behind, it is closed with `slow_consumer` and may resume by seq.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::ApiError,
+    event::{Event, EventKind, FinishReason},
+    ids::StreamId,
+};
+
+/// Where a stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStatus {
+    /// Still generating.
+    Running,
+    /// Finished with `stop` or `length`.
+    Done,
+    /// Stopped by a client or the detach grace.
+    Cancelled,
+    /// Failed; the terminal event is an `error`.
+    Error,
+}
+
+impl StreamStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamStatus::Running => "running",
+            StreamStatus::Done => "done",
+            StreamStatus::Cancelled => "cancelled",
+            StreamStatus::Error => "error",
+        }
+    }
+
+    /// The status a stream has once `event` is its last.
+    pub fn of(event: &Event) -> Self {
+        match &event.kind {
+            EventKind::Token { .. } => StreamStatus::Running,
+            EventKind::Done {
+                finish_reason: FinishReason::Cancelled,
+                ..
+            } => StreamStatus::Cancelled,
+            EventKind::Done { .. } => StreamStatus::Done,
+            EventKind::Error { .. } => StreamStatus::Error,
+        }
+    }
+}
+
+/// Limits applied to each subscriber.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriberLimits {
+    /// Pending events past which tokens are coalesced.
+    pub queue: usize,
+    /// Pending bytes past which the subscriber is closed with `slow_consumer`.
+    pub max_bytes: usize,
+}
+
+struct Inner {
+    events: Vec<Arc<Event>>,
+    status: StreamStatus,
+    ended_at: Option<Instant>,
+}
+
+/// A stream as this replica knows it.
+pub struct StreamState {
+    /// The stream's id.
+    pub id: StreamId,
+    /// The model it runs.
+    pub model: &'static str,
+    /// Creation time, Unix seconds (OpenAI's `created`).
+    pub created_unix: u64,
+    inner: Mutex<Inner>,
+    /// Last appended seq; subscribers wait on it. Lives as long as the state.
+    published: watch::Sender<u64>,
+    /// Subscribers attached now (plus touches from polls); the owner's detach-grace timer
+    /// watches it.
+    attached: watch::Sender<usize>,
+    /// Cancelled by an explicit stop or by the detach grace; the owner task watches it.
+    pub cancel: CancellationToken,
+    limits: SubscriberLimits,
+}
+
+impl std::fmt::Debug for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamState")
+            .field("id", &self.id)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl StreamState {
+    /// A new, running stream with no events.
+    pub fn new(id: StreamId, model: &'static str, limits: SubscriberLimits) -> Self {
+        Self {
+            id,
+            model,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            inner: Mutex::new(Inner {
+                events: Vec::new(),
+                status: StreamStatus::Running,
+                ended_at: None,
+            }),
+            published: watch::channel(0).0,
+            attached: watch::channel(0).0,
+            cancel: CancellationToken::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug; keep serving the other streams.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current status.
+    pub fn status(&self) -> StreamStatus {
+        self.lock().status
+    }
+
+    /// Seq of the last event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().events.len() as u64
+    }
+
+    /// When the stream ended, if it did.
+    pub fn ended_at(&self) -> Option<Instant> {
+        self.lock().ended_at
+    }
+
+    /// Appends a batch of consecutive events and wakes the subscribers. Events whose seq is
+    /// already present are skipped; nothing is accepted after the terminal event.
+    pub fn publish(&self, batch: &[Arc<Event>]) {
+        let last = {
+            let mut inner = self.lock();
+            for event in batch {
+                if inner.status != StreamStatus::Running {
+                    break;
+                }
+                if event.seq != inner.events.len() as u64 + 1 {
+                    continue;
+                }
+                inner.status = StreamStatus::of(event);
+                if event.is_terminal() {
+                    inner.ended_at = Some(Instant::now());
+                }
+                inner.events.push(event.clone());
+            }
+            inner.events.len() as u64
+        };
+        self.published.send_replace(last);
+    }
+
+    /// Events after `after` (for short-polls), checking the cursor.
+    pub fn events_after(&self, after: u64) -> Result<(StreamStatus, Vec<Arc<Event>>), ApiError> {
+        let inner = self.lock();
+        let last = inner.events.len() as u64;
+        if after > last {
+            return Err(ApiError::cursor_out_of_range(after, last));
+        }
+        Ok((inner.status, inner.events[after as usize..].to_vec()))
+    }
+
+    /// Subscribes from `after`: every later event, exactly once, in order.
+    pub fn subscribe(self: &Arc<Self>, after: u64) -> Result<Subscription, ApiError> {
+        let last = self.last_seq();
+        if after > last {
+            return Err(ApiError::cursor_out_of_range(after, last));
+        }
+        self.attached.send_modify(|n| *n += 1);
+        Ok(Subscription {
+            published: self.published.subscribe(),
+            state: self.clone(),
+            cursor: after,
+            finished: false,
+        })
+    }
+
+    /// Restarts the detach-grace clock without attaching (short-polls).
+    pub fn touch(&self) {
+        self.attached.send_modify(|_| {});
+    }
+
+    /// Watches the attached count (the owner's detach grace).
+    pub fn attached(&self) -> watch::Receiver<usize> {
+        self.attached.subscribe()
+    }
+
+    /// Waits until the stream has its terminal event.
+    pub async fn wait_finished(&self) {
+        let mut rx = self.published.subscribe();
+        while self.status() == StreamStatus::Running {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Why a subscription ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The terminal event was delivered.
+    Finished,
+    /// The subscriber fell more than the byte cap behind; it may resume from its last seq.
+    SlowConsumer {
+        /// The last seq it received.
+        last_seq: u64,
+    },
+}
+
+/// A cursor into a stream; counts as attached until dropped.
+pub struct Subscription {
+    state: Arc<StreamState>,
+    published: watch::Receiver<u64>,
+    cursor: u64,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("stream", &self.state.id)
+            .field("cursor", &self.cursor)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The stream.
+    pub fn stream(&self) -> &Arc<StreamState> {
+        &self.state
+    }
+
+    /// Seq of the last event handed out.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The events available now, without waiting (may be empty).
+    pub fn try_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
+        if self.finished {
+            return Err(Closed::Finished);
+        }
+        let inner = self.state.lock();
+        let pending = &inner.events[self.cursor as usize..];
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limits = self.state.limits;
+        let bytes: usize = pending.iter().map(|e| e.size()).sum();
+        if bytes > limits.max_bytes {
+            self.finished = true;
+            metrics::counter!("tokenfan_edge_slow_consumer_closes_total").increment(1);
+            return Err(Closed::SlowConsumer {
+                last_seq: self.cursor,
+            });
+        }
+        let batch = if pending.len() > limits.queue {
+            coalesce(pending)
+        } else {
+            pending.to_vec()
+        };
+        drop(inner);
+        if let Some(last) = batch.last() {
+            self.cursor = last.seq;
+            self.finished = last.is_terminal();
+        }
+        Ok(batch)
+    }
+
+    /// Waits for the next events: at least one, all that are available.
+    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
+        loop {
+            self.published.mark_unchanged();
+            let batch = self.try_batch()?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            if self.published.changed().await.is_err() {
+                return Err(Closed::Finished);
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.state
+            .attached
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Joins the pending token events into one (seq of the last), keeping the terminal event.
+fn coalesce(pending: &[Arc<Event>]) -> Vec<Arc<Event>> {
+    let mut text = String::new();
+    let mut last_token_seq = None;
+    let mut terminal = None;
+    for event in pending {
+        match event.text() {
+            Some(t) => {
+                text.push_str(t);
+                last_token_seq = Some(event.seq);
+            }
+            None => terminal = Some(event.clone()),
+        }
+    }
+    metrics::counter!("tokenfan_edge_coalesced_events_total").increment(pending.len() as u64);
+    let mut out = Vec::with_capacity(2);
+    if let Some(seq) = last_token_seq {
+        out.push(Arc::new(Event::new(seq, EventKind::Token { text })));
+    }
+    out.extend(terminal);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::event::Usage;
+
+    fn state(queue: usize, max_bytes: usize) -> Arc<StreamState> {
+        Arc::new(StreamState::new(
+            StreamId::random(),
+            "tokenfan-mock",
+            SubscriberLimits { queue, max_bytes },
+        ))
+    }
+
+    fn token(seq: u64, text: &str) -> Arc<Event> {
+        Arc::new(Event::new(seq, EventKind::Token { text: text.into() }))
+    }
+
+    fn done(seq: u64) -> Arc<Event> {
+        Arc::new(Event::new(
+            seq,
+            EventKind::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::default(),
+            },
+        ))
+    }
+
+    async fn drain(sub: &mut Subscription) -> Vec<Arc<Event>> {
+        let mut out = Vec::new();
+        while let Ok(batch) = tokio::time::timeout(Duration::from_secs(5), sub.next_batch())
+            .await
+            .expect("no hang")
+        {
+            out.extend(batch);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn subscribers_at_any_cursor_get_every_later_event_once() {
+        let s = state(1000, 1 << 20);
+        s.publish(&[token(1, "a"), token(2, "b")]);
+        let mut from0 = s.subscribe(0).expect("ok");
+        let mut from2 = s.subscribe(2).expect("ok");
+        assert!(s.subscribe(3).is_err(), "beyond the last event");
+        // A publish racing the subscription lands exactly once.
+        let publisher = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for seq in 3..=50 {
+                    s.publish(&[token(seq, "x")]);
+                    tokio::task::yield_now().await;
+                }
+                s.publish(&[done(51)]);
+            })
+        };
+        let mut mid = s.subscribe(1).expect("ok");
+        let (a, b, c) = tokio::join!(drain(&mut from0), drain(&mut from2), drain(&mut mid));
+        publisher.await.expect("publisher");
+        let seqs = |v: &[Arc<Event>]| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&a), (1..=51).collect::<Vec<_>>());
+        assert_eq!(seqs(&b), (3..=51).collect::<Vec<_>>());
+        assert_eq!(seqs(&c), (2..=51).collect::<Vec<_>>());
+        assert_eq!(s.status(), StreamStatus::Done);
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_late_events_are_ignored() {
+        let s = state(1000, 1 << 20);
+        s.publish(&[token(1, "a"), token(2, "b")]);
+        s.publish(&[token(2, "B"), token(4, "gap"), token(3, "c")]);
+        s.publish(&[done(4), token(5, "after end")]);
+        let (_, events) = s.events_after(0).expect("ok");
+        let texts: Vec<_> = events.iter().filter_map(|e| e.text()).collect();
+        assert_eq!(texts, ["a", "b", "c"]);
+        assert_eq!(events.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_gets_coalesced_text_then_slow_consumer() {
+        let s = state(4, 1 << 20);
+        let mut sub = s.subscribe(0).expect("ok");
+        let tokens: Vec<_> = (1..=10).map(|i| token(i, &i.to_string())).collect();
+        s.publish(&tokens);
+        let batch = sub.next_batch().await.expect("batch");
+        assert_eq!(batch.len(), 1);
+        assert_eq!((batch[0].seq, batch[0].text()), (10, Some("12345678910")));
+
+        let tight = state(4, 60);
+        let mut slow = tight.subscribe(0).expect("ok");
+        tight.publish(&tokens);
+        assert_eq!(
+            slow.next_batch().await.expect_err("closed"),
+            Closed::SlowConsumer { last_seq: 0 }
+        );
+        // It may resume by seq (with a fresh subscription).
+        assert!(tight.subscribe(0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn attached_counts_follow_subscriptions() {
+        let s = state(8, 1 << 20);
+        let rx = s.attached();
+        let a = s.subscribe(0).expect("ok");
+        let b = s.subscribe(0).expect("ok");
+        assert_eq!(*rx.borrow(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(*rx.borrow(), 0);
+    }
+}

@@ -1,0 +1,52 @@
+//! Transports: each turns hub subscriptions into one wire format and nothing more.
+
+pub mod longpoll;
+pub mod native;
+pub mod openai;
+pub mod shortpoll;
+pub mod sse;
+pub mod ws;
+
+use std::sync::Arc;
+
+use axum::{
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{BufMut as _, BytesMut};
+
+use crate::{event::Event, stream::StreamStatus};
+
+/// The poll answer `{"stream_id","status","events":[…],"next_after"}`, written from the
+/// events' cached JSON (no re-serialization).
+pub fn poll_body(
+    stream_id: &str,
+    status: StreamStatus,
+    events: &[Arc<Event>],
+    after: u64,
+) -> Response {
+    let next_after = events.last().map_or(after, |e| e.seq);
+    let mut b = BytesMut::with_capacity(96 + events.iter().map(|e| e.size() + 1).sum::<usize>());
+    b.put_slice(b"{\"stream_id\":\"");
+    b.put_slice(stream_id.as_bytes());
+    b.put_slice(b"\",\"status\":\"");
+    b.put_slice(status.as_str().as_bytes());
+    b.put_slice(b"\",\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            b.put_u8(b',');
+        }
+        b.put_slice(e.json());
+    }
+    b.put_slice(b"],\"next_after\":");
+    b.put_slice(next_after.to_string().as_bytes());
+    b.put_u8(b'}');
+    let mut r = b.freeze().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,81 @@
+//! Native stream control: `POST /v1/streams` (201 with URLs, or POST-SSE) and
+//! `DELETE /v1/streams/{id}`.
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use crate::{
+    app::{AppState, request_span},
+    error::ApiError,
+    request::{StreamRequest, read_json},
+    stream::StreamStatus,
+    transports::sse::{self, NativeFramer},
+};
+
+/// `POST /v1/streams`.
+pub async fn create(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
+    let spec = request.validate(&app.config.streams)?;
+    let span = request_span(&headers, "POST /v1/streams");
+    let stream = app.hub.create(spec, &span)?;
+    if wants_sse(&headers) {
+        let sub = stream.subscribe(0)?;
+        return Ok(sse::response(&app, sub, NativeFramer, "post_sse"));
+    }
+    let id = stream.id.as_str();
+    let body = serde_json::json!({
+        "id": id,
+        "status": stream.status().as_str(),
+        "urls": {
+            "events": format!("/v1/streams/{id}/events"),
+            "poll": format!("/v1/streams/{id}/poll"),
+            "status": format!("/v1/streams/{id}"),
+            "ws": "/v1/ws",
+        },
+    });
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    if let Ok(v) = id.parse() {
+        response.headers_mut().insert("x-stream-id", v);
+    }
+    if let Ok(v) = format!("/v1/streams/{id}").parse() {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| {
+            m.split(';')
+                .next()
+                .is_some_and(|m| m.trim() == "text/event-stream")
+        })
+}
+
+/// `DELETE /v1/streams/{id}`: 202 when it stopped a running stream, 200 when it had ended.
+pub async fn stop(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stream = app.hub.get(&id)?;
+    let (code, status) = if stream.status() == StreamStatus::Running {
+        (StatusCode::ACCEPTED, app.hub.cancel(&stream).await)
+    } else {
+        (StatusCode::OK, stream.status())
+    };
+    let body = serde_json::json!({"stream_id": stream.id.as_str(), "status": status.as_str()});
+    Ok((code, Json(body)).into_response())
+}

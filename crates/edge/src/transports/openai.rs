@@ -1,0 +1,340 @@
+//! OpenAI Chat Completions compatibility: `POST /v1/chat/completions` (streaming and not) and
+//! the OpenAI framing used by `GET …/events?format=openai`.
+//!
+//! Chunks depend on per-request options (`include_usage`), so they are built per subscriber;
+//! the native frames are the shared, serialize-once path.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::BytesMut;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    app::{AppState, request_span},
+    error::{ApiError, OpenAiError},
+    event::{Event, EventKind, Usage},
+    request::{self, Message, StreamRequest, Timing},
+    stream::{Closed, StreamState},
+    transports::sse::{self, Framer},
+};
+
+/// The subset of the Chat Completions request the mock understands; other fields are
+/// accepted and ignored, as SDKs send many.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    /// tokenfan extension: generator timing overrides.
+    timing: Option<Timing>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl ChatRequest {
+    fn into_native(self) -> Result<(StreamRequest, bool, bool), ApiError> {
+        let model = self.model.ok_or_else(|| {
+            ApiError::invalid_field("model", "you must provide a model parameter")
+        })?;
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid_field("n", "only n=1 is supported"));
+        }
+        if self.tools.as_ref().is_some_and(non_empty)
+            || self.functions.as_ref().is_some_and(non_empty)
+        {
+            return Err(ApiError::invalid_field(
+                "tools",
+                "tool calling is not supported by the mock models",
+            ));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid_field(
+                "stream_options",
+                "stream_options is only allowed when stream is true",
+            ));
+        }
+        let messages = self
+            .messages
+            .ok_or_else(|| ApiError::invalid_field("messages", "messages is required"))?
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t,
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for p in parts {
+                            if p.kind != "text" {
+                                return Err(ApiError::invalid_field(
+                                    &format!("messages[{i}].content"),
+                                    format!("content parts of type {:?} are not supported", p.kind),
+                                ));
+                            }
+                            text.push_str(p.text.as_deref().unwrap_or(""));
+                        }
+                        text
+                    }
+                };
+                Ok(Message {
+                    role: m.role,
+                    content,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let native = StreamRequest {
+            messages: Some(messages),
+            prompt: None,
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            seed: self.seed,
+            timing: self.timing,
+            model: Some(model),
+        };
+        Ok((native, self.stream, include_usage))
+    }
+}
+
+fn non_empty(v: &Value) -> bool {
+    !(v.is_null() || v.as_array().is_some_and(|a| a.is_empty()))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OpenAiError> {
+    let chat: ChatRequest =
+        request::read_json(&headers, body, app.config.http.max_body_bytes).await?;
+    let (native, streaming, include_usage) = chat.into_native()?;
+    let spec = native.validate(&app.config.streams)?;
+    let span = request_span(&headers, "POST /v1/chat/completions");
+    let stream = app.hub.create(spec, &span)?;
+    let sub = stream.subscribe(0)?;
+    if streaming {
+        let framer = OpenAiFramer::new(&stream, true, false, include_usage);
+        return Ok(sse::response(&app, sub, framer, "openai"));
+    }
+    complete(&stream, sub).await
+}
+
+/// `stream: false`: waits for the whole answer and returns one completion object.
+async fn complete(
+    stream: &Arc<StreamState>,
+    mut sub: crate::stream::Subscription,
+) -> Result<Response, OpenAiError> {
+    let mut text = String::new();
+    let terminal = 'read: loop {
+        let batch = sub
+            .next_batch()
+            .await
+            .map_err(|_| OpenAiError(ApiError::internal()))?;
+        for event in batch {
+            match event.text() {
+                Some(t) => text.push_str(t),
+                None => break 'read event,
+            }
+        }
+    };
+    let (finish_reason, usage) = match &terminal.kind {
+        EventKind::Done {
+            finish_reason,
+            usage,
+        } => (finish_reason.as_str(), *usage),
+        EventKind::Error { code, message } => {
+            return Err(ApiError::unavailable(code, message.clone()).into());
+        }
+        EventKind::Token { .. } => return Err(ApiError::internal().into()),
+    };
+    let body = json!({
+        "id": format!("chatcmpl-{}", stream.id),
+        "object": "chat.completion",
+        "created": stream.created_unix,
+        "model": stream.model,
+        "system_fingerprint": "tokenfan",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        }],
+        "usage": usage_json(usage),
+    });
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(stream.id.as_str()) {
+        response.headers_mut().insert("x-stream-id", v);
+    }
+    Ok(response)
+}
+
+fn usage_json(usage: Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
+/// Writes Chat Completions chunks: the role chunk, one chunk per token event, the finish
+/// chunk, the usage chunk if asked, then `data: [DONE]`; a failure or cancel mid-stream sends
+/// `data: {"error":…}` and no `[DONE]`.
+pub struct OpenAiFramer {
+    id: String,
+    model: &'static str,
+    created: u64,
+    role_chunk: bool,
+    retry: bool,
+    include_usage: bool,
+    failed: bool,
+    last_seq: u64,
+}
+
+impl OpenAiFramer {
+    /// A framer for `stream`; `role_chunk` when starting from the beginning, `retry` to send
+    /// the EventSource `retry:` hint.
+    pub fn new(stream: &StreamState, role_chunk: bool, retry: bool, include_usage: bool) -> Self {
+        Self {
+            id: format!("chatcmpl-{}", stream.id),
+            model: stream.model,
+            created: stream.created_unix,
+            role_chunk,
+            retry,
+            include_usage,
+            failed: false,
+            last_seq: 0,
+        }
+    }
+
+    fn chunk(&self, out: &mut BytesMut, seq: u64, delta: Value, finish: Option<&str>) {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "tokenfan",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        write_data(out, Some(seq), &chunk);
+    }
+}
+
+fn write_data(out: &mut BytesMut, seq: Option<u64>, value: &Value) {
+    if let Some(seq) = seq {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(value.to_string().as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
+impl Framer for OpenAiFramer {
+    fn start(&mut self, out: &mut BytesMut) {
+        if self.retry {
+            out.extend_from_slice(sse::RETRY);
+        }
+        if self.role_chunk {
+            self.chunk(out, 0, json!({"role": "assistant", "content": ""}), None);
+        }
+    }
+
+    fn event(&mut self, event: &Event, out: &mut BytesMut) {
+        self.last_seq = event.seq;
+        match &event.kind {
+            EventKind::Token { text } => self.chunk(out, event.seq, json!({"content": text}), None),
+            EventKind::Done {
+                finish_reason,
+                usage,
+            } if finish_reason.as_str() != "cancelled" => {
+                self.chunk(out, event.seq, json!({}), Some(finish_reason.as_str()));
+                if self.include_usage {
+                    let chunk = json!({
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "system_fingerprint": "tokenfan",
+                        "choices": [],
+                        "usage": usage_json(*usage),
+                    });
+                    write_data(out, Some(event.seq), &chunk);
+                }
+            }
+            EventKind::Done { .. } => {
+                self.failed = true;
+                let error = OpenAiError(ApiError::bad_request(
+                    "stream_cancelled",
+                    "the stream was cancelled",
+                ));
+                write_data(out, Some(event.seq), &error.body());
+            }
+            EventKind::Error { code, message } => {
+                self.failed = true;
+                let error = OpenAiError(ApiError::unavailable(code, message.clone()));
+                write_data(out, Some(event.seq), &error.body());
+            }
+        }
+    }
+
+    fn closed(&mut self, reason: Closed, out: &mut BytesMut) {
+        match reason {
+            Closed::Finished if !self.failed => out.extend_from_slice(b"data: [DONE]\n\n"),
+            Closed::Finished => {}
+            Closed::SlowConsumer { last_seq } => {
+                let error = OpenAiError(ApiError::bad_request(
+                    "slow_consumer",
+                    format!(
+                        "the client fell too far behind; resume with GET /v1/streams/<id>/events?format=openai&after={last_seq}"
+                    ),
+                ));
+                write_data(out, None, &error.body());
+            }
+        }
+    }
+}

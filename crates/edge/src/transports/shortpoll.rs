@@ -1,0 +1,43 @@
+//! Short-poll: `GET /v1/streams/{id}?after=N` answers at once with the status and the events
+//! after N.
+
+use axum::{
+    extract::{Path, Query, State, rejection::QueryRejection},
+    response::Response,
+};
+use serde::Deserialize;
+
+use crate::{
+    app::AppState,
+    error::ApiError,
+    transports::{poll_body, sse::parse_cursor},
+};
+
+/// Query of a short-poll.
+#[derive(Debug, Deserialize)]
+pub struct StatusQuery {
+    /// Events after this seq (default 0).
+    pub after: Option<String>,
+}
+
+/// `GET /v1/streams/{id}`.
+pub async fn status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let stream = app.hub.get(&id)?;
+    let after = query
+        .after
+        .as_deref()
+        .map(|v| parse_cursor("after", v))
+        .transpose()?
+        .unwrap_or(0);
+    let (status, events) = stream.events_after(after)?;
+    // A client polling the stream keeps it alive like an attached one.
+    stream.touch();
+    metrics::counter!("tokenfan_edge_events_delivered_total", "transport" => "shortpoll")
+        .increment(events.len() as u64);
+    Ok(poll_body(stream.id.as_str(), status, &events, after))
+}

@@ -1,0 +1,223 @@
+//! Server-sent events: the response body shared by `GET …/events`, the POST-SSE of
+//! `POST /v1/streams` and the OpenAI stream, and the `GET /v1/streams/{id}/events` handler.
+//!
+//! A [`Framer`] turns events into bytes (native frames are the events' cached SSE bytes; the
+//! OpenAI framer builds chunks). Everything a subscription has ready goes out as one chunk.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    app::{AppState, TransportGuard},
+    error::ApiError,
+    event::Event,
+    stream::{Closed, Subscription},
+    transports::openai::OpenAiFramer,
+};
+
+/// The reconnection delay EventSource is told to use.
+pub const RETRY: &[u8] = b"retry: 1000\n\n";
+
+/// Turns a subscription's events into SSE bytes.
+pub trait Framer: Send + 'static {
+    /// Bytes before the first event.
+    fn start(&mut self, out: &mut BytesMut);
+    /// One event.
+    fn event(&mut self, event: &Event, out: &mut BytesMut);
+    /// The subscription ended.
+    fn closed(&mut self, reason: Closed, out: &mut BytesMut);
+}
+
+/// Native framing: `retry:` then `id:`/`event:`/`data:` frames.
+pub struct NativeFramer;
+
+impl Framer for NativeFramer {
+    fn start(&mut self, out: &mut BytesMut) {
+        out.extend_from_slice(RETRY);
+    }
+
+    fn event(&mut self, event: &Event, out: &mut BytesMut) {
+        out.extend_from_slice(event.sse());
+    }
+
+    fn closed(&mut self, reason: Closed, out: &mut BytesMut) {
+        if let Closed::SlowConsumer { last_seq } = reason {
+            // Not a stream event (no id, no seq): EventSource reconnects with its
+            // Last-Event-ID; fetch clients resume with GET …/events?after=<last_seq>.
+            let body = serde_json::json!({
+                "type": "error",
+                "code": "slow_consumer",
+                "message": format!("the client fell too far behind; resume after seq {last_seq}"),
+            });
+            out.extend_from_slice(b"event: error\ndata: ");
+            out.extend_from_slice(body.to_string().as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
+    }
+}
+
+/// A streaming SSE response over `sub`, ending at the terminal event, on a slow-consumer
+/// close, or at server shutdown (the client then reconnects elsewhere).
+pub fn response(
+    app: &AppState,
+    sub: Subscription,
+    mut framer: impl Framer,
+    transport: &'static str,
+) -> Response {
+    let guard = TransportGuard::new(transport);
+    let heartbeat = Duration::from_secs(app.config.http.sse_heartbeat_secs);
+    let shutdown = app.shutdown.clone();
+    let stream_id = sub.stream().id.to_string();
+    let mut prelude = BytesMut::new();
+    framer.start(&mut prelude);
+    let state = SseBody {
+        sub,
+        framer,
+        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
+        shutdown,
+        prelude: Some(prelude.freeze()),
+        done: false,
+        guard,
+    };
+    let body = futures::stream::unfold(state, next_chunk);
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(&stream_id) {
+        headers.insert("x-stream-id", v);
+    }
+    response
+}
+
+struct SseBody<F> {
+    sub: Subscription,
+    framer: F,
+    heartbeat: tokio::time::Interval,
+    shutdown: CancellationToken,
+    prelude: Option<Bytes>,
+    done: bool,
+    /// Counts this response in the connections gauge until the body is dropped.
+    guard: TransportGuard,
+}
+
+async fn next_chunk<F: Framer>(
+    mut s: SseBody<F>,
+) -> Option<(Result<Bytes, Infallible>, SseBody<F>)> {
+    if s.done {
+        return None;
+    }
+    let mut out = BytesMut::new();
+    if let Some(prelude) = s.prelude.take() {
+        out.extend_from_slice(&prelude);
+    }
+    // Whatever is ready now goes out with the prelude; then wait for more.
+    let ready = match s.sub.try_batch() {
+        Ok(batch) if batch.is_empty() && out.is_empty() => None,
+        other => Some(other),
+    };
+    let result = match ready {
+        Some(r) => r,
+        None => tokio::select! {
+            r = s.sub.next_batch() => r,
+            _ = s.heartbeat.tick() => {
+                out.extend_from_slice(b": heartbeat\n\n");
+                return Some((Ok(out.freeze()), s));
+            }
+            () = s.shutdown.cancelled() => return None,
+        },
+    };
+    match result {
+        Ok(batch) => {
+            s.guard.delivered(batch.len());
+            for event in &batch {
+                s.framer.event(event, &mut out);
+            }
+        }
+        Err(reason) => {
+            s.framer.closed(reason, &mut out);
+            s.done = true;
+        }
+    }
+    Some((Ok(out.freeze()), s))
+}
+
+/// Query of `GET /v1/streams/{id}/events`.
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Resume after this seq (`Last-Event-ID` wins).
+    pub after: Option<String>,
+    /// `openai` replays as Chat Completions chunks.
+    pub format: Option<String>,
+}
+
+/// Parses a cursor from a query parameter or `Last-Event-ID`.
+pub fn parse_cursor(name: &str, value: &str) -> Result<u64, ApiError> {
+    value.trim().parse::<u64>().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_cursor",
+            format!("{name}: {value:?} is not a non-negative integer seq"),
+        )
+    })
+}
+
+/// `GET /v1/streams/{id}/events`: EventSource-friendly SSE with resume.
+pub async fn events(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let stream = app.hub.get(&id)?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("invalid_cursor", "Last-Event-ID is not text"))
+        })
+        .transpose()?
+        .filter(|v| !v.trim().is_empty());
+    let after = match (last_event_id, query.after.as_deref()) {
+        (Some(v), _) => parse_cursor("Last-Event-ID", v)?,
+        (None, Some(v)) => parse_cursor("after", v)?,
+        (None, None) => 0,
+    };
+    let openai = match query.format.as_deref() {
+        None | Some("native") => false,
+        Some("openai") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "format",
+                format!("{other:?} is not one of native, openai"),
+            ));
+        }
+    };
+    // Positioned at or past the end: 204 tells EventSource to stop reconnecting.
+    if stream.ended_at().is_some() && after >= stream.last_seq() {
+        if after > stream.last_seq() {
+            return Err(ApiError::cursor_out_of_range(after, stream.last_seq()));
+        }
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let sub = stream.subscribe(after)?;
+    Ok(if openai {
+        let framer = OpenAiFramer::new(&stream, after == 0, true, false);
+        response(&app, sub, framer, "sse")
+    } else {
+        response(&app, sub, NativeFramer, "sse")
+    })
+}

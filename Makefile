@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test lint fmt build release deps bench-generator clean
+.PHONY: run run-generator test test-browser test-clients lint fmt build release deps bench-generator clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -19,6 +19,15 @@ test: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
+	$(MAKE) test-browser test-clients
+
+## test-browser: the demo page in headless Chromium (playwright-core)
+test-browser: build
+	tests/browser/run.sh
+
+## test-clients: third-party clients (OpenAI Python SDK, httpx-sse, Node eventsource)
+test-clients: build
+	tests/clients/run.sh
 
 ## lint: format check and clippy only
 lint:

@@ -200,7 +200,13 @@ async function openPage(base) {
   const problems = [];
   page.on('pageerror', (err) => problems.push(`pageerror: ${err.message}`));
   page.on('console', (msg) => {
-    if (msg.type() === 'error') problems.push(`console: ${msg.text()}`);
+    if (msg.type() !== 'error') return;
+    // The browser's own favicon request (the edge serves none) is not the page's problem.
+    if (/\/favicon\.ico$/.test(msg.location()?.url || '')) return;
+    problems.push(`console: ${msg.text()} (${msg.location()?.url || 'no location'})`);
+  });
+  page.on('response', (res) => {
+    if (res.status() >= 400) problems.push(`http ${res.status()}: ${res.request().method()} ${res.url()}`);
   });
   await page.goto(`${base}/`);
   await page.waitForFunction(() => document.documentElement.dataset.ready === '1', null, { timeout: 10_000 });
@@ -223,6 +229,15 @@ function panelSnapshot(page, names) {
       status: [status?.textContent, cardStatus?.textContent].filter(Boolean).join(' | '),
     }];
   })), names);
+}
+
+// Uncaught exceptions and Content-Security-Policy violations always fail; with strict, so do
+// console errors and failed (≥ 400) requests.
+function assertClean(problems, { strict }) {
+  const bad = problems.filter((p) => p.startsWith('pageerror')
+    || /Content Security Policy/i.test(p)
+    || (strict && (p.startsWith('console') || p.startsWith('http '))));
+  assert.ok(bad.length === 0, `page problems:\n${bad.join('\n')}`);
 }
 
 // Wait until every named panel is in a terminal state; on timeout, fail with what each shows.
@@ -289,7 +304,8 @@ test('every transport panel shows the same answer for the same seed', { timeout:
     const ids = new Set(PANELS.map((n) => snap[n].streamId));
     assert.equal(ids.size, PANELS.length, `expected one stream per panel, got ${[...ids].join(', ')}`);
 
-    assert.deepEqual(problems.filter((p) => p.startsWith('pageerror')), [], 'uncaught page errors');
+    // The page works under the edge's Content-Security-Policy and nothing it asked for failed.
+    assertClean(problems, { strict: true });
   } finally {
     await context.close();
   }
@@ -319,6 +335,9 @@ test('EventSource resumes with Last-Event-ID after its connection is cut', { tim
     }, id);
 
     const snap = (await waitForPanels(page, ['eventsource'], 30_000, problems)).eventsource;
+    if (process.env.TOKENFAN_TEST_VERBOSE) {
+      console.log(JSON.stringify({ snap: { ...snap, text: snap.text.slice(0, 80) }, requests: proxy.state.eventRequests }, null, 2));
+    }
     assert.ok(proxy.state.cut, `the proxy never saw 5 SSE ids on the events connection (${proxy.state.eventRequests.length} requests)`);
     assert.equal(snap.state, 'done', `EventSource panel ended ${snap.state}: ${snap.status}`);
     assert.ok(Number(snap.reconnects) >= 1, `expected a reconnect, data-reconnects=${snap.reconnects}`);
@@ -334,7 +353,8 @@ test('EventSource resumes with Last-Event-ID after its connection is cut', { tim
     assert.equal(truth.status, 'done', `stream status ${truth.status}`);
     assert.ok(truth.text.length > 0, 'stream answer is empty');
     assert.equal(snap.text, truth.text, 'EventSource text differs from the stream history');
-    assert.deepEqual(problems.filter((p) => p.startsWith('pageerror')), [], 'uncaught page errors');
+    // The cut connection is logged as a network error by Chromium; anything else is not expected.
+    assertClean(problems, { strict: false });
   } finally {
     await opened?.context.close();
     await proxy?.close();

@@ -134,6 +134,8 @@ async fn start_embedded_generator(
     gen_config.limits.max_generations = s.max_streams;
     gen_config.shutdown_grace_secs = 1;
     gen_config.validate()?;
+    // Load the tokenizer and corpus now, so the first stream does not wait for them.
+    tokio::task::spawn_blocking(|| tokenfan_generator::corpus::Corpus::get().passages()).await?;
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding the embedded generator")?;

@@ -70,6 +70,7 @@ struct Wire<'a> {
     kind: &'a EventKind,
     type_name: &'static str,
     seq: u64,
+    emitted_at: Option<i64>,
 }
 
 impl Serialize for Wire<'_> {
@@ -79,7 +80,12 @@ impl Serialize for Wire<'_> {
         m.serialize_entry("type", self.type_name)?;
         m.serialize_entry("seq", &self.seq)?;
         match self.kind {
-            EventKind::Token { text } => m.serialize_entry("text", text)?,
+            EventKind::Token { text } => {
+                m.serialize_entry("text", text)?;
+                if let Some(t) = self.emitted_at {
+                    m.serialize_entry("emitted_at_unix_nanos", &t)?;
+                }
+            }
             EventKind::Done {
                 finish_reason,
                 usage,
@@ -103,6 +109,8 @@ pub struct Event {
     pub seq: u64,
     /// The content.
     pub kind: EventKind,
+    /// When the generator emitted the (last) token, for streams started with `emit_times`.
+    pub emitted_at: Option<i64>,
     /// Native JSON, e.g. `{"type":"token","seq":1,"text":"Hel"}`.
     json: Bytes,
     /// `id:`/`event:`/`data:` SSE frame, built on first use.
@@ -114,10 +122,18 @@ pub struct Event {
 impl Event {
     /// Builds an event and serializes it.
     pub fn new(seq: u64, kind: EventKind) -> Self {
+        Self::with_emit_time(seq, kind, None)
+    }
+
+    /// Builds an event that also carries the generator's emit time (token events only; used by
+    /// load tests to measure the delay the edge adds).
+    pub fn with_emit_time(seq: u64, kind: EventKind, emitted_at: Option<i64>) -> Self {
+        let emitted_at = emitted_at.filter(|_| matches!(kind, EventKind::Token { .. }));
         let wire = Wire {
             kind: &kind,
             type_name: type_name(&kind),
             seq,
+            emitted_at,
         };
         let json = serde_json::to_vec(&wire)
             .map(Bytes::from)
@@ -125,6 +141,7 @@ impl Event {
         Self {
             seq,
             kind,
+            emitted_at,
             json,
             sse: OnceLock::new(),
             ws: OnceLock::new(),
@@ -229,5 +246,11 @@ mod tests {
                 "usage":{"prompt_tokens":9,"completion_tokens":41}})
         );
         assert!(d.is_terminal());
+
+        let timed = Event::with_emit_time(2, EventKind::Token { text: "x".into() }, Some(7));
+        assert_eq!(
+            &timed.json()[..],
+            br#"{"type":"token","seq":2,"text":"x","emitted_at_unix_nanos":7}"#
+        );
     }
 }

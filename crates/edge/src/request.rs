@@ -73,6 +73,9 @@ pub struct StreamRequest {
     pub timing: Option<Timing>,
     /// Model id.
     pub model: Option<String>,
+    /// Token events also carry `emitted_at_unix_nanos` (the generator's emit time), so load
+    /// tests can measure the delay the edge adds.
+    pub emit_times: Option<bool>,
 }
 
 /// A validated request, ready for the generator.
@@ -88,6 +91,8 @@ pub struct StreamSpec {
     pub timing: Timing,
     /// A known model id.
     pub model: &'static str,
+    /// Token events carry the generator's emit time.
+    pub emit_times: bool,
 }
 
 impl StreamRequest {
@@ -144,6 +149,7 @@ impl StreamRequest {
             seed: self.seed.unwrap_or_else(random_seed),
             timing,
             model: model.id,
+            emit_times: self.emit_times.unwrap_or(false),
         })
     }
 }
@@ -231,14 +237,21 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
             "the body is not valid UTF-8",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        let code = if e.is_data() {
-            "invalid_request"
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            let mut err = ApiError::bad_request("invalid_request", format!("{path}: {inner}"));
+            err.param = (path != ".").then_some(path);
+            err
         } else {
-            "invalid_json"
-        };
-        ApiError::bad_request(code, e.to_string())
-    })
+            ApiError::bad_request("invalid_json", inner.to_string())
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -312,21 +312,22 @@ impl Drop for Subscription {
 /// Joins the pending token events into one (seq of the last), keeping the terminal event.
 fn coalesce(pending: &[Arc<Event>]) -> Vec<Arc<Event>> {
     let mut text = String::new();
-    let mut last_token_seq = None;
+    let mut last_token = None;
     let mut terminal = None;
     for event in pending {
         match event.text() {
             Some(t) => {
                 text.push_str(t);
-                last_token_seq = Some(event.seq);
+                last_token = Some((event.seq, event.emitted_at));
             }
             None => terminal = Some(event.clone()),
         }
     }
     metrics::counter!("tokenfan_edge_coalesced_events_total").increment(pending.len() as u64);
     let mut out = Vec::with_capacity(2);
-    if let Some(seq) = last_token_seq {
-        out.push(Arc::new(Event::new(seq, EventKind::Token { text })));
+    if let Some((seq, emitted_at)) = last_token {
+        let kind = EventKind::Token { text };
+        out.push(Arc::new(Event::with_emit_time(seq, kind, emitted_at)));
     }
     out.extend(terminal);
     out

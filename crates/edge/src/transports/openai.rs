@@ -131,6 +131,7 @@ impl ChatRequest {
             seed: self.seed,
             timing: self.timing,
             model: Some(model),
+            emit_times: None,
         };
         Ok((native, self.stream, include_usage))
     }

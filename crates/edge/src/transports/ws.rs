@@ -102,7 +102,8 @@ struct StartMsg {
     #[serde(rename = "type")]
     _type: String,
     request_id: Option<String>,
-    request: StreamRequest,
+    /// Parsed separately: a bad request body is `invalid_request`, as on `POST /v1/streams`.
+    request: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,7 +256,11 @@ async fn handle_text(
             if subs.len() >= app.config.http.ws_max_subscriptions {
                 return Some(too_many(app, None, rid));
             }
-            let spec = match msg.request.validate(&app.config.streams) {
+            let request: StreamRequest = match serde_json::from_value(msg.request) {
+                Ok(r) => r,
+                Err(e) => return Some(error_msg("invalid_request", &e.to_string(), None, rid)),
+            };
+            let spec = match request.validate(&app.config.streams) {
                 Ok(spec) => spec,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };

@@ -412,8 +412,10 @@ impl Owner {
                         let seq = u64::from(t.index) + 1;
                         let expected = self.state.last_seq() + batch.len() as u64 + 1;
                         if seq == expected {
-                            batch
-                                .push(Arc::new(Event::new(seq, EventKind::Token { text: t.text })));
+                            let emitted_at =
+                                self.spec.emit_times.then_some(t.emitted_at_unix_nanos);
+                            let kind = EventKind::Token { text: t.text };
+                            batch.push(Arc::new(Event::with_emit_time(seq, kind, emitted_at)));
                         } else if seq > expected {
                             failure = Some(tonic::Status::data_loss(format!(
                                 "the generator skipped from seq {expected} to {seq}"

@@ -647,3 +647,28 @@ async fn the_demo_page_is_served_with_security_headers() {
         );
     }
 }
+
+#[tokio::test]
+async fn emit_times_are_opt_in() {
+    let edge = TestEdge::start().await;
+    let mut body = fast("timed", 5, 1);
+    body["emit_times"] = json!(true);
+    let timed = edge.create(body).await;
+    let plain = edge.create(fast("timed", 5, 1)).await;
+    let timed_events = edge.wait_finished(&timed).await;
+    let plain_events = edge.wait_finished(&plain).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64;
+    for e in timed_events.iter().filter(|e| e["type"] == "token") {
+        let t = e["emitted_at_unix_nanos"].as_i64().expect("emit time");
+        assert!(t > 0 && t <= now);
+    }
+    assert!(
+        plain_events
+            .iter()
+            .all(|e| e.get("emitted_at_unix_nanos").is_none())
+    );
+    assert_eq!(text_of(&timed_events), text_of(&plain_events));
+}

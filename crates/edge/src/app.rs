@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/streams", post(native::create))
         .route(
@@ -177,19 +178,25 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+fn model_json(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "object": "model",
+        "created": 1_767_225_600,
+        "owned_by": "tokenfan",
+    })
+}
+
 async fn models() -> Response {
-    let data: Vec<_> = MODELS
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "id": m.id,
-                "object": "model",
-                "created": 1_767_225_600,
-                "owned_by": "tokenfan",
-            })
-        })
-        .collect();
+    let data: Vec<_> = MODELS.iter().map(|m| model_json(m.id)).collect();
     Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn model(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match crate::request::resolve_model(Some(&id)) {
+        Ok(m) => Json(model_json(m.id)).into_response(),
+        Err(e) => crate::error::OpenAiError(e).into_response(),
+    }
 }
 
 /// Counts an open streaming response or socket in `tokenfan_edge_connections{transport}` and

@@ -474,6 +474,10 @@ async fn openai_stream_format_field_by_field() {
         assert!(c["choices"][0]["finish_reason"].is_null());
         assert!(c["choices"][0]["delta"]["content"].is_string());
     }
+    // Only the last chunk of the ending carries the terminal id (13 = one past 12 tokens).
+    let n = events.len();
+    assert_eq!(events[n - 3].id, None, "finish chunk");
+    assert_eq!(events[n - 2].id.as_deref(), Some("13"), "usage chunk");
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     assert_eq!(finish["choices"][0]["delta"], json!({}));

@@ -248,7 +248,7 @@ impl OpenAiFramer {
         }
     }
 
-    fn chunk(&self, out: &mut BytesMut, seq: u64, delta: Value, finish: Option<&str>) {
+    fn chunk(&self, out: &mut BytesMut, seq: Option<u64>, delta: Value, finish: Option<&str>) {
         let mut chunk = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -260,7 +260,7 @@ impl OpenAiFramer {
         if self.include_usage {
             chunk["usage"] = Value::Null;
         }
-        write_data(out, Some(seq), &chunk);
+        write_data(out, seq, &chunk);
     }
 }
 
@@ -281,19 +281,29 @@ impl Framer for OpenAiFramer {
             out.extend_from_slice(sse::RETRY);
         }
         if self.role_chunk {
-            self.chunk(out, 0, json!({"role": "assistant", "content": ""}), None);
+            self.chunk(
+                out,
+                Some(0),
+                json!({"role": "assistant", "content": ""}),
+                None,
+            );
         }
     }
 
     fn event(&mut self, event: &Event, out: &mut BytesMut) {
         self.last_seq = event.seq;
         match &event.kind {
-            EventKind::Token { text } => self.chunk(out, event.seq, json!({"content": text}), None),
+            EventKind::Token { text } => {
+                self.chunk(out, Some(event.seq), json!({"content": text}), None)
+            }
             EventKind::Done {
                 finish_reason,
                 usage,
             } if finish_reason.as_str() != "cancelled" => {
-                self.chunk(out, event.seq, json!({}), Some(finish_reason.as_str()));
+                // Only the last chunk of the ending carries the terminal `id:`, so a client
+                // cut off between the finish and usage chunks resumes and gets both.
+                let finish_id = (!self.include_usage).then_some(event.seq);
+                self.chunk(out, finish_id, json!({}), Some(finish_reason.as_str()));
                 if self.include_usage {
                     let chunk = json!({
                         "id": self.id,

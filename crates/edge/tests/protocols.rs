@@ -143,3 +143,74 @@ async fn tls_negotiates_h2_and_http1_with_alpn() {
     assert!(edge.http.get(edge.url("/v1/models")).send().await.is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn cors_follows_the_configured_origins() {
+    let edge = TestEdge::with(|c| c.cors_origins = vec!["http://app.example".into()]).await;
+    let preflight = edge
+        .http
+        .request(reqwest::Method::OPTIONS, edge.url("/v1/streams"))
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,last-event-id,authorization,traceparent",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success());
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://app.example");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .expect("headers")
+        .to_lowercase();
+    for name in [
+        "content-type",
+        "last-event-id",
+        "authorization",
+        "traceparent",
+    ] {
+        assert!(allowed.contains(name), "{name} in {allowed}");
+    }
+    let r = edge
+        .http
+        .post(edge.url("/v1/streams"))
+        .header("origin", "http://app.example")
+        .json(&fast("cors", 3, 1))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 201);
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .expect("h")
+        .to_lowercase();
+    assert!(exposed.contains("x-stream-id"));
+
+    let foreign = edge
+        .http
+        .get(edge.url("/v1/models"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect("GET");
+    assert!(
+        foreign
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+
+    // Without configured origins no CORS headers are sent at all.
+    let plain = TestEdge::start().await;
+    let r = plain
+        .http
+        .get(plain.url("/v1/models"))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .expect("GET");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

@@ -6,6 +6,7 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
+use bytes::Bytes;
 use common::{TestEdge, assert_contiguous, fast, slow, text_of, wait_until};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
@@ -18,7 +19,13 @@ use tokio_tungstenite::{
     tungstenite::{
         self, Message,
         client::IntoClientRequest as _,
-        protocol::{Role, frame::coding::CloseCode},
+        protocol::{
+            Role,
+            frame::{
+                Frame,
+                coding::{CloseCode, Data, OpCode},
+            },
+        },
     },
 };
 
@@ -281,13 +288,15 @@ async fn subscribe_replays_from_after_and_refuses_bad_subscriptions() {
     assert_protocol_error(&e, "cursor_out_of_range");
     assert_eq!(e["stream_id"], id.as_str());
 
-    // Unknown and malformed ids.
-    for unknown in ["AAAAAAAAAAAAAAAAAAAAAA", "not-a-stream-id"] {
-        ws.send_json(json!({"type": "subscribe", "stream_id": unknown}))
-            .await;
-        let e = ws.next_json().await;
-        assert_protocol_error(&e, "stream_not_found");
-        assert_eq!(e["stream_id"], unknown);
+    // Unknown and malformed ids, whatever the message.
+    for kind in ["subscribe", "cancel", "unsubscribe"] {
+        for unknown in ["AAAAAAAAAAAAAAAAAAAAAA", "not-a-stream-id"] {
+            ws.send_json(json!({"type": kind, "stream_id": unknown}))
+                .await;
+            let e = ws.next_json().await;
+            assert_protocol_error(&e, "stream_not_found");
+            assert_eq!(e["stream_id"], unknown);
+        }
     }
     ws.assert_quiet().await;
 }
@@ -514,6 +523,22 @@ async fn a_message_over_64_kib_closes_with_1009() {
 }
 
 #[tokio::test]
+async fn a_fragmented_message_over_64_kib_closes_with_1009() {
+    let edge = TestEdge::start().await;
+    let mut ws = connect(&edge).await;
+    // Five 15 KiB frames: each under the limit, the message over it.
+    let piece = Bytes::from("x".repeat(15 * 1024));
+    for i in 0..5 {
+        let opcode = if i == 0 { Data::Text } else { Data::Continue };
+        let frame = Frame::message(piece.clone(), OpCode::Data(opcode), i == 4);
+        if ws.socket.send(Message::Frame(frame)).await.is_err() {
+            break; // already closed
+        }
+    }
+    assert_eq!(ws.close_code().await, CloseCode::Size);
+}
+
+#[tokio::test]
 async fn a_message_just_under_64_kib_is_accepted() {
     let edge = TestEdge::start().await;
     let mut ws = connect(&edge).await;
@@ -721,7 +746,6 @@ fn parse_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
 mod h2 {
     //! WebSocket over HTTP/2 extended CONNECT (RFC 8441), h2c prior knowledge on the same port.
 
-    use bytes::Bytes;
     use http_body_util::Empty;
     use hyper::{Method, Request, client::conn::http2::SendRequest, ext::Protocol};
     use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -676,3 +676,28 @@ async fn emit_times_are_opt_in() {
     );
     assert_eq!(text_of(&timed_events), text_of(&plain_events));
 }
+
+#[tokio::test]
+async fn sse_sends_heartbeat_comments_while_idle() {
+    let edge = TestEdge::with(|c| c.http.sse_heartbeat_secs = 1).await;
+    let body = json!({"prompt": "quiet", "max_tokens": 2, "timing": {"ttft_ms": 2500, "inter_token_ms": 1}});
+    let id = edge.create(body).await;
+    let r = edge
+        .http
+        .get(edge.url(&format!("/v1/streams/{id}/events")))
+        .send()
+        .await
+        .expect("GET");
+    let (events, comments) = read_sse(r).await;
+    assert!(
+        comments >= 2,
+        "heartbeats while waiting for the first token: {comments}"
+    );
+    let json: Vec<Value> = events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect();
+    assert_contiguous(&json, 1);
+    assert_eq!(json.len(), 3);
+}

@@ -205,6 +205,59 @@ impl Event {
     }
 }
 
+/// Error codes an `error` event can carry; codes read back from JSON map onto these.
+const ERROR_CODES: &[&str] = &["generator_unavailable", "invalid_request", "internal"];
+
+impl Event {
+    /// Parses the native JSON of an event (as stored in history or carried on the bus).
+    pub fn from_json(bytes: &[u8]) -> Option<Event> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let seq = v.get("seq")?.as_u64()?;
+        let kind = match v.get("type")?.as_str()? {
+            "token" => EventKind::Token {
+                text: v.get("text")?.as_str()?.to_owned(),
+            },
+            "done" => {
+                let usage = v.get("usage")?;
+                let count = |k: &str| {
+                    usage
+                        .get(k)
+                        .and_then(serde_json::Value::as_u64)
+                        .and_then(|n| u32::try_from(n).ok())
+                };
+                EventKind::Done {
+                    finish_reason: match v.get("finish_reason")?.as_str()? {
+                        "stop" => FinishReason::Stop,
+                        "length" => FinishReason::Length,
+                        "cancelled" => FinishReason::Cancelled,
+                        _ => return None,
+                    },
+                    usage: Usage {
+                        prompt_tokens: count("prompt_tokens")?,
+                        completion_tokens: count("completion_tokens")?,
+                    },
+                }
+            }
+            "error" => {
+                let code = v.get("code")?.as_str()?;
+                EventKind::Error {
+                    code: ERROR_CODES
+                        .iter()
+                        .find(|c| **c == code)
+                        .copied()
+                        .unwrap_or("internal"),
+                    message: v.get("message")?.as_str()?.to_owned(),
+                }
+            }
+            _ => return None,
+        };
+        let emitted_at = v
+            .get("emitted_at_unix_nanos")
+            .and_then(serde_json::Value::as_i64);
+        Some(Event::with_emit_time(seq, kind, emitted_at))
+    }
+}
+
 fn type_name(kind: &EventKind) -> &'static str {
     match kind {
         EventKind::Token { .. } => "token",
@@ -246,6 +299,15 @@ mod tests {
                 "usage":{"prompt_tokens":9,"completion_tokens":41}})
         );
         assert!(d.is_terminal());
+
+        for e in [&t, &d] {
+            let back = Event::from_json(e.json()).expect("parses");
+            assert_eq!(
+                (back.seq, &back.kind, back.json()),
+                (e.seq, &e.kind, e.json())
+            );
+        }
+        assert!(Event::from_json(br#"{"type":"nope","seq":1}"#).is_none());
 
         let timed = Event::with_emit_time(2, EventKind::Token { text: "x".into() }, Some(7));
         assert_eq!(

@@ -249,6 +249,7 @@ impl Owner {
             model: self.spec.model,
             owner: hub.replica.clone(),
             status: StreamStatus::Running,
+            spec_json: self.spec.to_json(),
         };
         if let Err(err) = hub.store.create(&self.state.id, meta).await {
             tracing::warn!(%err, "store: recording the stream failed");
@@ -477,7 +478,13 @@ impl Owner {
                 .increment(1);
             tracing::warn!(%err, "store: appending history failed");
         }
-        if let Err(err) = self.hub.bus.publish(&self.state.id, batch.into()).await {
+        let traceparent = tokenfan_telemetry::propagation::span_traceparent(&self.span);
+        if let Err(err) = self
+            .hub
+            .bus
+            .publish(&self.state.id, batch.into(), traceparent)
+            .await
+        {
             metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "bus")
                 .increment(1);
             tracing::warn!(%err, "bus: publishing failed");

@@ -4,7 +4,7 @@ use axum::{
     body::Body,
     http::{HeaderMap, header},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{config::StreamLimits, error::ApiError};
 
@@ -36,7 +36,7 @@ pub struct Model {
 pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 /// A chat message.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
@@ -46,7 +46,7 @@ pub struct Message {
 }
 
 /// Timing overrides in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Timing {
     /// Time to first token.
@@ -150,6 +150,44 @@ impl StreamRequest {
             timing,
             model: model.id,
             emit_times: self.emit_times.unwrap_or(false),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SpecJson {
+    messages: Vec<Message>,
+    max_tokens: u32,
+    seed: u64,
+    timing: Timing,
+    model: String,
+    emit_times: bool,
+}
+
+impl StreamSpec {
+    /// The spec as JSON, kept with the stream's metadata so another replica can take over.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&SpecJson {
+            messages: self.messages.clone(),
+            max_tokens: self.max_tokens,
+            seed: self.seed,
+            timing: self.timing,
+            model: self.model.to_owned(),
+            emit_times: self.emit_times,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Reads back [`StreamSpec::to_json`]; `None` for anything else.
+    pub fn from_json(json: &str) -> Option<Self> {
+        let s: SpecJson = serde_json::from_str(json).ok()?;
+        Some(Self {
+            messages: s.messages,
+            max_tokens: s.max_tokens,
+            seed: s.seed,
+            timing: s.timing,
+            model: resolve_model(Some(&s.model)).ok()?.id,
+            emit_times: s.emit_times,
         })
     }
 }
@@ -281,6 +319,13 @@ mod tests {
             (spec.seed, spec.max_tokens, spec.model),
             (7, 256, "tokenfan-mock")
         );
+    }
+
+    #[test]
+    fn specs_round_trip_through_json() {
+        let spec = parse(r#"{"prompt":"hi","seed":7,"timing":{"ttft_ms":3}}"#).expect("valid");
+        assert_eq!(StreamSpec::from_json(&spec.to_json()), Some(spec));
+        assert_eq!(StreamSpec::from_json("{}"), None);
     }
 
     #[test]

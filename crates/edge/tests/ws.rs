@@ -393,7 +393,7 @@ async fn cancel_of_a_stream_the_socket_does_not_follow_still_answers_with_its_te
 async fn unsubscribe_stops_one_stream_while_another_continues() {
     let edge = TestEdge::start().await;
     let mut ws = connect(&edge).await;
-    let a = ws.start("a", slow("left behind", 400, 20)).await;
+    let a = ws.start("a", slow("left behind", 2000, 20)).await;
     let b = ws.start("b", slow("kept", 60, 20)).await;
     // Both deliver.
     let mut seen_a = 0;

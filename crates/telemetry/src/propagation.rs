@@ -36,6 +36,12 @@ pub fn inject_span_grpc(span: &tracing::Span, metadata: &mut tonic::metadata::Me
     inject_grpc(&span.context(), metadata);
 }
 
+/// The `traceparent` of a `tracing` span (its OpenTelemetry side), if it is sampled into a
+/// trace.
+pub fn span_traceparent(span: &tracing::Span) -> Option<String> {
+    traceparent(&span.context())
+}
+
 /// Makes `span` a child of the remote parent in `cx` (no-op when `cx` has no valid span).
 pub fn set_parent(span: &tracing::Span, cx: Context) {
     // An error only means the span is disabled (filtered out): nothing to parent.

@@ -25,7 +25,12 @@ pub struct MemoryBus {
 
 #[async_trait::async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, id: &StreamId, events: Arc<[Arc<Event>]>) -> Result<(), BusError> {
+    async fn publish(
+        &self,
+        id: &StreamId,
+        events: Arc<[Arc<Event>]>,
+        _traceparent: Option<String>,
+    ) -> Result<(), BusError> {
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(senders) = feeds.get_mut(id) {
             senders.retain(|tx| match tx.try_send(events.clone()) {

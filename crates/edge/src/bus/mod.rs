@@ -25,8 +25,14 @@ pub type EventFeed = mpsc::Receiver<Arc<[Arc<Event>]>>;
 /// Event fan-out and stream control between replicas.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes a batch of consecutive events of `id`.
-    async fn publish(&self, id: &StreamId, events: Arc<[Arc<Event>]>) -> Result<(), BusError>;
+    /// Publishes a batch of consecutive events of `id`; `traceparent` travels with it so the
+    /// replicas that deliver it continue the stream's trace.
+    async fn publish(
+        &self,
+        id: &StreamId,
+        events: Arc<[Arc<Event>]>,
+        traceparent: Option<String>,
+    ) -> Result<(), BusError>;
     /// Receives the batches published for `id` from now on (the feed ends when dropped).
     async fn subscribe(&self, id: &StreamId) -> Result<EventFeed, BusError>;
     /// Asks the owner of `id` to cancel it.
@@ -35,8 +41,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn cancel_requests(&self) -> Result<mpsc::Receiver<StreamId>, BusError>;
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
+#[doc(hidden)]
+pub mod conformance {
     //! The behaviour every [`Bus`] must have; run against each implementation.
 
     use std::time::Duration;
@@ -65,8 +71,8 @@ pub(crate) mod conformance {
         let mut feed_a2 = bus.subscribe(&a).await.expect("subscribe");
         let mut feed_b = bus.subscribe(&b).await.expect("subscribe");
 
-        bus.publish(&a, batch(1..=3)).await.expect("publish");
-        bus.publish(&a, batch(4..=4)).await.expect("publish");
+        bus.publish(&a, batch(1..=3), None).await.expect("publish");
+        bus.publish(&a, batch(4..=4), None).await.expect("publish");
         for feed in [&mut feed_a1, &mut feed_a2] {
             let first = tokio::time::timeout(wait, feed.recv())
                 .await

@@ -21,6 +21,7 @@ struct Entry {
 #[derive(Default)]
 pub struct MemoryStore {
     entries: Mutex<HashMap<StreamId, Entry>>,
+    leases: Mutex<HashMap<StreamId, (String, Instant)>>,
 }
 
 /// Expired entries are swept once every this many creations (and on access).
@@ -93,6 +94,37 @@ impl Store for MemoryStore {
             e.expires_at = Some(Instant::now() + ttl);
             Ok(())
         })
+    }
+
+    async fn acquire_lease(
+        &self,
+        id: &StreamId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        leases.retain(|_, (_, until)| *until > now);
+        match leases.get_mut(id) {
+            Some((holder, until)) if holder == owner => {
+                *until = now + ttl;
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+            None => {
+                leases.insert(id.clone(), (owner.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError> {
+        let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        Ok(leases
+            .get(id)
+            .filter(|(_, until)| *until > now)
+            .map(|(owner, _)| owner.clone()))
     }
 }
 

@@ -19,6 +19,8 @@ pub struct StreamMeta {
     pub owner: String,
     /// Where it stands.
     pub status: StreamStatus,
+    /// The request ([`crate::request::StreamSpec::to_json`]), so another replica can take over.
+    pub spec_json: String,
 }
 
 /// A store failure (the backend is down or answered nonsense).
@@ -48,10 +50,20 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self, id: &StreamId, after: u64) -> Result<Vec<Arc<Event>>, StoreError>;
     /// Keeps the stream for `ttl` more, then forgets it.
     async fn expire(&self, id: &StreamId, ttl: Duration) -> Result<(), StoreError>;
+    /// Takes (or renews) the owner lease of `id` for `ttl` when it is free or already
+    /// `owner`'s; true when `owner` holds it afterwards.
+    async fn acquire_lease(
+        &self,
+        id: &StreamId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Who holds the lease now, if anyone.
+    async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError>;
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
+#[doc(hidden)]
+pub mod conformance {
     //! The behaviour every [`Store`] must have; run against each implementation.
 
     use super::*;
@@ -71,6 +83,7 @@ pub(crate) mod conformance {
             model: "tokenfan-mock",
             owner: "edge-a".into(),
             status: StreamStatus::Running,
+            spec_json: r#"{"spec":true}"#.into(),
         }
     }
 
@@ -111,6 +124,43 @@ pub(crate) mod conformance {
         assert_eq!(
             store.meta(&id).await.expect("meta").status,
             StreamStatus::Done
+        );
+
+        // Leases: one holder at a time, renewable by it, free again after the TTL.
+        let ttl = Duration::from_millis(300);
+        assert_eq!(store.lease_owner(&id).await.expect("owner"), None);
+        assert!(
+            store
+                .acquire_lease(&id, "edge-a", ttl)
+                .await
+                .expect("lease")
+        );
+        assert!(
+            !store
+                .acquire_lease(&id, "edge-b", ttl)
+                .await
+                .expect("lease")
+        );
+        assert!(
+            store
+                .acquire_lease(&id, "edge-a", ttl)
+                .await
+                .expect("renew")
+        );
+        assert_eq!(
+            store.lease_owner(&id).await.expect("owner").as_deref(),
+            Some("edge-a")
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while store.lease_owner(&id).await.expect("owner").is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "lease expires");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            store
+                .acquire_lease(&id, "edge-b", ttl)
+                .await
+                .expect("take over")
         );
 
         store.expire(&id, Duration::ZERO).await.expect("expire");

@@ -132,6 +132,8 @@ where
     let mut subs: HashMap<StreamId, Subscribed> = HashMap::new();
     let ping_every = Duration::from_secs(app.config.http.ws_ping_secs);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    // After a long write to a slow client, do not fire the missed pings back to back.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unanswered = 0u32;
     let close = loop {
         tokio::select! {
@@ -269,8 +271,10 @@ async fn handle_text(
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
-            let started =
-                json!({"type": "started", "request_id": rid, "stream_id": stream.id.as_str()});
+            let mut started = json!({"type": "started", "stream_id": stream.id.as_str()});
+            if let Some(rid) = rid {
+                started["request_id"] = json!(rid);
+            }
             // `started` is queued before the forwarder can queue any event.
             if tx.send(text_msg(&started)).await.is_err() {
                 return None;

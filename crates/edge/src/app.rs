@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         // `any`: WebSocket over HTTP/1.1 (GET + Upgrade) and HTTP/2 (extended CONNECT).
         .route("/v1/ws", any(ws::upgrade))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -101,6 +102,14 @@ async fn not_found() -> Response {
         Json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}})),
     )
         .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let body = serde_json::json!({"error": {
+        "code": "method_not_allowed",
+        "message": "this endpoint does not accept that method",
+    }});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 const INDEX_HTML: &str = include_str!("../../../web/index.html");

@@ -67,12 +67,13 @@ impl ApiError {
         e
     }
 
-    /// 410: the events a cursor needs are gone.
+    /// 410: the events a cursor needs are gone (`after` = the first seq that is missing
+    /// minus one, or 0 when the whole history expired).
     pub fn history_expired(after: u64) -> Self {
         Self::new(
             StatusCode::GONE,
             "history_expired",
-            format!("the history after seq {after} is no longer kept; start a new stream"),
+            format!("the stream's history after seq {after} is no longer kept; start a new stream"),
         )
     }
 

@@ -48,6 +48,9 @@ pub struct Hub {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     streams: Mutex<HashMap<StreamId, Arc<StreamState>>>,
+    /// Streams whose history expired, and until when they are remembered (answered with 410
+    /// `history_expired` rather than 404). Bounded by `max_streams`.
+    expired: Mutex<HashMap<StreamId, std::time::Instant>>,
     /// Owner tasks; awaited on shutdown.
     tasks: TaskTracker,
 }
@@ -76,6 +79,7 @@ impl Hub {
             store,
             bus,
             streams: Mutex::new(HashMap::new()),
+            expired: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
         })
     }
@@ -116,7 +120,8 @@ impl Hub {
             queue: self.config.streams.subscriber_queue,
             max_bytes: self.config.streams.subscriber_max_bytes,
         };
-        let state = Arc::new(StreamState::new(id.clone(), spec.model, limits));
+        let max_seq = u64::from(spec.max_tokens) + 1;
+        let state = Arc::new(StreamState::new(id.clone(), spec.model, limits, max_seq));
         {
             let mut map = self.map();
             if map.len() >= self.config.streams.max_streams {
@@ -150,13 +155,18 @@ impl Hub {
         Ok(state)
     }
 
-    /// The stream with this client-supplied id; malformed and unknown ids are both 404.
+    /// The stream with this client-supplied id; malformed and unknown ids are both 404, a
+    /// stream whose history expired recently is 410.
     pub fn get(&self, id: &str) -> Result<Arc<StreamState>, ApiError> {
         let id = StreamId::parse(id).ok_or_else(ApiError::stream_not_found)?;
-        self.map()
-            .get(&id)
-            .cloned()
-            .ok_or_else(ApiError::stream_not_found)
+        if let Some(state) = self.map().get(&id) {
+            return Ok(state.clone());
+        }
+        let expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
+        if expired.contains_key(&id) {
+            return Err(ApiError::history_expired(0));
+        }
+        Err(ApiError::stream_not_found())
     }
 
     /// Stops a stream now and returns its final status (waits briefly for the owner to write
@@ -177,8 +187,22 @@ impl Hub {
                 () = shutdown.cancelled() => return,
             }
             let now = std::time::Instant::now();
-            self.map()
-                .retain(|_, s| s.ended_at().is_none_or(|t| now.duration_since(t) < ttl));
+            let mut gone = Vec::new();
+            self.map().retain(|id, s| {
+                let keep = s.ended_at().is_none_or(|t| now.duration_since(t) < ttl);
+                if !keep {
+                    gone.push(id.clone());
+                }
+                keep
+            });
+            let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
+            expired.retain(|_, until| *until > now);
+            let room = self
+                .config
+                .streams
+                .max_streams
+                .saturating_sub(expired.len());
+            expired.extend(gone.into_iter().take(room).map(|id| (id, now + ttl)));
         }
     }
 

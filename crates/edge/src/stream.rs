@@ -92,6 +92,8 @@ pub struct StreamState {
     /// Cancelled by an explicit stop or by the detach grace; the owner task watches it.
     pub cancel: CancellationToken,
     limits: SubscriberLimits,
+    /// The highest seq the stream can reach (`max_tokens` + 1): cursors past it are refused.
+    max_seq: u64,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -104,8 +106,8 @@ impl std::fmt::Debug for StreamState {
 }
 
 impl StreamState {
-    /// A new, running stream with no events.
-    pub fn new(id: StreamId, model: &'static str, limits: SubscriberLimits) -> Self {
+    /// A new, running stream with no events that ends by seq `max_seq` at the latest.
+    pub fn new(id: StreamId, model: &'static str, limits: SubscriberLimits, max_seq: u64) -> Self {
         Self {
             id,
             model,
@@ -122,6 +124,7 @@ impl StreamState {
             attached: watch::channel(0).0,
             cancel: CancellationToken::new(),
             limits,
+            max_seq,
         }
     }
 
@@ -168,27 +171,43 @@ impl StreamState {
         self.published.send_replace(last);
     }
 
-    /// Events after `after` (for short-polls), checking the cursor.
-    pub fn events_after(&self, after: u64) -> Result<(StreamStatus, Vec<Arc<Event>>), ApiError> {
-        let inner = self.lock();
+    /// Refuses a cursor past the terminal event (or, while running, past the highest seq the
+    /// stream can reach). A cursor ahead of what this replica has is fine while running: a
+    /// client may have read further on another replica; it waits for the events after it.
+    fn check_cursor(&self, inner: &Inner, after: u64) -> Result<(), ApiError> {
         let last = inner.events.len() as u64;
-        if after > last {
+        let limit = if inner.status == StreamStatus::Running {
+            self.max_seq
+        } else {
+            last
+        };
+        if after > limit {
             return Err(ApiError::cursor_out_of_range(after, last));
         }
-        Ok((inner.status, inner.events[after as usize..].to_vec()))
+        Ok(())
+    }
+
+    /// Events after `after` (for polls), checking the cursor.
+    pub fn events_after(&self, after: u64) -> Result<(StreamStatus, Vec<Arc<Event>>), ApiError> {
+        let inner = self.lock();
+        self.check_cursor(&inner, after)?;
+        let events = inner.events.get(after as usize..).unwrap_or_default();
+        Ok((inner.status, events.to_vec()))
     }
 
     /// Subscribes from `after`: every later event, exactly once, in order.
     pub fn subscribe(self: &Arc<Self>, after: u64) -> Result<Subscription, ApiError> {
-        let last = self.last_seq();
-        if after > last {
-            return Err(ApiError::cursor_out_of_range(after, last));
-        }
+        let backlog_end = {
+            let inner = self.lock();
+            self.check_cursor(&inner, after)?;
+            inner.events.len() as u64
+        };
         self.attached.send_modify(|n| *n += 1);
         Ok(Subscription {
             published: self.published.subscribe(),
             state: self.clone(),
             cursor: after,
+            backlog_end,
             finished: false,
         })
     }
@@ -231,6 +250,9 @@ pub struct Subscription {
     state: Arc<StreamState>,
     published: watch::Receiver<u64>,
     cursor: u64,
+    /// The history that existed when it subscribed ends here: replaying it is not lagging, so
+    /// it is handed out in plain batches, outside the coalescing and byte-cap rules.
+    backlog_end: u64,
     finished: bool,
 }
 
@@ -260,23 +282,28 @@ impl Subscription {
             return Err(Closed::Finished);
         }
         let inner = self.state.lock();
-        let pending = &inner.events[self.cursor as usize..];
-        if pending.is_empty() {
-            return Ok(Vec::new());
-        }
         let limits = self.state.limits;
-        let bytes: usize = pending.iter().map(|e| e.size()).sum();
-        if bytes > limits.max_bytes {
-            self.finished = true;
-            metrics::counter!("tokenfan_edge_slow_consumer_closes_total").increment(1);
-            return Err(Closed::SlowConsumer {
-                last_seq: self.cursor,
-            });
-        }
-        let batch = if pending.len() > limits.queue {
-            coalesce(pending)
+        let pending = inner.events.get(self.cursor as usize..).unwrap_or_default();
+        let batch = if pending.is_empty() {
+            return Ok(Vec::new());
+        } else if self.cursor < self.backlog_end {
+            // Replaying history that existed at subscribe time, a queue's worth at a time.
+            let n = ((self.backlog_end - self.cursor) as usize).min(limits.queue);
+            pending[..n].to_vec()
         } else {
-            pending.to_vec()
+            let bytes: usize = pending.iter().map(|e| e.size()).sum();
+            if bytes > limits.max_bytes {
+                self.finished = true;
+                metrics::counter!("tokenfan_edge_slow_consumer_closes_total").increment(1);
+                return Err(Closed::SlowConsumer {
+                    last_seq: self.cursor,
+                });
+            }
+            if pending.len() > limits.queue {
+                coalesce(pending)
+            } else {
+                pending.to_vec()
+            }
         };
         drop(inner);
         if let Some(last) = batch.last() {
@@ -345,6 +372,7 @@ mod tests {
             StreamId::random(),
             "tokenfan-mock",
             SubscriberLimits { queue, max_bytes },
+            1000,
         ))
     }
 
@@ -379,7 +407,10 @@ mod tests {
         s.publish(&[token(1, "a"), token(2, "b")]);
         let mut from0 = s.subscribe(0).expect("ok");
         let mut from2 = s.subscribe(2).expect("ok");
-        assert!(s.subscribe(3).is_err(), "beyond the last event");
+        assert!(
+            s.subscribe(1001).is_err(),
+            "beyond the highest possible seq"
+        );
         // A publish racing the subscription lands exactly once.
         let publisher = {
             let s = s.clone();
@@ -430,8 +461,32 @@ mod tests {
             slow.next_batch().await.expect_err("closed"),
             Closed::SlowConsumer { last_seq: 0 }
         );
-        // It may resume by seq (with a fresh subscription).
-        assert!(tight.subscribe(0).is_ok());
+        // It may resume by seq: history that existed at subscribe time is replayed in plain
+        // batches, never refused as lag.
+        let mut resumed = tight.subscribe(0).expect("ok");
+        let first = resumed.next_batch().await.expect("replay");
+        assert_eq!(
+            first.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        let rest = resumed.next_batch().await.expect("replay");
+        assert_eq!(rest[0].seq, 5);
+    }
+
+    #[tokio::test]
+    async fn cursors_ahead_wait_while_running_and_past_the_end_are_refused() {
+        let s = state(8, 1 << 20);
+        s.publish(&[token(1, "a")]);
+        let mut ahead = s
+            .subscribe(3)
+            .expect("a cursor another replica may have reached");
+        assert!(s.events_after(3).expect("ok").1.is_empty());
+        s.publish(&[token(2, "b"), token(3, "c"), token(4, "d"), done(5)]);
+        let got = ahead.next_batch().await.expect("events after 3");
+        assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+        assert!(s.subscribe(6).is_err(), "past the terminal event");
+        assert!(s.events_after(6).is_err());
+        assert!(s.subscribe(5).is_ok(), "at the terminal event");
     }
 
     #[tokio::test]

@@ -701,3 +701,44 @@ async fn sse_sends_heartbeat_comments_while_idle() {
     assert_contiguous(&json, 1);
     assert_eq!(json.len(), 3);
 }
+
+#[tokio::test]
+async fn expired_history_answers_410_and_polls_replay_whole_histories() {
+    let edge = TestEdge::with(|c| {
+        c.streams.history_ttl_secs = 0;
+        c.streams.subscriber_max_bytes = 300;
+        c.streams.subscriber_queue = 4;
+    })
+    .await;
+    let id = edge.create(fast("expire", 40, 9)).await;
+    // A history larger than the byte cap is still replayed whole by a long-poll from 0.
+    let all: Value = wait_until(Duration::from_secs(10), || async {
+        let v: Value = edge
+            .http
+            .get(edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=1000")))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["status"] == "done").then_some(v)
+    })
+    .await;
+    let events = all["events"].as_array().expect("events").clone();
+    assert_contiguous(&events, 1);
+    assert_eq!(events.len(), 41);
+    // Past the (zero) history TTL the sweeper forgets the stream: 410, not a silent replay.
+    let r = wait_until(Duration::from_secs(15), || async {
+        let r = edge
+            .http
+            .get(edge.url(&format!("/v1/streams/{id}/events")))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 410).then_some(r)
+    })
+    .await;
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "history_expired");
+}

@@ -55,15 +55,16 @@ pub async fn poll(
             }
         },
     };
-    // The subscription counts as attached while the poll waits.
-    let mut sub = stream.subscribe(after)?;
     let guard = TransportGuard::new("longpoll");
-    let mut events = sub.try_batch().unwrap_or_default();
-    if events.is_empty() && stream.status() == StreamStatus::Running {
+    // Whatever exists after the cursor answers at once (no coalescing: polls replay history).
+    let (status, mut events) = stream.events_after(after)?;
+    if events.is_empty() && status == StreamStatus::Running {
+        // Nothing yet: wait for the next events, counted as attached while waiting.
+        let mut sub = stream.subscribe(after)?;
         let wait = Duration::from_millis(timeout_ms);
         tokio::select! {
             r = tokio::time::timeout(wait, sub.next_batch()) => {
-                // A timeout (or a close) answers with an empty batch.
+                // A timeout answers with an empty batch.
                 if let Ok(Ok(batch)) = r {
                     events = batch;
                 }

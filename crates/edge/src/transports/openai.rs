@@ -181,11 +181,26 @@ async fn complete(
     };
     let (finish_reason, usage) = match &terminal.kind {
         EventKind::Done {
+            finish_reason: crate::event::FinishReason::Cancelled,
+            ..
+        } => {
+            return Err(ApiError::unavailable(
+                "stream_cancelled",
+                "the stream was cancelled before it finished",
+            )
+            .into());
+        }
+        EventKind::Done {
             finish_reason,
             usage,
         } => (finish_reason.as_str(), *usage),
         EventKind::Error { code, message } => {
-            return Err(ApiError::unavailable(code, message.clone()).into());
+            let error = if *code == "invalid_request" {
+                ApiError::bad_request(code, message.clone())
+            } else {
+                ApiError::unavailable(code, message.clone())
+            };
+            return Err(error.into());
         }
         EventKind::Token { .. } => return Err(ApiError::internal().into()),
     };

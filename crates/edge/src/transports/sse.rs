@@ -162,6 +162,8 @@ pub struct EventsQuery {
     pub after: Option<String>,
     /// `openai` replays as Chat Completions chunks.
     pub format: Option<String>,
+    /// With `format=openai`: `true` adds the usage chunk at the end.
+    pub include_usage: Option<bool>,
 }
 
 /// Parses a cursor from a query parameter or `Last-Event-ID`.
@@ -215,7 +217,8 @@ pub async fn events(
     }
     let sub = stream.subscribe(after)?;
     Ok(if openai {
-        let framer = OpenAiFramer::new(&stream, after == 0, true, false);
+        let include_usage = query.include_usage.unwrap_or(false);
+        let framer = OpenAiFramer::new(&stream, after == 0, true, include_usage);
         response(&app, sub, framer, "sse")
     } else {
         response(&app, sub, NativeFramer, "sse")

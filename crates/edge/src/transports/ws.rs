@@ -111,6 +111,7 @@ struct StartMsg {
 struct StreamMsg {
     #[serde(rename = "type")]
     _type: String,
+    request_id: Option<String>,
     stream_id: String,
     #[serde(default)]
     after: u64,
@@ -279,16 +280,17 @@ async fn handle_text(
             if tx.send(text_msg(&started)).await.is_err() {
                 return None;
             }
-            subscribe(subs, &stream, 0, tx, guard).err()
+            subscribe(subs, &stream, 0, tx, guard, rid).err()
         }
         "subscribe" | "cancel" | "unsubscribe" => {
             let msg: StreamMsg = match serde_json::from_value(value) {
                 Ok(m) => m,
                 Err(e) => return bad(e),
             };
+            let rid = msg.request_id.as_deref();
             let stream = match app.hub.get(&msg.stream_id) {
                 Ok(s) => s,
-                Err(e) => return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), None)),
+                Err(e) => return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid)),
             };
             match kind.as_str() {
                 "subscribe" => {
@@ -297,13 +299,13 @@ async fn handle_text(
                             "already_subscribed",
                             "this socket is already subscribed to the stream",
                             Some(stream.id.as_str()),
-                            None,
+                            rid,
                         ));
                     }
                     if subs.len() >= app.config.http.ws_max_subscriptions {
-                        return Some(too_many(app, Some(stream.id.as_str()), None));
+                        return Some(too_many(app, Some(stream.id.as_str()), rid));
                     }
-                    subscribe(subs, &stream, msg.after, tx, guard).err()
+                    subscribe(subs, &stream, msg.after, tx, guard, rid).err()
                 }
                 "cancel" => {
                     let subscribed = subs.contains_key(&stream.id);
@@ -375,10 +377,11 @@ fn subscribe(
     after: u64,
     tx: &mpsc::Sender<Message>,
     guard: &Arc<TransportGuard>,
+    request_id: Option<&str>,
 ) -> Result<(), Message> {
     let mut sub = stream
         .subscribe(after)
-        .map_err(|e| error_msg(e.code, &e.message, Some(stream.id.as_str()), None))?;
+        .map_err(|e| error_msg(e.code, &e.message, Some(stream.id.as_str()), request_id))?;
     let tx = tx.clone();
     let guard = guard.clone();
     let id = stream.id.clone();

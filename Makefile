@@ -45,7 +45,7 @@ release:
 
 ## deps: install the Debian packages the tests use when they are missing
 deps:
-	@scripts/install-deps.sh
+	@scripts/install-deps.sh nats-server:nats-server redis-server:redis-server
 
 ## bench-generator: 10,000 concurrent generations at 50 tokens/s, generator pinned to core 0
 bench-generator: release

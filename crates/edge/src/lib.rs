@@ -19,6 +19,8 @@ pub mod request;
 pub mod server;
 pub mod store;
 pub mod stream;
+#[doc(hidden)]
+pub mod testkit;
 pub mod transports;
 pub mod upstream;
 

@@ -125,6 +125,11 @@ pub struct StreamLimits {
     /// Attempts on other generators (resuming at the next token) before a stream fails.
     #[arg(long, env = "TOKENFAN_EDGE_GENERATOR_RETRIES", default_value_t = 3)]
     pub generator_retries: u32,
+
+    /// Owner lease TTL in milliseconds (cluster mode): a dead owner's streams are taken over
+    /// by another replica about this long after its last renewal.
+    #[arg(long, env = "TOKENFAN_EDGE_LEASE_TTL_MS", default_value_t = 3000)]
+    pub lease_ttl_ms: u64,
 }
 
 /// Limits on HTTP and WebSocket traffic.
@@ -205,6 +210,7 @@ impl EdgeConfig {
             "--subscriber-queue must be at least 2"
         );
         ensure!(s.max_streams >= 1, "--max-streams must be at least 1");
+        ensure!(s.lease_ttl_ms >= 300, "--lease-ttl-ms must be at least 300");
         ensure!(
             self.http.ws_ping_secs >= 1,
             "--ws-ping-secs must be at least 1"
@@ -233,6 +239,11 @@ impl EdgeConfig {
     /// How long history stays after a stream ends.
     pub fn history_ttl(&self) -> Duration {
         Duration::from_secs(self.streams.history_ttl_secs)
+    }
+
+    /// The owner lease TTL.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.streams.lease_ttl_ms)
     }
 
     /// The SIGTERM grace period.

@@ -15,6 +15,8 @@ pub mod error;
 pub mod event;
 pub mod hub;
 pub mod ids;
+mod mirror;
+mod owner;
 pub mod request;
 pub mod server;
 pub mod store;
@@ -83,6 +85,7 @@ pub async fn start(
         generators,
         Arc::new(MemoryStore::default()),
         Arc::new(MemoryBus::default()),
+        false,
     );
     let state = AppState {
         hub: hub.clone(),
@@ -94,7 +97,7 @@ pub async fn start(
 
     let background = CancellationToken::new();
     tokio::spawn(hub.clone().sweep(background.clone()));
-    tokio::spawn(hub.clone().serve_cancel_requests(background.clone()));
+    tokio::spawn(hub.clone().serve_control(background.clone()));
 
     let task = {
         let hub = hub.clone();

@@ -9,7 +9,10 @@
 //! behind, it is closed with `slow_consumer` and may resume by seq.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -94,6 +97,8 @@ pub struct StreamState {
     limits: SubscriberLimits,
     /// The highest seq the stream can reach (`max_tokens` + 1): cursors past it are refused.
     max_seq: u64,
+    /// Whether this replica runs the stream's owner task (else it mirrors another replica's).
+    owned: AtomicBool,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -125,7 +130,23 @@ impl StreamState {
             cancel: CancellationToken::new(),
             limits,
             max_seq,
+            owned: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this replica owns the stream (runs its generator call).
+    pub fn is_owned(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
+    }
+
+    /// Marks this replica as the stream's owner, or not.
+    pub fn set_owned(&self, owned: bool) {
+        self.owned.store(owned, Ordering::Release);
+    }
+
+    /// Subscribers attached on this replica now.
+    pub fn attached_count(&self) -> usize {
+        *self.attached.borrow()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -295,7 +295,7 @@ async fn a_stream_nobody_watches_is_cancelled_after_the_detach_grace() {
     let id = edge.create(slow("unwatched", 1000, 20)).await;
     // Never attached: the grace runs from creation. Watch through the hub (a poll would
     // count as attention and restart the clock).
-    let stream = edge.running.hub.get(&id).expect("stream");
+    let stream = edge.running.hub.get(&id).await.expect("stream");
     wait_until(Duration::from_secs(10), || async {
         (stream.status().as_str() != "running").then_some(())
     })

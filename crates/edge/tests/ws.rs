@@ -172,9 +172,9 @@ fn assert_protocol_error(e: &Value, code: &str) {
 }
 
 /// Subscriptions currently attached to a stream on this edge.
-fn attached(edge: &TestEdge, id: &str) -> usize {
-    let stream = edge.running.hub.get(id).expect("stream known");
-    *stream.attached().borrow()
+async fn attached(edge: &TestEdge, id: &str) -> usize {
+    let stream = edge.running.hub.get(id).await.expect("stream known");
+    stream.attached_count()
 }
 
 #[tokio::test]
@@ -412,7 +412,7 @@ async fn unsubscribe_stops_one_stream_while_another_continues() {
     // Once the subscription is gone nothing more of `a` can be queued; what was queued before
     // comes ahead of the next pong.
     wait_until(Duration::from_secs(10), || async {
-        (attached(&edge, &a) == 0).then_some(())
+        (attached(&edge, &a).await == 0).then_some(())
     })
     .await;
     for e in ws.until_pong("after-unsubscribe").await {
@@ -665,7 +665,7 @@ async fn server_pings_keep_a_reading_client_and_close_a_silent_one() {
     let id = started["stream_id"].as_str().expect("stream_id");
     // The dead socket's subscription is gone; the stream itself keeps its detach grace.
     wait_until(Duration::from_secs(10), || async {
-        (attached(&edge, id) == 0).then_some(())
+        (attached(&edge, id).await == 0).then_some(())
     })
     .await;
     assert_eq!(

@@ -39,6 +39,20 @@ pub trait Bus: Send + Sync + 'static {
     async fn request_cancel(&self, id: &StreamId) -> Result<(), BusError>;
     /// Receives cancel requests addressed to any stream.
     async fn cancel_requests(&self) -> Result<mpsc::Receiver<StreamId>, BusError>;
+    /// Tells the owner of `id` that subscribers are attached on another replica (restarts its
+    /// detach grace). A single-process bus has no other replica: nothing to do.
+    async fn request_touch(&self, _id: &StreamId) -> Result<(), BusError> {
+        Ok(())
+    }
+    /// Receives touches addressed to any stream. A single-process bus has none: the channel
+    /// it returns is already closed.
+    async fn touch_requests(&self) -> Result<mpsc::Receiver<StreamId>, BusError> {
+        Ok(mpsc::channel(1).1)
+    }
+    /// Whether the bus is connected (readiness).
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 #[doc(hidden)]

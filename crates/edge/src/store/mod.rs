@@ -60,6 +60,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Who holds the lease now, if anyone.
     async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError>;
+    /// Whether the backend answers (readiness).
+    async fn healthy(&self) -> bool {
+        true
+    }
 }
 
 #[doc(hidden)]

@@ -70,7 +70,7 @@ pub async fn stop(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = app.hub.get(&id)?;
+    let stream = app.hub.get(&id).await?;
     let (code, status) = if stream.status() == StreamStatus::Running {
         (StatusCode::ACCEPTED, app.hub.cancel(&stream).await)
     } else {

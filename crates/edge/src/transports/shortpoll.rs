@@ -27,7 +27,7 @@ pub async fn status(
     query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = app.hub.get(&id)?;
+    let stream = app.hub.get(&id).await?;
     let after = query
         .after
         .as_deref()

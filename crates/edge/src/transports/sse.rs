@@ -184,7 +184,7 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = app.hub.get(&id)?;
+    let stream = app.hub.get(&id).await?;
     let last_event_id = headers
         .get("last-event-id")
         .map(|v| {

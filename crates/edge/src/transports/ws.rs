@@ -288,7 +288,7 @@ async fn handle_text(
                 Err(e) => return bad(e),
             };
             let rid = msg.request_id.as_deref();
-            let stream = match app.hub.get(&msg.stream_id) {
+            let stream = match app.hub.get(&msg.stream_id).await {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid)),
             };

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients lint fmt build release deps bench-generator clean
+.PHONY: run run-generator test test-browser test-clients cluster-up cluster-down lint fmt build release deps bench-generator clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -46,6 +46,14 @@ release:
 ## deps: install the Debian packages the tests use when they are missing
 deps:
 	@scripts/install-deps.sh nats-server:nats-server redis-server:redis-server
+
+## cluster-up: nats, redis, 2 generators, 3 edges (8081-8083) and nginx on 8080, on loopback
+cluster-up:
+	scripts/cluster.sh up
+
+## cluster-down: stop the local cluster
+cluster-down:
+	scripts/cluster.sh down
 
 ## bench-generator: 10,000 concurrent generations at 50 tokens/s, generator pinned to core 0
 bench-generator: release

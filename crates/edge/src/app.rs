@@ -159,8 +159,9 @@ async fn healthz() -> Response {
 
 async fn readyz(State(app): State<AppState>) -> Response {
     let generator = app.hub.generators().ready().await;
+    let (store, bus) = app.hub.backends_healthy().await;
     let shutting_down = app.shutdown.is_cancelled();
-    let ready = generator && !shutting_down;
+    let ready = generator && store && bus && !shutting_down;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -170,6 +171,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "generator": if generator { "ok" } else { "down" },
+            "store": if store { "ok" } else { "down" },
+            "bus": if bus { "ok" } else { "down" },
             "shutdown": if shutting_down { "draining" } else { "no" },
         },
     });

@@ -21,11 +21,11 @@ pub struct EdgeConfig {
     #[arg(long, env = "TOKENFAN_EDGE_GENERATOR", value_delimiter = ',')]
     pub generator: Vec<String>,
 
-    /// NATS URL for fan-out between replicas (cluster mode; not yet used by this build).
+    /// NATS URL for fan-out between replicas (cluster mode, with `--redis-url`).
     #[arg(long, env = "TOKENFAN_EDGE_NATS_URL")]
     pub nats_url: Option<String>,
 
-    /// Redis URL for stream history and leases (cluster mode; not yet used by this build).
+    /// Redis URL for stream history and owner leases (cluster mode, with `--nats-url`).
     #[arg(long, env = "TOKENFAN_EDGE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -184,10 +184,10 @@ impl EdgeConfig {
     /// Checks the configuration; a bad one exits with this message.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.telemetry.validate()?;
-        if self.nats_url.is_some() || self.redis_url.is_some() {
+        if self.nats_url.is_some() != self.redis_url.is_some() {
             bail!(
-                "--nats-url / --redis-url: cluster mode is not available in this build; \
-                 run without them (single replica, in-memory bus and history)"
+                "--nats-url and --redis-url go together: cluster mode needs both \
+                 (neither = one replica with in-memory fan-out and history)"
             );
         }
         for url in &self.generator {

@@ -25,7 +25,7 @@ use crate::{
     mirror::Mirror,
     owner::Owner,
     request::StreamSpec,
-    store::{Store, StoreError},
+    store::{Store, StoreError, StreamMeta},
     stream::{StreamState, StreamStatus, SubscriberLimits},
     upstream::GeneratorPool,
 };
@@ -126,9 +126,10 @@ impl Hub {
         self.map().is_empty()
     }
 
-    /// Starts a stream: registers it and spawns its owner task. `parent` is the request's
+    /// Starts a stream: registers it (in the store too, so every replica can find it at
+    /// once, with this replica's lease) and spawns its owner task. `parent` is the request's
     /// span (which continues the caller's traceparent).
-    pub fn create(
+    pub async fn create(
         self: &Arc<Self>,
         spec: StreamSpec,
         parent: &tracing::Span,
@@ -149,23 +150,43 @@ impl Hub {
                     map.len()
                 )));
             }
-            map.insert(id, state.clone());
+            map.insert(id.clone(), state.clone());
         }
-        self.spawn_owner(state.clone(), spec, false, parent);
+        let meta = StreamMeta {
+            model: spec.model,
+            owner: self.replica.clone(),
+            status: StreamStatus::Running,
+            spec_json: spec.to_json(),
+        };
+        let recorded = async {
+            self.store.create(&id, meta).await?;
+            self.store
+                .acquire_lease(&id, &self.replica, self.config.lease_ttl())
+                .await
+        };
+        if let Err(err) = recorded.await {
+            self.map().remove(&id);
+            tracing::warn!(%err, "store: recording a new stream failed");
+            return Err(ApiError::unavailable(
+                "store_unavailable",
+                "stream history is unreachable right now; retry shortly",
+            ));
+        }
+        self.spawn_owner(state.clone(), spec, parent);
         Ok(state)
     }
 
-    /// Starts owning `state` here: a new stream, or one taken over from a replica that died
-    /// (`resumed`).
-    pub(crate) fn own(self: &Arc<Self>, state: Arc<StreamState>, spec: StreamSpec, resumed: bool) {
-        self.spawn_owner(state, spec, resumed, &tracing::Span::none());
+    /// Starts owning a stream taken over from a replica that died (the lease is already
+    /// held).
+    pub(crate) fn take_over(self: &Arc<Self>, state: Arc<StreamState>, spec: StreamSpec) {
+        let span = tracing::info_span!("stream.failover", stream_id = %state.id);
+        self.spawn_owner(state, spec, &span);
     }
 
     fn spawn_owner(
         self: &Arc<Self>,
         state: Arc<StreamState>,
         spec: StreamSpec,
-        resumed: bool,
         parent: &tracing::Span,
     ) {
         metrics::gauge!("tokenfan_edge_streams_active").increment(1.0);
@@ -177,7 +198,6 @@ impl Hub {
             stream_id = %state.id,
             model = spec.model,
             replica = %self.replica,
-            resumed,
             tokens = tracing::field::Empty,
             ttft_ms = tracing::field::Empty,
             finish_reason = tracing::field::Empty,
@@ -188,7 +208,6 @@ impl Hub {
             state,
             spec,
             span: span.clone(),
-            resumed,
         };
         self.tasks.spawn(owner.run().instrument(span));
     }

@@ -35,7 +35,10 @@ use tokio_util::sync::CancellationToken;
 pub use config::EdgeConfig;
 
 use crate::{
-    app::AppState, bus::memory::MemoryBus, hub::Hub, store::memory::MemoryStore,
+    app::AppState,
+    bus::{Bus, memory::MemoryBus, nats::NatsBus},
+    hub::Hub,
+    store::{Store, memory::MemoryStore, redis::RedisStore},
     upstream::GeneratorPool,
 };
 
@@ -79,14 +82,20 @@ pub async fn start(
         .replica_id
         .clone()
         .unwrap_or_else(|| format!("edge-{}", addr.port()));
-    let hub = Hub::new(
-        config.clone(),
-        replica,
-        generators,
-        Arc::new(MemoryStore::default()),
-        Arc::new(MemoryBus::default()),
-        false,
-    );
+    let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
+        match (&config.nats_url, &config.redis_url) {
+            (Some(nats), Some(redis)) => (
+                Arc::new(RedisStore::connect(redis).await?),
+                Arc::new(NatsBus::connect(nats, &replica).await?),
+                true,
+            ),
+            _ => (
+                Arc::new(MemoryStore::default()),
+                Arc::new(MemoryBus::default()),
+                false,
+            ),
+        };
+    let hub = Hub::new(config.clone(), replica, generators, store, bus, cluster);
     let state = AppState {
         hub: hub.clone(),
         config: config.clone(),

@@ -129,7 +129,7 @@ impl Mirror {
         tracing::warn!(stream_id = %id, tokens = self.state.last_seq(),
             "the owner stopped; taking the stream over");
         metrics::counter!("tokenfan_edge_owner_failovers_total").increment(1);
-        self.hub.own(self.state.clone(), self.spec.clone(), true);
+        self.hub.take_over(self.state.clone(), self.spec.clone());
         true
     }
 }

@@ -35,8 +35,6 @@ pub(crate) struct Owner {
     pub(crate) state: Arc<StreamState>,
     pub(crate) spec: StreamSpec,
     pub(crate) span: tracing::Span,
-    /// Taking over from another replica: the stream already exists in the store.
-    pub(crate) resumed: bool,
 }
 
 /// How a generator attempt ended.
@@ -64,13 +62,8 @@ impl Owner {
 
     pub(crate) async fn run(self) {
         let hub = &self.hub;
+        // The hub recorded the stream and took the lease before spawning this task.
         self.state.set_owned(true);
-        if !self.resumed {
-            if let Err(err) = hub.store.create(&self.state.id, self.meta()).await {
-                tracing::warn!(%err, "store: recording the stream failed");
-            }
-            self.renew_lease().await;
-        }
         let started = Instant::now();
         let retries = hub.config().streams.generator_retries;
         let grace = hub.config().detach_grace();

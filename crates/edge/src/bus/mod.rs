@@ -6,6 +6,8 @@
 //! Cancel requests travel on a control channel to whichever replica owns the stream.
 
 pub mod memory;
+pub mod nats;
+pub mod subjects;
 
 use std::sync::Arc;
 

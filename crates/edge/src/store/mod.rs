@@ -5,6 +5,7 @@
 //! token per subscriber.
 
 pub mod memory;
+pub mod redis;
 
 use std::{sync::Arc, time::Duration};
 

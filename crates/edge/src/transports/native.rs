@@ -26,7 +26,7 @@ pub async fn create(
     let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
     let spec = request.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/streams");
-    let stream = app.hub.create(spec, &span)?;
+    let stream = app.hub.create(spec, &span).await?;
     if wants_sse(&headers) {
         let sub = stream.subscribe(0)?;
         return Ok(sse::response(&app, sub, NativeFramer, "post_sse"));

@@ -268,7 +268,7 @@ async fn handle_text(
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
             let span = request_span(&HeaderMap::new(), "WS start");
-            let stream = match app.hub.create(spec, &span) {
+            let stream = match app.hub.create(spec, &span).await {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };

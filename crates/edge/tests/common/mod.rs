@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::{net::SocketAddr, time::Duration};
 
 use futures::StreamExt as _;

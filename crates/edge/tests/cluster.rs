@@ -1,0 +1,301 @@
+//! Any replica serves any stream: resume across replicas on every transport, cancel across
+//! replicas, and failover when an owner edge or a generator dies — each checked for the
+//! complete text, exactly once, in order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    SseParser, assert_contiguous, cluster::TestCluster, read_sse, slow, text_of, wait_until,
+};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// What the mock generator answers to `prompt` with seed 11 (the `slow` bodies), cut at
+/// `max_tokens`: the reference every replica must deliver.
+fn expected_text(prompt: &str, max_tokens: usize) -> String {
+    let messages = [tokenfan_proto::v1::ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    }];
+    tokenfan_generator::corpus::Corpus::get()
+        .answer(&messages, 11)
+        .into_tokens_from(0)
+        .take(max_tokens)
+        .map(|t| &*t.text)
+        .collect()
+}
+
+/// Checks a delivered stream against the reference: complete, exactly once, in order.
+fn assert_complete(events: &[Value], prompt: &str, max_tokens: usize) {
+    assert_contiguous(events, 1);
+    let last = events
+        .last()
+        .unwrap_or_else(|| panic!("no events for {prompt:?}"));
+    assert_eq!(last["type"], "done", "{last}");
+    assert_ne!(last["finish_reason"], "cancelled", "{last}");
+    assert_eq!(text_of(events), expected_text(prompt, max_tokens));
+}
+
+async fn create(cluster: &TestCluster, edge: usize, body: Value) -> String {
+    let r = cluster
+        .http
+        .post(cluster.edge(edge).url("/v1/streams"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
+}
+
+async fn short_poll(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> Value {
+    cluster
+        .http
+        .get(
+            cluster
+                .edge(edge)
+                .url(&format!("/v1/streams/{id}?after={after}")),
+        )
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Every event of a stream, short-polled on `edge` until it ends.
+async fn finished(cluster: &TestCluster, edge: usize, id: &str) -> Vec<Value> {
+    wait_until(Duration::from_secs(30), || async {
+        let v = short_poll(cluster, edge, id, 0).await;
+        (v["status"] != "running").then(|| v["events"].as_array().cloned().unwrap_or_default())
+    })
+    .await
+}
+
+/// Reads SSE from `edge` after `after` until the end of the response.
+async fn sse_from(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> Vec<Value> {
+    let r = cluster
+        .http
+        .get(cluster.edge(edge).url(&format!("/v1/streams/{id}/events")))
+        .header("last-event-id", after.to_string())
+        .send()
+        .await
+        .expect("GET");
+    if r.status() == 204 {
+        return Vec::new();
+    }
+    let (events, _) = read_sse(r).await;
+    events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transport() {
+    let cluster = TestCluster::start(3, 2).await;
+    let id = create(&cluster, 0, slow("cluster", 60, 15)).await;
+
+    // Read a prefix live on replica 0.
+    let r = cluster
+        .http
+        .get(cluster.edge(0).url(&format!("/v1/streams/{id}/events")))
+        .send()
+        .await
+        .expect("GET");
+    let mut parser = SseParser::default();
+    let mut body = r.bytes_stream();
+    let mut prefix: Vec<Value> = Vec::new();
+    while prefix.len() < 10 {
+        let chunk = body.next().await.expect("more").expect("chunk");
+        let text = String::from_utf8(chunk.to_vec()).expect("utf-8 frames");
+        prefix.extend(
+            parser
+                .feed(&text)
+                .into_iter()
+                .filter(|e| e.id.is_some())
+                .map(|e| e.json()),
+        );
+    }
+    drop(body);
+    let last = prefix.last().expect("prefix")["seq"].as_u64().expect("seq");
+
+    // SSE resume on replica 1 with Last-Event-ID.
+    let mut sse = prefix.clone();
+    sse.extend(sse_from(&cluster, 1, &id, last).await);
+    assert_contiguous(&sse, 1);
+    assert_eq!(sse.last().expect("end")["type"], "done");
+
+    // Long-poll on replica 2 from the same point.
+    let mut polled = prefix.clone();
+    let mut after = last;
+    loop {
+        let v: Value = cluster
+            .http
+            .get(cluster.edge(2).url(&format!(
+                "/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
+            )))
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("json");
+        after = v["next_after"].as_u64().expect("next_after");
+        polled.extend(v["events"].as_array().expect("events").iter().cloned());
+        if v["status"] != "running" {
+            break;
+        }
+    }
+    assert_contiguous(&polled, 1);
+
+    // WebSocket subscribe on replica 1, short-poll on replica 2.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", cluster.edge(1).addr))
+            .await
+            .expect("ws");
+    ws.send(Message::text(
+        json!({"type": "subscribe", "stream_id": id, "after": last}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let mut over_ws = prefix.clone();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("message");
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["stream_id"], id.as_str());
+        let done = v["type"] != "token";
+        over_ws.push(v);
+        if done {
+            break;
+        }
+    }
+    assert_contiguous(&over_ws, 1);
+    let short = finished(&cluster, 2, &id).await;
+    assert_contiguous(&short, 1);
+
+    for (name, events) in [
+        ("sse", &sse),
+        ("longpoll", &polled),
+        ("ws", &over_ws),
+        ("shortpoll", &short),
+    ] {
+        assert_eq!(text_of(events), expected_text("cluster", 60), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_stop_sent_to_a_replica_that_does_not_own_the_stream_stops_it() {
+    let cluster = TestCluster::start(2, 1).await;
+    let id = create(&cluster, 0, slow("stop elsewhere", 1000, 20)).await;
+    wait_until(Duration::from_secs(10), || async {
+        (cluster.generator_active() == 1).then_some(())
+    })
+    .await;
+    let r = cluster
+        .http
+        .delete(cluster.edge(1).url(&format!("/v1/streams/{id}")))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["status"],
+        "cancelled"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        (cluster.generator_active() == 0).then_some(())
+    })
+    .await;
+    for edge in 0..2 {
+        let events = finished(&cluster, edge, &id).await;
+        assert_contiguous(&events, 1);
+        assert_eq!(events.last().expect("end")["finish_reason"], "cancelled");
+    }
+}
+
+#[tokio::test]
+async fn killing_the_owner_mid_stream_loses_nothing() {
+    let mut cluster = TestCluster::start(3, 1).await;
+    let id = create(&cluster, 0, slow("failover", 150, 20)).await;
+    // A reader on replica 1 (a mirror), live through the failover.
+    let reader = {
+        let r = cluster
+            .http
+            .get(cluster.edge(1).url(&format!("/v1/streams/{id}/events")))
+            .send()
+            .await
+            .expect("GET");
+        tokio::spawn(read_sse(r))
+    };
+    wait_until(Duration::from_secs(10), || async {
+        let v = short_poll(&cluster, 2, &id, 0).await;
+        (v["next_after"].as_u64() >= Some(20)).then_some(())
+    })
+    .await;
+    cluster.edges[0].kill();
+
+    let (events, _) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reader finishes")
+        .expect("reader task");
+    let live: Vec<Value> = events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect();
+    assert_complete(&live, "failover", 150);
+
+    // A client that reconnects on the third replica gets the same answer.
+    let again = finished(&cluster, 2, &id).await;
+    assert_complete(&again, "failover", 150);
+}
+
+#[tokio::test]
+async fn killing_a_generator_mid_stream_continues_on_another() {
+    let mut cluster = TestCluster::start(1, 2).await;
+    let id = create(&cluster, 0, slow("generator failover", 120, 20)).await;
+    let reader = {
+        let r = cluster
+            .http
+            .get(cluster.edge(0).url(&format!("/v1/streams/{id}/events")))
+            .send()
+            .await
+            .expect("GET");
+        tokio::spawn(read_sse(r))
+    };
+    let busy = wait_until(Duration::from_secs(10), || async {
+        let v = short_poll(&cluster, 0, &id, 0).await;
+        let started = v["next_after"].as_u64() >= Some(10);
+        let busy = cluster
+            .generators
+            .iter()
+            .position(|g| g.stats.active() == 1);
+        busy.filter(|_| started)
+    })
+    .await;
+    cluster.generators[busy].kill();
+    let (events, _) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reader finishes")
+        .expect("reader task");
+    let live: Vec<Value> = events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect();
+    assert_complete(&live, "generator failover", 120);
+}

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The local cluster on loopback: nats-server, redis-server, 2 generators, 3 edges and nginx.
+#   scripts/cluster.sh up     start everything (installs missing Debian packages, builds release)
+#   scripts/cluster.sh down   stop everything
+#   scripts/cluster.sh status show what runs
+# Ports: nginx 8080 (the entry point), edges 8081-8083, generators 50061-50062
+# (metrics 9471-9472), NATS 14222, Redis 16379. Logs and pid files: .run/cluster/.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+run="$root/.run/cluster"
+bin="$root/target/release"
+NATS_PORT=14222
+REDIS_PORT=16379
+
+start() { # name, command...
+  local name=$1
+  shift
+  "$@" >"$run/$name.log" 2>&1 &
+  echo $! >"$run/$name.pid"
+}
+
+wait_http() { # url, name
+  for _ in $(seq 1 200); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "$2 did not become ready at $1; see $run/$2.log" >&2
+  return 1
+}
+
+wait_port() { # port, name
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "$2 is not listening on $1; see $run/$2.log" >&2
+  return 1
+}
+
+up() {
+  "$root/scripts/install-deps.sh" nats-server:nats-server redis-server:redis-server \
+    nginx:nginx-light curl:curl
+  (cd "$root" && cargo build --release --locked --bins)
+  if [ -d "$run" ] && ls "$run"/*.pid >/dev/null 2>&1; then down; fi
+  mkdir -p "$run/nginx-tmp" "$run/redis"
+
+  start nats nats-server -a 127.0.0.1 -p $NATS_PORT
+  start redis redis-server --bind 127.0.0.1 --port $REDIS_PORT --save "" --appendonly no --dir "$run/redis"
+  wait_port $NATS_PORT nats
+  wait_port $REDIS_PORT redis
+
+  for i in 1 2; do
+    start "generator-$i" "$bin/tokenfan-generator" --listen "127.0.0.1:5006$i" \
+      --metrics-listen "127.0.0.1:947$i" --allow-faults
+  done
+  wait_http http://127.0.0.1:9471/metrics generator-1
+  wait_http http://127.0.0.1:9472/metrics generator-2
+
+  for i in 1 2 3; do
+    start "edge-$i" "$bin/tokenfan-edge" --listen "127.0.0.1:808$i" --replica-id "edge-$i" \
+      --generator http://127.0.0.1:50061,http://127.0.0.1:50062 \
+      --nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT"
+  done
+  for i in 1 2 3; do wait_http "http://127.0.0.1:808$i/readyz" "edge-$i"; done
+
+  sed "s|@RUN_DIR@|$run|g" "$root/deploy/nginx-local.conf" >"$run/nginx.conf"
+  start nginx nginx -p "$run" -c "$run/nginx.conf" -g 'daemon off;'
+  wait_http http://127.0.0.1:8080/readyz nginx
+  echo "tokenfan cluster up: http://127.0.0.1:8080/ (edges 8081-8083; logs in $run)"
+}
+
+down() {
+  [ -d "$run" ] || return 0
+  for pidfile in "$run"/*.pid; do
+    [ -e "$pidfile" ] || continue
+    [ "$(basename "$pidfile")" = nginx.pid ] && [ ! -s "$pidfile" ] && continue
+    pid=$(cat "$pidfile" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+  done
+  echo "tokenfan cluster down"
+}
+
+status() {
+  for pidfile in "$run"/*.pid; do
+    [ -e "$pidfile" ] || { echo "not running"; return 0; }
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then state=running; else state=dead; fi
+    printf '%-12s %-8s %s\n' "$(basename "$pidfile" .pid)" "$pid" "$state"
+  done
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

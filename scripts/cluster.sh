@@ -40,7 +40,7 @@ wait_port() { # port, name
 
 up() {
   "$root/scripts/install-deps.sh" nats-server:nats-server redis-server:redis-server \
-    nginx:nginx-light curl:curl
+    nginx:nginx curl:curl
   (cd "$root" && cargo build --release --locked --bins)
   if [ -d "$run" ] && ls "$run"/*.pid >/dev/null 2>&1; then down; fi
   mkdir -p "$run/nginx-tmp" "$run/redis"

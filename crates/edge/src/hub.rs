@@ -273,8 +273,10 @@ impl Hub {
             max_seq,
         ));
         // Fill the history before anyone subscribes, so a finished stream answers at once.
-        if let Ok(events) = self.store.read(&id, 0).await {
-            state.publish(&events);
+        match self.store.read(&id, 0).await {
+            Ok(events) => state.publish(&events),
+            Err(StoreError::Expired(after)) => return Err(ApiError::history_expired(after)),
+            Err(err) => tracing::warn!(%err, "store: reading history failed; the mirror retries"),
         }
         let (state, fresh) = {
             let mut map = self.map();

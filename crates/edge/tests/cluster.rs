@@ -299,3 +299,86 @@ async fn killing_a_generator_mid_stream_continues_on_another() {
         .collect();
     assert_complete(&live, "generator failover", 120);
 }
+
+/// Starts a stream on replica 0 and a live SSE reader on replica `reader_on`.
+async fn stream_with_reader(
+    cluster: &TestCluster,
+    prompt: &str,
+    max_tokens: u32,
+    reader_on: usize,
+) -> (
+    String,
+    tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>,
+) {
+    let id = create(cluster, 0, slow(prompt, max_tokens, 20)).await;
+    let r = cluster
+        .http
+        .get(
+            cluster
+                .edge(reader_on)
+                .url(&format!("/v1/streams/{id}/events")),
+        )
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+    (id, tokio::spawn(read_sse(r)))
+}
+
+async fn collect(reader: tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>) -> Vec<Value> {
+    let (events, _) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reader finishes")
+        .expect("reader task");
+    events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_is_refilled_from_redis() {
+    let mut cluster = TestCluster::start(2, 1).await;
+    let (id, reader) = stream_with_reader(&cluster, "nats restart", 150, 1).await;
+    wait_until(Duration::from_secs(10), || async {
+        let v = short_poll(&cluster, 1, &id, 0).await;
+        (v["next_after"].as_u64() >= Some(15)).then_some(())
+    })
+    .await;
+    cluster.nats.restart();
+    assert_complete(&collect(reader).await, "nats restart", 150);
+    // Live delivery works again for a new stream watched on the other replica.
+    let (_, reader) = stream_with_reader(&cluster, "after nats restart", 30, 1).await;
+    assert_complete(&collect(reader).await, "after nats restart", 30);
+}
+
+#[tokio::test]
+async fn a_redis_restart_mid_stream_keeps_live_streams_going_and_history_whole() {
+    let mut cluster = TestCluster::start(3, 1).await;
+    let (id, reader) = stream_with_reader(&cluster, "redis restart", 150, 1).await;
+    wait_until(Duration::from_secs(10), || async {
+        let v = short_poll(&cluster, 1, &id, 0).await;
+        (v["next_after"].as_u64() >= Some(15)).then_some(())
+    })
+    .await;
+    cluster.redis.restart();
+    assert_complete(&collect(reader).await, "redis restart", 150);
+    // The owner wrote the lost history back: a replica that never saw the stream resumes it
+    // from the start, whole.
+    let events = finished(&cluster, 2, &id).await;
+    assert_complete(&events, "redis restart", 150);
+    // Readiness reflects a dead Redis.
+    cluster.redis.process.kill();
+    wait_until(Duration::from_secs(15), || async {
+        let r = cluster
+            .http
+            .get(cluster.edge(2).url("/readyz"))
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        (v["checks"]["store"] == "down").then_some(())
+    })
+    .await;
+}

@@ -206,6 +206,21 @@ impl RedisStore {
         Ok(Self { conn })
     }
 
+    /// Runs `op` on a connection; a connection that turns out to be dead (Redis restarted
+    /// since its last use) is replaced by the manager, and `op` runs once more on the new one.
+    async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        match op(self.conn.clone()).await {
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+                op(self.conn.clone()).await.map_err(backend)
+            }
+            other => other.map_err(backend),
+        }
+    }
+
     /// Whether Redis answers `PING` (within two seconds), for readiness.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();
@@ -231,26 +246,25 @@ impl Store for RedisStore {
             ("status", meta.status.as_str()),
             ("spec_json", meta.spec_json.as_str()),
         ];
-        ::redis::pipe()
-            .atomic()
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
             .del(&[&meta_key, &events_key])
             .ignore()
             .hset_multiple(&meta_key, &fields)
             .ignore()
             .pexpire(&meta_key, millis(SAFETY_TTL))
-            .ignore()
-            .exec_async(&mut self.conn.clone())
+            .ignore();
+        let pipe = &pipe;
+        self.run(|mut c| async move { pipe.exec_async(&mut c).await })
             .await
-            .map_err(backend)
     }
 
     async fn meta(&self, id: &StreamId) -> Result<StreamMeta, StoreError> {
+        let key = keys::meta(id);
+        let key = &key;
         let mut fields: HashMap<String, String> = self
-            .conn
-            .clone()
-            .hgetall(keys::meta(id))
-            .await
-            .map_err(backend)?;
+            .run(|mut c| async move { c.hgetall(key).await })
+            .await?;
         if fields.is_empty() {
             return Err(StoreError::NotFound);
         }
@@ -292,10 +306,10 @@ impl Store for RedisStore {
             };
             invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
         }
-        let len: i64 = invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(backend)?;
+        let invocation = &invocation;
+        let len: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         let Ok(len) = u64::try_from(len) else {
             return Err(StoreError::NotFound);
         };
@@ -319,13 +333,15 @@ impl Store for RedisStore {
     ///   [`StoreError::Backend`].
     async fn read(&self, id: &StreamId, after: u64) -> Result<Vec<Arc<Event>>, StoreError> {
         let start = i64::try_from(after).unwrap_or(i64::MAX);
-        let found: Option<(u64, u64, Vec<Vec<u8>>)> = READ
+        let mut invocation = READ.prepare_invoke();
+        invocation
             .key(keys::meta(id))
             .key(keys::events(id))
-            .arg(start)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(backend)?;
+            .arg(start);
+        let invocation = &invocation;
+        let found: Option<(u64, u64, Vec<Vec<u8>>)> = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         let Some((recorded, len, items)) = found else {
             return Err(StoreError::NotFound);
         };
@@ -351,14 +367,16 @@ impl Store for RedisStore {
     /// Sets the TTL of meta and events (`Duration::ZERO` deletes them at once) and releases the
     /// lease: the owner calls this once the stream ended, when nobody needs to take over.
     async fn expire(&self, id: &StreamId, ttl: Duration) -> Result<(), StoreError> {
-        let found: i64 = EXPIRE
+        let mut invocation = EXPIRE.prepare_invoke();
+        invocation
             .key(keys::meta(id))
             .key(keys::events(id))
             .key(keys::lease(id))
-            .arg(millis(ttl))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(backend)?;
+            .arg(millis(ttl));
+        let invocation = &invocation;
+        let found: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         if found == 0 {
             return Err(StoreError::NotFound);
         }
@@ -372,22 +390,22 @@ impl Store for RedisStore {
         owner: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let held: i64 = LEASE
+        let mut invocation = LEASE.prepare_invoke();
+        invocation
             .key(keys::lease(id))
             .arg(owner)
-            .arg(millis(ttl).max(1))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(backend)?;
+            .arg(millis(ttl).max(1));
+        let invocation = &invocation;
+        let held: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         Ok(held == 1)
     }
 
     async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError> {
-        self.conn
-            .clone()
-            .get(keys::lease(id))
-            .await
-            .map_err(backend)
+        let key = keys::lease(id);
+        let key = &key;
+        self.run(|mut c| async move { c.get(key).await }).await
     }
 }
 

@@ -69,9 +69,6 @@ enum Cmd {
     Stream(StreamArgs),
     /// Many idle connections; the server's resident memory per connection.
     Idle(IdleArgs),
-    /// Reproduction: one WebSocket with fast streams whose reader pauses, then pings; reports
-    /// whether the socket still answers.
-    WsPause(WsPauseArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,28 +166,6 @@ struct IdleArgs {
     clk_tck: u64,
 }
 
-#[derive(Debug, Clone, Parser)]
-struct WsPauseArgs {
-    /// Base URL of the edge (loopback).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
-    /// Streams started on the socket (the edge allows 64).
-    #[arg(long, default_value_t = 50)]
-    streams: usize,
-    /// Gap between tokens of each stream, ms.
-    #[arg(long, default_value_t = 2)]
-    inter_token_ms: u32,
-    /// How long the client stops reading, ms.
-    #[arg(long, default_value_t = 1000)]
-    pause_ms: u64,
-    /// Pause-then-ping rounds.
-    #[arg(long, default_value_t = 6)]
-    rounds: u32,
-    /// How long to wait for each pong, ms.
-    #[arg(long, default_value_t = 3000)]
-    pong_timeout_ms: u64,
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One thread: the client is pinned to one core by the script, and its CPU use is reported.
@@ -200,7 +175,6 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Stream(args) => runtime.block_on(stream_bench(args)),
         Cmd::Idle(args) => runtime.block_on(idle_bench(args)),
-        Cmd::WsPause(args) => runtime.block_on(ws_pause(args)),
     }
 }
 
@@ -1707,90 +1681,4 @@ async fn hold(conn: IdleConn, stats: Arc<IdleStats>, close: CancellationToken) {
             }
         },
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// ws-pause: a reproduction
-
-/// One socket with `--streams` fast streams and a small receive buffer; each round the client
-/// stops reading for `--pause-ms` (the server's writes block, its outgoing queue fills), sends
-/// a ping, and resumes reading: a healthy socket answers within `--pong-timeout-ms`.
-async fn ws_pause(args: WsPauseArgs) -> anyhow::Result<()> {
-    let target = args.target.trim_end_matches('/').to_owned();
-    let host = authority(&target)?;
-    let client = http_client()?;
-    let addr = tokio::net::lookup_host(&host)
-        .await?
-        .next()
-        .context("no address")?;
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket.connect(addr).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}/v1/ws"), tcp).await?;
-    for i in 0..args.streams {
-        let start = json!({"type": "start", "request_id": format!("r{i}"), "request": {
-            "prompt": "pause test", "seed": i, "max_tokens": 4096,
-            "timing": {"ttft_ms": 0, "inter_token_ms": args.inter_token_ms, "jitter_ms": 0}}});
-        ws.send(Message::text(start.to_string())).await?;
-    }
-    let gauge = |t: &str| metric(t, "tokenfan_edge_connections", "transport=\"ws\"") + 0.0;
-    println!(
-        "== ws-pause: 1 socket (client SO_RCVBUF 4 KiB), {} streams at {} ms/token; \
-         each round: stop reading {} ms, send ping, read on",
-        args.streams, args.inter_token_ms, args.pause_ms
-    );
-    let mut stuck = false;
-    for round in 1..=args.rounds {
-        tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
-        let id = format!("round-{round}");
-        ws.send(Message::text(json!({"type": "ping", "id": id}).to_string()))
-            .await?;
-        let wait = async {
-            let mut other = 0u64;
-            while let Some(m) = ws.next().await {
-                match m? {
-                    Message::Text(t) if t.contains(&id) => return anyhow::Ok(other),
-                    _ => other += 1,
-                }
-            }
-            bail!("closed")
-        };
-        match tokio::time::timeout(Duration::from_millis(args.pong_timeout_ms), wait).await {
-            Ok(Ok(other)) => println!("round {round}: pong after {other} other messages"),
-            Ok(Err(e)) => {
-                println!("round {round}: socket failed: {e:#}");
-                break;
-            }
-            Err(_) => {
-                println!(
-                    "round {round}: NO pong within {} ms and nothing more received: the \
-                     socket is stuck",
-                    args.pong_timeout_ms
-                );
-                stuck = true;
-                break;
-            }
-        }
-    }
-    let before = gauge(&fetch_metrics(&client, &target).await?);
-    drop(ws);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = gauge(&fetch_metrics(&client, &target).await?);
-    println!(
-        "server ws connections gauge: {before} while open, {after} 3 s after the client closed \
-         its socket"
-    );
-    println!(
-        "RESULT: {}",
-        if stuck {
-            "STUCK (reproduced)"
-        } else {
-            "not reproduced"
-        }
-    );
-    Ok(())
 }

@@ -29,7 +29,7 @@ pub struct EdgeConfig {
     #[arg(long, env = "TOKENFAN_EDGE_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// This replica's name in logs, metrics and leases (default: the host name and port).
+    /// This replica's name in logs, metrics and leases (default: `edge-<listen port>`).
     #[arg(long, env = "TOKENFAN_EDGE_REPLICA_ID")]
     pub replica_id: Option<String>,
 

@@ -152,12 +152,7 @@ impl Hub {
             }
             map.insert(id.clone(), state.clone());
         }
-        let meta = StreamMeta {
-            model: spec.model,
-            owner: self.replica.clone(),
-            status: StreamStatus::Running,
-            spec_json: spec.to_json(),
-        };
+        let meta = StreamMeta::running(&spec, &self.replica);
         let recorded = async {
             self.store.create(&id, meta).await?;
             self.store
@@ -295,15 +290,19 @@ impl Hub {
     }
 
     /// Stops a stream now, wherever it is owned, and returns its final status (waits briefly
-    /// for the terminal event).
-    pub async fn cancel(&self, state: &Arc<StreamState>) -> StreamStatus {
+    /// for the terminal event); 503 when the owner cannot be told.
+    pub async fn cancel(&self, state: &Arc<StreamState>) -> Result<StreamStatus, ApiError> {
         if state.is_owned() {
             state.cancel.cancel();
         } else if let Err(err) = self.bus.request_cancel(&state.id).await {
             tracing::warn!(%err, "bus: sending a cancel request failed");
+            return Err(ApiError::unavailable(
+                "bus_unavailable",
+                "the stream's owner cannot be reached right now; retry shortly",
+            ));
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_finished()).await;
-        state.status()
+        Ok(state.status())
     }
 
     /// Forgets finished streams past their history TTL, every few seconds, until `shutdown`.

@@ -75,7 +75,7 @@ impl Mirror {
                         }
                         last_progress = Instant::now();
                     }
-                    if self.state.attached_count() > 0 {
+                    if self.state.has_interest(grace / 2) {
                         idle_since = None;
                         if last_touch.is_none_or(|t| t.elapsed() >= grace / 3) {
                             let _ = self.hub.bus.request_touch(&id).await;

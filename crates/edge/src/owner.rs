@@ -22,7 +22,7 @@ use crate::{
     hub::Hub,
     request::StreamSpec,
     store::{StoreError, StreamMeta},
-    stream::{StreamState, StreamStatus},
+    stream::StreamState,
     upstream::retryable,
 };
 
@@ -51,19 +51,9 @@ enum Attempt {
 }
 
 impl Owner {
-    fn meta(&self) -> StreamMeta {
-        StreamMeta {
-            model: self.spec.model,
-            owner: self.hub.replica().to_owned(),
-            status: StreamStatus::Running,
-            spec_json: self.spec.to_json(),
-        }
-    }
-
     pub(crate) async fn run(self) {
         let hub = &self.hub;
-        // The hub recorded the stream and took the lease before spawning this task.
-        self.state.set_owned(true);
+        // The hub recorded the stream, took the lease and marked it owned before spawning this.
         let started = Instant::now();
         let retries = hub.config().streams.generator_retries;
         let grace = hub.config().detach_grace();
@@ -101,7 +91,9 @@ impl Owner {
                     tracing::info!("ownership released: another replica continues the stream");
                     self.state.set_owned(false);
                     metrics::gauge!("tokenfan_edge_streams_active").decrement(1.0);
-                    hub.follow(self.state.clone(), self.spec.clone());
+                    if !hub.handover.is_cancelled() {
+                        hub.follow(self.state.clone(), self.spec.clone());
+                    }
                     return;
                 }
                 Attempt::Failed(status) => {
@@ -354,7 +346,8 @@ impl Owner {
             return;
         };
         let restored = async {
-            store.create(&self.state.id, self.meta()).await?;
+            let meta = StreamMeta::running(&self.spec, self.hub.replica());
+            store.create(&self.state.id, meta).await?;
             store.append(&self.state.id, &events).await
         };
         match restored.await {

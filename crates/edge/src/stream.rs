@@ -99,6 +99,8 @@ pub struct StreamState {
     max_seq: u64,
     /// Whether this replica runs the stream's owner task (else it mirrors another replica's).
     owned: AtomicBool,
+    /// When a poll last showed interest without attaching (a mirror relays it to the owner).
+    touched_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -131,6 +133,7 @@ impl StreamState {
             limits,
             max_seq,
             owned: AtomicBool::new(false),
+            touched_at: Mutex::new(None),
         }
     }
 
@@ -233,9 +236,21 @@ impl StreamState {
         })
     }
 
-    /// Restarts the detach-grace clock without attaching (short-polls).
+    /// Restarts the detach-grace clock without attaching (polls).
     pub fn touch(&self) {
+        *self.touched_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.attached.send_modify(|_| {});
+    }
+
+    /// Whether anyone attached here or polled within `window` (a mirror relays this interest
+    /// to the owner).
+    pub fn has_interest(&self, window: std::time::Duration) -> bool {
+        self.attached_count() > 0
+            || self
+                .touched_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < window)
     }
 
     /// Watches the attached count (the owner's detach grace).

@@ -742,3 +742,31 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"]["code"], "history_expired");
 }
+
+#[tokio::test]
+async fn polling_keeps_a_stream_alive_past_the_detach_grace() {
+    let edge = TestEdge::with(|c| c.streams.detach_grace_secs = 1).await;
+    let id = edge.create(slow("polled", 120, 20)).await;
+    let mut after = 0;
+    let mut events = Vec::new();
+    loop {
+        let v: Value = edge
+            .http
+            .get(edge.url(&format!(
+                "/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
+            )))
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("json");
+        after = v["next_after"].as_u64().expect("next_after");
+        events.extend(v["events"].as_array().expect("events").iter().cloned());
+        if v["status"] != "running" {
+            break;
+        }
+    }
+    assert_contiguous(&events, 1);
+    assert_ne!(events.last().expect("end")["finish_reason"], "cancelled");
+}

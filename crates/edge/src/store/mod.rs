@@ -24,6 +24,18 @@ pub struct StreamMeta {
     pub spec_json: String,
 }
 
+impl StreamMeta {
+    /// A stream just created (or restored) by `owner`.
+    pub fn running(spec: &crate::request::StreamSpec, owner: &str) -> Self {
+        Self {
+            model: spec.model,
+            owner: owner.to_owned(),
+            status: StreamStatus::Running,
+            spec_json: spec.to_json(),
+        }
+    }
+}
+
 /// A store failure (the backend is down or answered nonsense).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -56,6 +56,8 @@ pub async fn poll(
         },
     };
     let guard = TransportGuard::new("longpoll");
+    // Polling keeps a stream alive like an attached subscriber.
+    stream.touch();
     // Whatever exists after the cursor answers at once (no coalescing: polls replay history).
     let (status, mut events) = stream.events_after(after)?;
     if events.is_empty() && status == StreamStatus::Running {

@@ -72,7 +72,7 @@ pub async fn stop(
 ) -> Result<Response, ApiError> {
     let stream = app.hub.get(&id).await?;
     let (code, status) = if stream.status() == StreamStatus::Running {
-        (StatusCode::ACCEPTED, app.hub.cancel(&stream).await)
+        (StatusCode::ACCEPTED, app.hub.cancel(&stream).await?)
     } else {
         (StatusCode::OK, stream.status())
     };

@@ -83,10 +83,8 @@ fn origin_allowed(app: &AppState, headers: &HeaderMap, uri: &Uri) -> bool {
     {
         return true;
     }
-    if !allowed.is_empty() {
-        return false;
-    }
-    // No allowlist: same origin only (Host on HTTP/1.1, :authority on HTTP/2).
+    // Same origin is always allowed (Host on HTTP/1.1, :authority on HTTP/2), so the demo
+    // page served by the edge keeps working when an allowlist is configured.
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -311,10 +309,17 @@ async fn handle_text(
                     let subscribed = subs.contains_key(&stream.id);
                     let hub = app.hub.clone();
                     let tx = tx.clone();
+                    let rid = rid.map(str::to_owned);
                     // The terminal event answers the cancel: through the subscription when
                     // there is one, else sent here once the owner wrote it.
                     tokio::spawn(async move {
-                        hub.cancel(&stream).await;
+                        if let Err(e) = hub.cancel(&stream).await {
+                            let id = Some(stream.id.as_str());
+                            let _ = tx
+                                .send(error_msg(e.code, &e.message, id, rid.as_deref()))
+                                .await;
+                            return;
+                        }
                         if subscribed {
                             return;
                         }

@@ -126,6 +126,10 @@ pub struct StreamLimits {
     #[arg(long, env = "TOKENFAN_EDGE_GENERATOR_RETRIES", default_value_t = 3)]
     pub generator_retries: u32,
 
+    /// HTTP/2 connections to each generator (calls are spread over them).
+    #[arg(long, env = "TOKENFAN_EDGE_GENERATOR_CONNECTIONS", default_value_t = 4)]
+    pub generator_connections: usize,
+
     /// Owner lease TTL in milliseconds (cluster mode): a dead owner's streams are taken over
     /// by another replica about this long after its last renewal.
     #[arg(long, env = "TOKENFAN_EDGE_LEASE_TTL_MS", default_value_t = 3000)]
@@ -211,6 +215,10 @@ impl EdgeConfig {
         );
         ensure!(s.max_streams >= 1, "--max-streams must be at least 1");
         ensure!(s.lease_ttl_ms >= 300, "--lease-ttl-ms must be at least 300");
+        ensure!(
+            (1..=64).contains(&s.generator_connections),
+            "--generator-connections must be between 1 and 64"
+        );
         ensure!(
             self.http.ws_ping_secs >= 1,
             "--ws-ping-secs must be at least 1"

@@ -77,7 +77,7 @@ pub async fn start(
     } else {
         (config.generator.clone(), None)
     };
-    let generators = GeneratorPool::new(&urls)?;
+    let generators = GeneratorPool::new(&urls, config.streams.generator_connections)?;
     let replica = config
         .replica_id
         .clone()

@@ -60,9 +60,12 @@ impl Owner {
         let detached = detached(self.state.attached(), grace);
         tokio::pin!(detached);
 
+        let turn = hub.generators().next_turn();
         let mut attempt = 0u32;
         let terminal = loop {
-            let outcome = self.attempt(attempt, started, &mut detached).await;
+            let outcome = self
+                .attempt(turn + attempt as usize, started, &mut detached)
+                .await;
             match outcome {
                 Attempt::Finished(reason, usage) => {
                     break EventKind::Done {
@@ -170,14 +173,14 @@ impl Owner {
 
     async fn attempt(
         &self,
-        attempt: u32,
+        turn: usize,
         started: Instant,
         detached: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Attempt {
         let call = self
             .hub
             .generators()
-            .generate(self.request(), attempt, &self.span);
+            .generate(self.request(), turn, &self.span);
         let mut call: Streaming<GenerateResponse> = tokio::select! {
             r = call => match r {
                 Ok((_, stream)) => stream,

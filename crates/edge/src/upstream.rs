@@ -1,32 +1,51 @@
-//! The generator client: one lazily connected gRPC channel per configured generator,
-//! round-robin for new calls, and the next one on failure.
+//! The generator client: a few lazily connected gRPC channels (HTTP/2 connections) per
+//! configured generator, round-robin for new calls, and the next generator on failure.
+//!
+//! Thousands of token streams on one HTTP/2 connection hit h2's limit on pending small frames
+//! (the peer answers `ENHANCE_YOUR_CALM`), so calls are spread over several connections with
+//! large flow-control windows.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use tokenfan_proto::v1::{GenerateRequest, GenerateResponse, generator_client::GeneratorClient};
 use tonic::{Code, Status, Streaming, transport::Channel};
 
+/// Flow-control windows of each generator connection.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const STREAM_WINDOW: u32 = 1 << 20;
+
 /// Generators this edge calls.
 #[derive(Debug)]
 pub struct GeneratorPool {
-    endpoints: Vec<(String, Channel)>,
+    /// Per generator: its URL and its channels.
+    endpoints: Vec<(String, Vec<Channel>)>,
     next: AtomicUsize,
 }
 
 impl GeneratorPool {
-    /// Channels to `urls` (connected on first use, reconnected by tonic when they drop).
-    pub fn new(urls: &[String]) -> anyhow::Result<Self> {
+    /// `connections` channels to each of `urls` (connected on first use, reconnected by tonic
+    /// when they drop).
+    pub fn new(urls: &[String], connections: usize) -> anyhow::Result<Self> {
         anyhow::ensure!(!urls.is_empty(), "at least one generator URL is needed");
         let endpoints = urls
             .iter()
             .map(|url| {
-                let channel = Channel::from_shared(url.clone())?
-                    .connect_timeout(std::time::Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(std::time::Duration::from_secs(20))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
-                Ok((url.clone(), channel))
+                let channels = (0..connections.max(1))
+                    .map(|_| {
+                        Ok(Channel::from_shared(url.clone())?
+                            .connect_timeout(Duration::from_secs(2))
+                            .tcp_nodelay(true)
+                            .initial_connection_window_size(CONNECTION_WINDOW)
+                            .initial_stream_window_size(STREAM_WINDOW)
+                            .http2_keep_alive_interval(Duration::from_secs(20))
+                            .keep_alive_while_idle(true)
+                            .connect_lazy())
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Ok((url.clone(), channels))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
@@ -45,21 +64,23 @@ impl GeneratorPool {
         self.endpoints.is_empty()
     }
 
-    /// Starts a call on the next generator in turn (`attempt` shifts the choice, so a retry
-    /// lands on another generator when there is one). The request's span context is sent as
-    /// `traceparent` metadata.
+    /// A turn for a new stream: where its first call goes. Pass `turn + attempt` to
+    /// [`GeneratorPool::generate`], so each retry of the stream moves to the next generator.
+    pub fn next_turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts a call on the generator of `turn` (round robin over generators, then over each
+    /// generator's connections). The request's span context is sent as `traceparent` metadata.
     pub async fn generate(
         &self,
         req: GenerateRequest,
-        attempt: u32,
+        turn: usize,
         span: &tracing::Span,
     ) -> Result<(String, Streaming<GenerateResponse>), Status> {
-        let base = if attempt == 0 {
-            self.next.fetch_add(1, Ordering::Relaxed)
-        } else {
-            self.next.load(Ordering::Relaxed) + attempt as usize
-        };
-        let (url, channel) = &self.endpoints[base % self.endpoints.len()];
+        let generators = self.endpoints.len();
+        let (url, channels) = &self.endpoints[turn % generators];
+        let channel = &channels[(turn / generators) % channels.len()];
         let mut request = tonic::Request::new(req);
         tokenfan_telemetry::propagation::inject_span_grpc(span, request.metadata_mut());
         let response = GeneratorClient::new(channel.clone())
@@ -70,8 +91,9 @@ impl GeneratorPool {
 
     /// Whether every generator answers its health check (readiness).
     pub async fn ready(&self) -> bool {
-        for (_, channel) in &self.endpoints {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        for (_, channels) in &self.endpoints {
+            let mut health =
+                tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
             let check = health.check(tonic_health::pb::HealthCheckRequest {
                 service: "tokenfan.v1.Generator".into(),
             });

@@ -60,6 +60,11 @@ struct Args {
     /// HTTP/2 connections (tonic channels) the streams are spread over.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// HTTP/2 connection-level receive window of each connection, KiB (h2's default is 64).
+    /// h2 also sizes its budget for buffered small DATA frames from it (half the window): a
+    /// connection that buffers more unread token frames than that gets GOAWAY ENHANCE_YOUR_CALM.
+    #[arg(long, default_value_t = 1024)]
+    connection_window_kib: u32,
     /// `max_tokens` of each call (a call ends earlier when its answer does).
     #[arg(long, default_value_t = 200)]
     max_tokens: u32,
@@ -401,6 +406,66 @@ fn proc_stat(pid: &str) -> anyhow::Result<ProcStat> {
     })
 }
 
+/// CPU ticks of one `cpu*` line of `/proc/stat` (the whole machine, then each core).
+#[derive(Debug, Clone, Default)]
+struct CpuTicks {
+    name: String,
+    busy: u64,
+    irq: u64,
+    steal: u64,
+    idle: u64,
+}
+
+fn machine_stat() -> anyhow::Result<Vec<CpuTicks>> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let mut cpus = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("cpu")) {
+        let mut fields = line.split_whitespace();
+        let name = fields.next().unwrap_or_default().to_string();
+        // user nice system idle iowait irq softirq steal (guest time is inside user)
+        let v: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().context("parsing /proc/stat"))
+            .collect::<anyhow::Result<_>>()?;
+        if v.len() < 8 {
+            bail!("short /proc/stat line: {line}");
+        }
+        cpus.push(CpuTicks {
+            name,
+            busy: v[0] + v[1] + v[2] + v[5] + v[6],
+            irq: v[5] + v[6],
+            steal: v[7],
+            idle: v[3] + v[4],
+        });
+    }
+    Ok(cpus)
+}
+
+/// Use of one `cpu*` line over the window, in percent of one core.
+#[derive(Debug, Clone)]
+struct CpuUse {
+    name: String,
+    busy: f64,
+    irq: f64,
+    steal: f64,
+    idle: f64,
+}
+
+fn cpu_use(before: &[CpuTicks], after: &[CpuTicks], ticks_per_sec: f64) -> Vec<CpuUse> {
+    let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 / ticks_per_sec * 100.0;
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| CpuUse {
+            name: a.name.clone(),
+            busy: pct(a.busy, b.busy),
+            irq: pct(a.irq, b.irq),
+            steal: pct(a.steal, b.steal),
+            idle: pct(a.idle, b.idle),
+        })
+        .collect()
+}
+
 /// VmRSS and VmHWM of a process, in KiB.
 fn proc_memory(pid: &str) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -439,7 +504,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let channel = Endpoint::from_shared(args.target.clone())
             .context("--target")?
             .tcp_nodelay(true)
-            .initial_connection_window_size(1 << 20)
+            .initial_connection_window_size(args.connection_window_kib.saturating_mul(1024))
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
@@ -504,6 +569,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep_until(window_start).await;
     let server_before = server_pid.as_deref().map(proc_stat).transpose()?;
     let client_before = proc_stat("self")?;
+    let machine_before = machine_stat()?;
     let measured_from = Instant::now();
     let mut active = ActiveSamples {
         min: usize::MAX,
@@ -524,6 +590,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let server_after = server_pid.as_deref().map(proc_stat).transpose()?;
     let client_after = proc_stat("self")?;
+    let machine_after = machine_stat()?;
     let measured = measured_from.elapsed().as_secs_f64();
     let server_memory = server_pid.as_deref().map(proc_memory);
 
@@ -538,6 +605,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let server_cpu = server_before.zip(server_after).map(|(b, a)| cpu(b, a));
     let client_cpu = cpu(client_before, client_after);
+    let cpus = cpu_use(
+        &machine_before,
+        &machine_after,
+        args.clk_tck as f64 * measured,
+    );
     let report = Report {
         args: &args,
         shared: &shared,
@@ -547,6 +619,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server_threads: server_after.map(|s| s.threads),
         server_memory,
         client_cpu,
+        cpus,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
@@ -678,9 +751,21 @@ struct Report<'a> {
     server_threads: Option<u64>,
     server_memory: Option<(u64, u64)>,
     client_cpu: f64,
+    /// The whole machine (first) and each core over the window, in percent of one core.
+    /// Interrupt/softirq time is not charged to processes (loopback TCP is partly processed
+    /// there); steal is time the hypervisor gave to someone else.
+    cpus: Vec<CpuUse>,
 }
 
 impl Report<'_> {
+    /// CPU used by other processes (percent of one core): busy time minus the generator, this
+    /// client and interrupt/softirq time; what else ran on the machine during the window.
+    fn others_cpu(&self) -> f64 {
+        self.cpus.first().map_or(0.0, |all| {
+            (all.busy - all.irq - self.server_cpu.unwrap_or(0.0) - self.client_cpu).max(0.0)
+        })
+    }
+
     fn tokens_per_sec(&self) -> f64 {
         self.shared.schedule_lag.count.load(Ordering::Relaxed) as f64 / self.measured
     }
@@ -731,6 +816,7 @@ impl Report<'_> {
         json!({
             "config": {
                 "target": a.target, "streams": a.streams, "connections": a.connections,
+                "connection_window_kib": a.connection_window_kib,
                 "max_tokens": a.max_tokens, "ttft_ms": a.ttft_ms,
                 "inter_token_ms": a.inter_token_ms, "ramp_secs": a.ramp_secs,
                 "warmup_secs": a.warmup_secs, "measure_secs": a.measure_secs,
@@ -756,6 +842,11 @@ impl Report<'_> {
             "server_rss_kib": self.server_memory.map(|m| m.0),
             "server_hwm_kib": self.server_memory.map(|m| m.1),
             "client_cpu_percent": self.client_cpu,
+            "others_cpu_percent": self.others_cpu(),
+            "cpus": self.cpus.iter().map(|c| json!({
+                "cpu": c.name, "busy_percent": c.busy, "irq_percent": c.irq,
+                "steal_percent": c.steal, "idle_percent": c.idle,
+            })).collect::<Vec<_>>(),
             "schedule_lag": s.schedule_lag.summary().json(),
             "lag_vs_send": s.lag_vs_send.summary().json(),
             "first_token_lag": s.first_token_lag.summary().json(),
@@ -810,7 +901,17 @@ impl Report<'_> {
             ),
             _ => println!("server CPU n/a (no --server-pid)"),
         }
-        println!("client CPU {:.1} %", self.client_cpu);
+        println!(
+            "client CPU {:.1} %   other processes {:.1} %",
+            self.client_cpu,
+            self.others_cpu()
+        );
+        for c in &self.cpus {
+            println!(
+                "  {:<5} busy {:>6.1} %  (irq+softirq {:>5.1} %)  steal {:>5.1} %  idle {:>6.1} %",
+                c.name, c.busy, c.irq, c.steal, c.idle
+            );
+        }
         println!("{}", s.schedule_lag.summary().line("schedule lag"));
         println!("{}", s.lag_vs_send.summary().line("lag vs send"));
         println!("{}", s.first_token_lag.summary().line("first-token lag"));

@@ -5,7 +5,6 @@ use std::{sync::Arc, time::Duration};
 
 use tokenfan_proto::v1::generator_server::GeneratorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{GeneratorConfig, corpus::Corpus, service::GeneratorService, stats::Stats};
@@ -38,6 +37,8 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // Token frames are small: without TCP_NODELAY, Nagle holds them back by tens of ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_accepting = shutdown.clone();
     let reporter = health_reporter.clone();
     let server = tonic::transport::Server::builder()
@@ -48,7 +49,7 @@ pub async fn serve_grpc(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(GeneratorServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             stop_accepting.cancelled().await;
             reporter
                 .set_not_serving::<GeneratorServer<GeneratorService>>()

@@ -34,6 +34,9 @@ use crate::{
 /// Frames waiting to be written to one socket.
 const OUTGOING: usize = 256;
 
+/// Read buffer per socket (it grows for larger messages, up to the message limit).
+const READ_BUFFER: usize = 4096;
+
 /// Close code for a message over the size limit.
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server restarts: reconnect elsewhere.
@@ -64,7 +67,9 @@ pub async fn upgrade(
         return error.into_response();
     }
     let limit = app.config.http.ws_max_message_bytes;
-    ws.max_message_size(limit)
+    // A small read buffer: tungstenite's default (128 KiB) dominates an idle socket's memory.
+    ws.read_buffer_size(READ_BUFFER)
+        .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
             let (sink, stream) = socket.split();
@@ -138,9 +143,11 @@ where
         tokio::select! {
             msg = incoming.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
+                    // Replies go straight to the socket: this task is the only reader of the
+                    // outgoing queue, so it must never wait for room in it.
                     let reply = handle_text(&app, &text, &mut subs, &tx, &guard).await;
                     if let Some(reply) = reply
-                        && tx.send(reply).await.is_err()
+                        && sink.send(reply).await.is_err()
                     {
                         break None;
                     }
@@ -148,7 +155,7 @@ where
                 Some(Ok(Message::Binary(_))) => {
                     let e = json!({"type": "error", "code": "unsupported_frame",
                         "message": "binary frames are not supported; send JSON text"});
-                    if tx.send(text_msg(&e)).await.is_err() { break None; }
+                    if sink.send(text_msg(&e)).await.is_err() { break None; }
                 }
                 Some(Ok(Message::Pong(_))) => unanswered = 0,
                 Some(Ok(Message::Ping(_))) => {} // the library answers pings itself
@@ -274,11 +281,12 @@ async fn handle_text(
             if let Some(rid) = rid {
                 started["request_id"] = json!(rid);
             }
-            // `started` is queued before the forwarder can queue any event.
-            if tx.send(text_msg(&started)).await.is_err() {
-                return None;
+            // `started` is written by the socket task as soon as this returns, before it reads
+            // the outgoing queue where the forwarder puts the stream's events.
+            match subscribe(subs, &stream, 0, tx, guard, rid) {
+                Ok(()) => Some(text_msg(&started)),
+                Err(error) => Some(error),
             }
-            subscribe(subs, &stream, 0, tx, guard, rid).err()
         }
         "subscribe" | "cancel" | "unsubscribe" => {
             let msg: StreamMsg = match serde_json::from_value(value) {

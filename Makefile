@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients cluster-up cluster-down lint fmt build release deps bench-generator clean
+.PHONY: run run-generator test test-browser test-clients lint fmt build release deps cluster-up cluster-down bench-generator bench-edge clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -58,6 +58,10 @@ cluster-down:
 ## bench-generator: 10,000 concurrent generations at 50 tokens/s, generator pinned to core 0
 bench-generator: release
 	scripts/bench-generator.sh
+
+## bench-edge: added delay at 1,000 streams and RSS per idle SSE/WebSocket connection
+bench-edge:
+	scripts/bench-edge.sh
 
 clean:
 	$(CARGO) clean

@@ -136,25 +136,8 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
 
     // Long-poll on replica 2 from the same point.
     let mut polled = prefix.clone();
-    let mut after = last;
-    loop {
-        let v: Value = cluster
-            .http
-            .get(cluster.edge(2).url(&format!(
-                "/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
-            )))
-            .send()
-            .await
-            .expect("poll")
-            .json()
-            .await
-            .expect("json");
-        after = v["next_after"].as_u64().expect("next_after");
-        polled.extend(v["events"].as_array().expect("events").iter().cloned());
-        if v["status"] != "running" {
-            break;
-        }
-    }
+    let base = cluster.edge(2).url("");
+    polled.extend(common::long_poll_all(&cluster.http, &base, &id, last).await);
     assert_contiguous(&polled, 1);
 
     // WebSocket subscribe on replica 1, short-poll on replica 2.

@@ -166,33 +166,9 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
 
     // Same seed, same answer: poll a second stream while it runs.
     let id = edge.create(body).await;
-    let mut after = 0;
-    let mut long = Vec::new();
-    loop {
-        let v: Value = edge
-            .http
-            .get(edge.url(&format!(
-                "/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
-            )))
-            .send()
-            .await
-            .expect("poll")
-            .json()
-            .await
-            .expect("json");
-        assert_eq!(v["stream_id"], id.as_str());
-        let events = v["events"].as_array().expect("events").clone();
-        let next = v["next_after"].as_u64().expect("next_after");
-        if events.is_empty() {
-            assert_eq!(next, after, "no events: next_after stays");
-        }
-        after = next;
-        long.extend(events);
-        if v["status"] != "running" {
-            assert_eq!(v["status"], "done");
-            break;
-        }
-    }
+    let base = edge.url("");
+    let long = common::long_poll_all(&edge.http, &base, &id, 0).await;
+    assert_eq!(long.last().expect("end")["type"], "done");
     assert_contiguous(&long, 1);
     assert_eq!(text_of(&long), text_of(&sse_json));
 
@@ -747,26 +723,7 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
 async fn polling_keeps_a_stream_alive_past_the_detach_grace() {
     let edge = TestEdge::with(|c| c.streams.detach_grace_secs = 1).await;
     let id = edge.create(slow("polled", 120, 20)).await;
-    let mut after = 0;
-    let mut events = Vec::new();
-    loop {
-        let v: Value = edge
-            .http
-            .get(edge.url(&format!(
-                "/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
-            )))
-            .send()
-            .await
-            .expect("poll")
-            .json()
-            .await
-            .expect("json");
-        after = v["next_after"].as_u64().expect("next_after");
-        events.extend(v["events"].as_array().expect("events").iter().cloned());
-        if v["status"] != "running" {
-            break;
-        }
-    }
+    let events = common::long_poll_all(&edge.http, &edge.url(""), &id, 0).await;
     assert_contiguous(&events, 1);
     assert_ne!(events.last().expect("end")["finish_reason"], "cancelled");
 }

@@ -120,6 +120,41 @@ pub fn slow(prompt: &str, max_tokens: u32, inter_token_ms: u32) -> Value {
     })
 }
 
+/// Long-polls `base` (an edge's `http://addr`) from `after` until the stream is no longer
+/// running; returns every event. Checks each answer's `stream_id` and that an empty batch
+/// leaves `next_after` where it was.
+pub async fn long_poll_all(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    mut after: u64,
+) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let v: Value = http
+            .get(format!(
+                "{base}/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
+            ))
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["stream_id"], id);
+        let batch = v["events"].as_array().expect("events").clone();
+        let next = v["next_after"].as_u64().expect("next_after");
+        if batch.is_empty() {
+            assert_eq!(next, after, "no events: next_after stays");
+        }
+        after = next;
+        events.extend(batch);
+        if v["status"] != "running" {
+            return events;
+        }
+    }
+}
+
 /// Polls `f` until it returns `Some`, panicking after `timeout`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, mut f: F) -> T
 where

@@ -29,28 +29,14 @@ async fn main() -> anyhow::Result<()> {
         embedded_generator = embedded,
         "tokenfan-edge listening"
     );
-    tokio::spawn(watch_signals(shutdown));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            tokenfan_telemetry::signals::terminated().await;
+            shutdown.cancel();
+        }
+    });
     running.task.await?;
     telemetry.shutdown().await;
     Ok(())
-}
-
-/// Cancels `shutdown` on SIGTERM or Ctrl-C.
-async fn watch_signals(shutdown: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = term => tracing::info!("SIGTERM received: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received: draining"),
-    }
-    shutdown.cancel();
 }

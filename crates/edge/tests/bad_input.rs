@@ -322,11 +322,7 @@ async fn every_malformed_request_gets_a_clear_error_and_changes_nothing() {
     );
 
     let (events, _) = reader.await.expect("bystander");
-    let json: Vec<Value> = events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect();
+    let json: Vec<Value> = common::stream_events(&events);
     assert_contiguous(&json, 1);
     assert_eq!(json.last().expect("end")["finish_reason"], "length");
     assert_eq!(text_of(&json), text_of(&edge.wait_finished(id).await));

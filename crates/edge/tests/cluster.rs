@@ -92,11 +92,7 @@ async fn sse_from(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> V
         return Vec::new();
     }
     let (events, _) = read_sse(r).await;
-    events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect()
+    common::stream_events(&events)
 }
 
 #[tokio::test]
@@ -235,11 +231,7 @@ async fn killing_the_owner_mid_stream_loses_nothing() {
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    let live: Vec<Value> = events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect();
+    let live: Vec<Value> = common::stream_events(&events);
     assert_complete(&live, "failover", 150);
 
     // A client that reconnects on the third replica gets the same answer.
@@ -275,11 +267,7 @@ async fn killing_a_generator_mid_stream_continues_on_another() {
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    let live: Vec<Value> = events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect();
+    let live: Vec<Value> = common::stream_events(&events);
     assert_complete(&live, "generator failover", 120);
 }
 
@@ -313,11 +301,7 @@ async fn collect(reader: tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect()
+    common::stream_events(&events)
 }
 
 #[tokio::test]

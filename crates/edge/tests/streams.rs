@@ -343,11 +343,7 @@ async fn a_reader_that_stops_reading_does_not_hold_back_the_others() {
         .await
         .expect("GET");
     let (events, _) = read_sse(healthy).await;
-    let json: Vec<Value> = events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect();
+    let json: Vec<Value> = common::stream_events(&events);
     assert_eq!(json.last().expect("terminal")["type"], "done");
     let all = edge.wait_finished(&id).await;
     assert_eq!(
@@ -389,11 +385,7 @@ async fn many_subscribers_each_get_everything_exactly_once() {
     let results = futures::future::join_all(readers).await;
     let reference = text_of(&edge.wait_finished(&id).await);
     for events in results {
-        let json: Vec<Value> = events
-            .iter()
-            .filter(|e| e.id.is_some())
-            .map(|e| e.json())
-            .collect();
+        let json: Vec<Value> = common::stream_events(&events);
         assert_contiguous(&json, 1);
         assert_eq!(text_of(&json), reference);
     }
@@ -669,11 +661,7 @@ async fn sse_sends_heartbeat_comments_while_idle() {
         comments >= 2,
         "heartbeats while waiting for the first token: {comments}"
     );
-    let json: Vec<Value> = events
-        .iter()
-        .filter(|e| e.id.is_some())
-        .map(|e| e.json())
-        .collect();
+    let json: Vec<Value> = common::stream_events(&events);
     assert_contiguous(&json, 1);
     assert_eq!(json.len(), 3);
 }

@@ -35,7 +35,13 @@ async fn main() -> anyhow::Result<()> {
     drop(metrics_handle);
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            tokenfan_telemetry::signals::terminated().await;
+            shutdown.cancel();
+        }
+    });
     let metrics_task = tokio::spawn(serve_metrics(metrics, shutdown.clone()));
     let result = serve_grpc(&config, grpc, stats, shutdown.clone()).await;
     shutdown.cancel();
@@ -44,24 +50,4 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry.shutdown().await;
     result
-}
-
-/// Cancels `shutdown` on SIGTERM or Ctrl-C.
-async fn watch_signals(shutdown: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
-    }
-    shutdown.cancel();
 }

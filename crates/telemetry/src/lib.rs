@@ -7,6 +7,7 @@
 
 pub mod metrics;
 pub mod propagation;
+pub mod signals;
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;

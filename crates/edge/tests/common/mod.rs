@@ -260,6 +260,15 @@ pub async fn read_sse(response: reqwest::Response) -> (Vec<SseEvent>, usize) {
     (events, parser.comments)
 }
 
+/// The JSON of the stream events among SSE events (those with an `id:`).
+pub fn stream_events(events: &[SseEvent]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e.id.is_some())
+        .map(|e| e.json())
+        .collect()
+}
+
 /// The text carried by token events.
 pub fn text_of(events: &[Value]) -> String {
     events

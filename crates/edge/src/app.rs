@@ -32,6 +32,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Authentication, tickets and tenant limits.
+    pub security: Arc<crate::auth::Security>,
 }
 
 /// Builds the router with every endpoint, CORS and the body limit.
@@ -55,10 +57,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/streams/{id}/events", get(sse::events))
         .route("/v1/streams/{id}/poll", get(longpoll::poll))
+        .route("/v1/streams/{id}/ticket", post(native::ticket))
         // `any`: WebSocket over HTTP/1.1 (GET + Upgrade) and HTTP/2 (extended CONNECT).
         .route("/v1/ws", any(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Outermost first: authenticate, then read the body (so an unauthenticated client
+        // cannot make the edge wait for its body).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::limits::body_deadline,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
+        ))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -91,7 +104,10 @@ fn cors_layer(config: &EdgeConfig) -> Option<CorsLayer> {
                 header::HeaderName::from_static("traceparent"),
                 header::HeaderName::from_static("tracestate"),
             ])
-            .expose_headers([header::HeaderName::from_static("x-stream-id")])
+            .expose_headers([
+                header::HeaderName::from_static("x-stream-id"),
+                header::HeaderName::from_static(crate::auth::TICKET_HEADER),
+            ])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
@@ -128,13 +144,14 @@ fn static_file(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
-async fn index() -> Response {
+async fn index(State(app): State<AppState>) -> Response {
     let mut r = static_file(INDEX_HTML, "text/html; charset=utf-8");
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+            "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self'; script-src 'self'; \
+             img-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -142,6 +159,23 @@ async fn index() -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+    h.insert(
+        header::HeaderName::from_static("permissions-policy"),
+        HeaderValue::from_static(
+            "camera=(), microphone=(), geolocation=(), payment=(), usb=(), interest-cohort=()",
+        ),
+    );
+    h.insert(
+        header::HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    if app.config.tls_cert.is_some() {
+        // Only over TLS: on plain HTTP the header is meaningless (and ignored).
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     r
 }
 

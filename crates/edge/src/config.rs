@@ -59,6 +59,12 @@ pub struct EdgeConfig {
     #[command(flatten)]
     pub embedded: EmbeddedGenerator,
 
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
+
     /// How long to let owned streams finish after SIGTERM before exiting.
     #[arg(long, env = "TOKENFAN_EDGE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -188,6 +194,8 @@ impl EdgeConfig {
     /// Checks the configuration; a bad one exits with this message.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.telemetry.validate()?;
+        self.auth.validate()?;
+        self.limits.validate()?;
         if self.nats_url.is_some() != self.redis_url.is_some() {
             bail!(
                 "--nats-url and --redis-url go together: cluster mode needs both \

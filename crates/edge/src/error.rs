@@ -103,6 +103,34 @@ impl ApiError {
         )
     }
 
+    /// 401: no usable credentials, or credentials that did not verify (`code` says which:
+    /// `missing_credentials`, `invalid_credentials`, `expired_credentials`,
+    /// `invalid_ticket`, `expired_ticket`). Answered with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 403: authenticated, but not allowed to do this (`code` says why).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 429: a per-tenant or per-address limit; retry after `retry_after` seconds.
+    pub fn rate_limited(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retry_after = Some(retry_after.max(1));
+        e
+    }
+
+    /// 408: the request body did not arrive in time.
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {secs} s"),
+        )
+    }
+
     /// 503: this replica cannot take more streams now.
     pub fn capacity(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "capacity", message);
@@ -137,6 +165,18 @@ impl ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a missing credential gets the bare challenge; a bad one says so.
+            let challenge = if self.code == "missing_credentials" {
+                r#"Bearer realm="tokenfan""#
+            } else {
+                r#"Bearer realm="tokenfan", error="invalid_token""#
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response
     }
 }
@@ -164,6 +204,8 @@ impl OpenAiError {
     pub fn body(&self) -> serde_json::Value {
         let e = &self.0;
         let kind = match e.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
             404 => "invalid_request_error",
             429 => "rate_limit_exceeded",
             s if s >= 500 => "server_error",

@@ -46,9 +46,9 @@ pub struct Hub {
     /// other replicas take their streams over.
     pub(crate) handover: CancellationToken,
     streams: Mutex<HashMap<StreamId, Arc<StreamState>>>,
-    /// Streams whose history expired, and until when they are remembered (answered with 410
-    /// `history_expired` rather than 404). Bounded by `max_streams`.
-    expired: Mutex<HashMap<StreamId, std::time::Instant>>,
+    /// Streams whose history expired, until when they are remembered (answered with 410
+    /// `history_expired` rather than 404), and their tenant. Bounded by `max_streams`.
+    expired: Mutex<HashMap<StreamId, (std::time::Instant, Arc<str>)>>,
     /// Owner tasks; awaited on shutdown.
     tasks: TaskTracker,
 }
@@ -134,14 +134,22 @@ impl Hub {
         spec: StreamSpec,
         parent: &tracing::Span,
     ) -> Result<Arc<StreamState>, ApiError> {
-        let id = StreamId::random();
+        self.create_with_id(StreamId::random(), spec, parent).await
+    }
+
+    /// [`Hub::create`] with an id minted by the caller (who may need it before the stream
+    /// exists, e.g. to count it against its tenant's limits).
+    pub async fn create_with_id(
+        self: &Arc<Self>,
+        id: StreamId,
+        spec: StreamSpec,
+        parent: &tracing::Span,
+    ) -> Result<Arc<StreamState>, ApiError> {
         let max_seq = u64::from(spec.max_tokens) + 1;
-        let state = Arc::new(StreamState::new(
-            id.clone(),
-            spec.model,
-            self.limits(),
-            max_seq,
-        ));
+        let state = Arc::new(
+            StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
+                .with_tenant(&spec.tenant),
+        );
         {
             let mut map = self.map();
             if map.len() >= self.config.streams.max_streams {
@@ -229,16 +237,34 @@ impl Hub {
     /// store and mirrored. Malformed and unknown ids are both 404; a stream whose history
     /// expired is 410.
     pub async fn get(self: &Arc<Self>, id: &str) -> Result<Arc<StreamState>, ApiError> {
+        self.get_for(id, None).await
+    }
+
+    /// [`Hub::get`] on behalf of `tenant`: a stream of another tenant is answered exactly like
+    /// an unknown one (404), before anything about it is revealed or mirrored. `None` skips
+    /// the check.
+    pub async fn get_for(
+        self: &Arc<Self>,
+        id: &str,
+        tenant: Option<&str>,
+    ) -> Result<Arc<StreamState>, ApiError> {
         let id = StreamId::parse(id).ok_or_else(ApiError::stream_not_found)?;
+        let foreign = |owner: &str| tenant.is_some_and(|t| t != owner);
         if let Some(state) = self.map().get(&id) {
+            if foreign(state.tenant()) {
+                return Err(ApiError::stream_not_found());
+            }
             return Ok(state.clone());
         }
-        if self
+        if let Some((_, owner)) = self
             .expired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+            .get(&id)
         {
+            if foreign(owner) {
+                return Err(ApiError::stream_not_found());
+            }
             return Err(ApiError::history_expired(0));
         }
         if !self.cluster {
@@ -256,17 +282,19 @@ impl Hub {
                 ));
             }
         };
-        let spec = StreamSpec::from_json(&meta.spec_json).ok_or_else(|| {
+        if foreign(&meta.tenant) {
+            return Err(ApiError::stream_not_found());
+        }
+        let mut spec = StreamSpec::from_json(&meta.spec_json).ok_or_else(|| {
             tracing::error!(stream_id = %id, "store: unreadable stream spec");
             ApiError::internal()
         })?;
+        spec.tenant = meta.tenant;
         let max_seq = u64::from(spec.max_tokens) + 1;
-        let state = Arc::new(StreamState::new(
-            id.clone(),
-            spec.model,
-            self.limits(),
-            max_seq,
-        ));
+        let state = Arc::new(
+            StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
+                .with_tenant(&spec.tenant),
+        );
         // Fill the history before anyone subscribes, so a finished stream answers at once.
         match self.store.read(&id, 0).await {
             Ok(events) => state.publish(&events),
@@ -287,6 +315,15 @@ impl Hub {
             self.follow(state.clone(), spec);
         }
         Ok(state)
+    }
+
+    /// The running streams this replica owns now (the tenant limits keep counting them).
+    pub fn owned_running(&self) -> Vec<Arc<StreamState>> {
+        self.map()
+            .values()
+            .filter(|s| s.is_owned() && s.status() == StreamStatus::Running)
+            .cloned()
+            .collect()
     }
 
     /// Stops a stream now, wherever it is owned, and returns its final status (waits briefly
@@ -319,18 +356,22 @@ impl Hub {
             self.map().retain(|id, s| {
                 let keep = s.ended_at().is_none_or(|t| now.duration_since(t) < ttl);
                 if !keep {
-                    gone.push(id.clone());
+                    gone.push((id.clone(), Arc::from(s.tenant())));
                 }
                 keep
             });
             let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
-            expired.retain(|_, until| *until > now);
+            expired.retain(|_, (until, _)| *until > now);
             let room = self
                 .config
                 .streams
                 .max_streams
                 .saturating_sub(expired.len());
-            expired.extend(gone.into_iter().take(room).map(|id| (id, now + ttl)));
+            expired.extend(
+                gone.into_iter()
+                    .take(room)
+                    .map(|(id, tenant)| (id, (now + ttl, tenant))),
+            );
         }
     }
 

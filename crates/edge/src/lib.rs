@@ -9,12 +9,14 @@
 //!   generator in-process and talks to it through that same client.
 
 pub mod app;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod hub;
 pub mod ids;
+pub mod limits;
 mod mirror;
 mod owner;
 pub mod request;
@@ -96,23 +98,32 @@ pub async fn start(
             ),
         };
     let hub = Hub::new(config.clone(), replica, generators, store, bus, cluster);
+    let security = Arc::new(auth::Security::from_config(&config).await?);
     let state = AppState {
         hub: hub.clone(),
         config: config.clone(),
         shutdown: shutdown.clone(),
         metrics: tokenfan_telemetry::metrics::install(),
+        security: security.clone(),
     };
     let router = app::router(state);
 
     let background = CancellationToken::new();
     tokio::spawn(hub.clone().sweep(background.clone()));
     tokio::spawn(hub.clone().serve_control(background.clone()));
+    tokio::spawn(
+        security
+            .limits
+            .clone()
+            .keep(hub.clone(), background.clone()),
+    );
 
     let task = {
         let hub = hub.clone();
         let config = config.clone();
         tokio::spawn(async move {
-            server::serve(listener, router, tls, config.http.max_connections, shutdown).await;
+            let limits = server::ConnectionLimits::from_config(&config);
+            server::serve(listener, router, tls, limits, shutdown).await;
             hub.drain(config.shutdown_grace()).await;
             background.cancel();
             generator_shutdown.cancel();

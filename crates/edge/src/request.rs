@@ -93,6 +93,9 @@ pub struct StreamSpec {
     pub model: &'static str,
     /// Token events carry the generator's emit time.
     pub emit_times: bool,
+    /// The tenant that owns the stream ([`crate::auth::DEFAULT_TENANT`] until the caller's
+    /// tenant is set by [`crate::auth::create_stream`]).
+    pub tenant: String,
 }
 
 impl StreamRequest {
@@ -150,6 +153,7 @@ impl StreamRequest {
             timing,
             model: model.id,
             emit_times: self.emit_times.unwrap_or(false),
+            tenant: crate::auth::DEFAULT_TENANT.to_owned(),
         })
     }
 }
@@ -162,6 +166,13 @@ struct SpecJson {
     timing: Timing,
     model: String,
     emit_times: bool,
+    /// Absent in specs written before tenants existed.
+    #[serde(default = "default_tenant")]
+    tenant: String,
+}
+
+fn default_tenant() -> String {
+    crate::auth::DEFAULT_TENANT.to_owned()
 }
 
 impl StreamSpec {
@@ -174,6 +185,7 @@ impl StreamSpec {
             timing: self.timing,
             model: self.model.to_owned(),
             emit_times: self.emit_times,
+            tenant: self.tenant.clone(),
         })
         .unwrap_or_default()
     }
@@ -188,6 +200,7 @@ impl StreamSpec {
             timing: s.timing,
             model: resolve_model(Some(&s.model)).ok()?.id,
             emit_times: s.emit_times,
+            tenant: s.tenant,
         })
     }
 }

@@ -16,8 +16,8 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may take to send request headers (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::limits::PerIp;
+
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
 
@@ -39,19 +39,42 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Caps on connections and on how slowly a client may send its request headers.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Open connections in all; past it new ones get a bare 503.
+    pub max_connections: usize,
+    /// Open connections per client address; past it new ones get a bare 429.
+    pub per_ip: PerIp,
+    /// How long a client may take to send request headers (and finish a TLS handshake).
+    pub header_read_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits the configuration sets.
+    pub fn from_config(config: &crate::EdgeConfig) -> Self {
+        Self {
+            max_connections: config.http.max_connections,
+            per_ip: PerIp::new(config.limits.max_connections_per_ip),
+            header_read_timeout: Duration::from_secs(config.limits.header_read_timeout_secs),
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, then waits (bounded) for open ones to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
-    max_connections: usize,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
+    let header_read_timeout = limits.header_read_timeout;
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -60,7 +83,7 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -75,9 +98,14 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = tcp.set_nodelay(true);
+        let Some(ip_permit) = limits.per_ip.try_acquire(peer.ip()) else {
+            metrics::counter!("tokenfan_edge_connections_refused_per_ip_total").increment(1);
+            tokio::spawn(refuse(tcp, PER_IP_REFUSAL));
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!("tokenfan_edge_connections_refused_total").increment(1);
-            tokio::spawn(refuse(tcp));
+            tokio::spawn(refuse(tcp, CAPACITY_REFUSAL));
             continue;
         };
         let builder = builder.clone();
@@ -86,7 +114,7 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             // Held for the life of the connection.
-            let _permit = permit;
+            let _permits = (permit, ip_permit);
             let result = match tls {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
@@ -94,7 +122,7 @@ pub async fn serve(
                 }
                 Some(acceptor) => {
                     let stream =
-                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await
+                        match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await
                         {
                             Ok(Ok(s)) => s,
                             Ok(Err(err)) => {
@@ -122,12 +150,22 @@ pub async fn serve(
     }
 }
 
-/// Answers a connection over the cap with a bare 503 and closes it.
-async fn refuse(mut tcp: tokio::net::TcpStream) {
+/// Over `--max-connections`: the server is full.
+const CAPACITY_REFUSAL: (&str, &str) = (
+    "503 Service Unavailable",
+    r#"{"error":{"code":"capacity","message":"too many connections; retry shortly"}}"#,
+);
+/// Over `--max-connections-per-ip`: this client holds too many.
+const PER_IP_REFUSAL: (&str, &str) = (
+    "429 Too Many Requests",
+    r#"{"error":{"code":"too_many_connections","message":"this address has too many open connections; close some or retry shortly"}}"#,
+);
+
+/// Answers a connection over a cap with a bare status and closes it.
+async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
     use tokio::io::AsyncWriteExt as _;
-    let body = r#"{"error":{"code":"capacity","message":"too many connections; retry shortly"}}"#;
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(response.as_bytes())).await;

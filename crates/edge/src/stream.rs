@@ -101,6 +101,8 @@ pub struct StreamState {
     owned: AtomicBool,
     /// When a poll last showed interest without attaching (a mirror relays it to the owner).
     touched_at: Mutex<Option<Instant>>,
+    /// The tenant that created the stream; every other tenant is told it does not exist.
+    tenant: Arc<str>,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -134,7 +136,19 @@ impl StreamState {
             max_seq,
             owned: AtomicBool::new(false),
             touched_at: Mutex::new(None),
+            tenant: Arc::from(crate::auth::DEFAULT_TENANT),
         }
+    }
+
+    /// The same stream, owned by `tenant`.
+    pub fn with_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Arc::from(tenant);
+        self
+    }
+
+    /// The tenant that created the stream.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
     }
 
     /// Whether this replica owns the stream (runs its generator call).

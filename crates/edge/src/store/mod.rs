@@ -22,6 +22,8 @@ pub struct StreamMeta {
     pub status: StreamStatus,
     /// The request ([`crate::request::StreamSpec::to_json`]), so another replica can take over.
     pub spec_json: String,
+    /// The tenant that created the stream (every replica answers other tenants 404).
+    pub tenant: String,
 }
 
 impl StreamMeta {
@@ -32,6 +34,7 @@ impl StreamMeta {
             owner: owner.to_owned(),
             status: StreamStatus::Running,
             spec_json: spec.to_json(),
+            tenant: spec.tenant.clone(),
         }
     }
 }
@@ -101,6 +104,7 @@ pub mod conformance {
             owner: "edge-a".into(),
             status: StreamStatus::Running,
             spec_json: r#"{"spec":true}"#.into(),
+            tenant: "tenant-a".into(),
         }
     }
 

@@ -7,7 +7,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `tokenfan:{<id>}:meta` | HASH | `model`, `owner`, `status`, `spec_json`, and `len` (events recorded so far; absent = 0) |
+//! | `tokenfan:{<id>}:meta` | HASH | `model`, `owner`, `status`, `spec_json`, `tenant`, and `len` (events recorded so far; absent = 0) |
 //! | `tokenfan:{<id>}:events` | LIST | event JSON ([`Event::json`]); element `i` is seq `i + 1` |
 //! | `tokenfan:{<id>}:lease` | STRING | the owner's replica id, with a `PX` TTL |
 //!
@@ -245,6 +245,7 @@ impl Store for RedisStore {
             ("owner", meta.owner.as_str()),
             ("status", meta.status.as_str()),
             ("spec_json", meta.spec_json.as_str()),
+            ("tenant", meta.tenant.as_str()),
         ];
         let mut pipe = ::redis::pipe();
         pipe.atomic()
@@ -277,6 +278,10 @@ impl Store for RedisStore {
         let owner = take("owner")?;
         let status = take("status")?;
         let spec_json = take("spec_json")?;
+        // Streams recorded before tenants existed belong to the default tenant.
+        let tenant = fields
+            .remove("tenant")
+            .unwrap_or_else(|| crate::auth::DEFAULT_TENANT.to_owned());
         let model = crate::request::resolve_model(Some(&model))
             .map_err(|_| backend_msg(format!("stream {id}: unknown model {model:?}")))?
             .id;
@@ -287,6 +292,7 @@ impl Store for RedisStore {
             owner,
             status,
             spec_json,
+            tenant,
         })
     }
 
@@ -425,6 +431,7 @@ mod tests {
             owner: "edge-a".into(),
             status: StreamStatus::Running,
             spec_json: "{}".into(),
+            tenant: "tenant-a".into(),
         }
     }
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::{
     app::{AppState, TransportGuard},
+    auth::{self, Caller},
     error::ApiError,
     stream::StreamStatus,
     transports::{poll_body, sse::parse_cursor},
@@ -31,11 +32,12 @@ pub struct PollQuery {
 /// `GET /v1/streams/{id}/poll`.
 pub async fn poll(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = app.hub.get(&id).await?;
+    let stream = auth::stream_for(&app, &caller, &id).await?;
     let after = query
         .after
         .as_deref()

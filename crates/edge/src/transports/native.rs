@@ -11,6 +11,7 @@ use axum::{
 
 use crate::{
     app::{AppState, request_span},
+    auth::{self, Caller},
     error::ApiError,
     request::{StreamRequest, read_json},
     stream::StreamStatus,
@@ -20,19 +21,25 @@ use crate::{
 /// `POST /v1/streams`.
 pub async fn create(
     State(app): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
     let spec = request.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/streams");
-    let stream = app.hub.create(spec, &span).await?;
+    let stream = auth::create_stream(&app, &caller, spec, &span).await?;
+    let ticket = app.security.ticket_for(&stream);
     if wants_sse(&headers) {
         let sub = stream.subscribe(0)?;
-        return Ok(sse::response(&app, sub, NativeFramer, "post_sse"));
+        let mut response = sse::response(&app, sub, NativeFramer, "post_sse");
+        let out = response.headers_mut();
+        app.security
+            .add_ticket_headers(ticket.as_ref(), &stream, &headers, out);
+        return Ok(response);
     }
     let id = stream.id.as_str();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "id": id,
         "status": stream.status().as_str(),
         "urls": {
@@ -42,7 +49,13 @@ pub async fn create(
             "ws": "/v1/ws",
         },
     });
+    if let Some(ticket) = &ticket {
+        body["ticket"] = ticket.token.clone().into();
+        body["ticket_expires_at"] = ticket.expires_at.into();
+    }
     let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    app.security
+        .add_ticket_headers(ticket.as_ref(), &stream, &headers, response.headers_mut());
     if let Ok(v) = id.parse() {
         response.headers_mut().insert("x-stream-id", v);
     }
@@ -68,9 +81,10 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 /// `DELETE /v1/streams/{id}`: 202 when it stopped a running stream, 200 when it had ended.
 pub async fn stop(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = app.hub.get(&id).await?;
+    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
     let (code, status) = if stream.status() == StreamStatus::Running {
         (StatusCode::ACCEPTED, app.hub.cancel(&stream).await?)
     } else {
@@ -78,4 +92,33 @@ pub async fn stop(
     };
     let body = serde_json::json!({"stream_id": stream.id.as_str(), "status": status.as_str()});
     Ok((code, Json(body)).into_response())
+}
+
+/// `POST /v1/streams/{id}/ticket`: a fresh ticket for reading one of the caller's streams
+/// (e.g. when the one from creation expired). 404 when authentication is off.
+pub async fn ticket(
+    State(app): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
+    let Some(ticket) = app.security.ticket_for(&stream) else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            ..ApiError::bad_request(
+                "not_found",
+                "tickets are issued only when authentication is on (--auth)",
+            )
+        });
+    };
+    let body = serde_json::json!({
+        "stream_id": stream.id.as_str(),
+        "ticket": ticket.token,
+        "ticket_expires_at": ticket.expires_at,
+    });
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    app.security
+        .add_ticket_headers(Some(&ticket), &stream, &headers, response.headers_mut());
+    Ok(response)
 }

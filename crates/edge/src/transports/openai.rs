@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::{
     app::{AppState, request_span},
+    auth::{self, Caller},
     error::{ApiError, OpenAiError},
     event::{Event, EventKind, Usage},
     request::{self, Message, StreamRequest, Timing},
@@ -144,6 +145,7 @@ fn non_empty(v: &Value) -> bool {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(app): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OpenAiError> {
@@ -152,11 +154,16 @@ pub async fn chat_completions(
     let (native, streaming, include_usage) = chat.into_native()?;
     let spec = native.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/chat/completions");
-    let stream = app.hub.create(spec, &span).await?;
+    let stream = auth::create_stream(&app, &caller, spec, &span).await?;
     let sub = stream.subscribe(0)?;
     if streaming {
         let framer = OpenAiFramer::new(&stream, true, false, include_usage);
-        return Ok(sse::response(&app, sub, framer, "openai"));
+        let mut response = sse::response(&app, sub, framer, "openai");
+        let ticket = app.security.ticket_for(&stream);
+        let out = response.headers_mut();
+        app.security
+            .add_ticket_headers(ticket.as_ref(), &stream, &headers, out);
+        return Ok(response);
     }
     complete(&stream, sub).await
 }

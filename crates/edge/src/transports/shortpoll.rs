@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::{
     app::AppState,
+    auth::{self, Caller},
     error::ApiError,
     transports::{poll_body, sse::parse_cursor},
 };
@@ -23,11 +24,12 @@ pub struct StatusQuery {
 /// `GET /v1/streams/{id}`.
 pub async fn status(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = app.hub.get(&id).await?;
+    let stream = auth::stream_for(&app, &caller, &id).await?;
     let after = query
         .after
         .as_deref()

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{AppState, TransportGuard},
+    auth::{self, Caller},
     error::ApiError,
     event::Event,
     stream::{Closed, Subscription},
@@ -179,12 +180,13 @@ pub fn parse_cursor(name: &str, value: &str) -> Result<u64, ApiError> {
 /// `GET /v1/streams/{id}/events`: EventSource-friendly SSE with resume.
 pub async fn events(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = app.hub.get(&id).await?;
+    let stream = auth::stream_for(&app, &caller, &id).await?;
     let last_event_id = headers
         .get("last-event-id")
         .map(|v| {

@@ -25,6 +25,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     app::{AppState, TransportGuard, request_span},
+    auth::{self, Caller},
     error::ApiError,
     ids::StreamId,
     request::StreamRequest,
@@ -47,6 +48,7 @@ const CLOSE_POLICY: u16 = 1008;
 /// `GET /v1/ws` (HTTP/1.1 Upgrade) and `CONNECT /v1/ws` (HTTP/2, RFC 8441).
 pub async fn upgrade(
     State(app): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -73,7 +75,7 @@ pub async fn upgrade(
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
             let (sink, stream) = socket.split();
-            serve(app, sink, stream)
+            serve(app, caller, sink, stream)
         })
 }
 
@@ -125,8 +127,9 @@ struct Subscribed {
     forwarder: JoinHandle<()>,
 }
 
-/// Serves one socket until the peer leaves, stops answering pings, or the server shuts down.
-pub async fn serve<S, R>(app: AppState, mut sink: S, mut incoming: R)
+/// Serves one socket for `caller` until the peer leaves, stops answering pings, or the server
+/// shuts down.
+pub async fn serve<S, R>(app: AppState, caller: Caller, mut sink: S, mut incoming: R)
 where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
@@ -145,7 +148,8 @@ where
                 Some(Ok(Message::Text(text))) => {
                     // Replies go straight to the socket: this task is the only reader of the
                     // outgoing queue, so it must never wait for room in it.
-                    let reply = handle_text(&app, &text, &mut subs, &tx, &guard).await;
+                    unanswered = 0;
+                    let reply = handle_text(&app, &caller, &text, &mut subs, &tx, &guard).await;
                     if let Some(reply) = reply
                         && sink.send(reply).await.is_err()
                     {
@@ -153,6 +157,7 @@ where
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
+                    unanswered = 0;
                     let e = json!({"type": "error", "code": "unsupported_frame",
                         "message": "binary frames are not supported; send JSON text"});
                     if sink.send(text_msg(&e)).await.is_err() { break None; }
@@ -220,6 +225,7 @@ fn error_msg(
 
 async fn handle_text(
     app: &AppState,
+    caller: &Caller,
     text: &str,
     subs: &mut HashMap<StreamId, Subscribed>,
     tx: &mpsc::Sender<Message>,
@@ -273,13 +279,16 @@ async fn handle_text(
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
             let span = request_span(&HeaderMap::new(), "WS start");
-            let stream = match app.hub.create(spec, &span).await {
+            let stream = match auth::create_stream(app, caller, spec, &span).await {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
             let mut started = json!({"type": "started", "stream_id": stream.id.as_str()});
             if let Some(rid) = rid {
                 started["request_id"] = json!(rid);
+            }
+            if let Some(ticket) = app.security.ticket_for(&stream) {
+                started["ticket"] = json!(ticket.token);
             }
             // `started` is written by the socket task as soon as this returns, before it reads
             // the outgoing queue where the forwarder puts the stream's events.
@@ -294,7 +303,12 @@ async fn handle_text(
                 Err(e) => return bad(e),
             };
             let rid = msg.request_id.as_deref();
-            let stream = match app.hub.get(&msg.stream_id).await {
+            let found = if kind == "cancel" {
+                auth::stream_to_manage(app, caller, &msg.stream_id).await
+            } else {
+                auth::stream_for(app, caller, &msg.stream_id).await
+            };
+            let stream = match found {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid)),
             };

@@ -84,6 +84,9 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Refusals in progress (each takes up to ~3 s); past this many, excess connections are
+    // just closed.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -100,12 +103,22 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let Some(ip_permit) = limits.per_ip.try_acquire(peer.ip()) else {
             metrics::counter!("tokenfan_edge_connections_refused_per_ip_total").increment(1);
-            tokio::spawn(refuse(tcp, PER_IP_REFUSAL));
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(tcp, PER_IP_REFUSAL).await;
+                    drop(slot);
+                });
+            }
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!("tokenfan_edge_connections_refused_total").increment(1);
-            tokio::spawn(refuse(tcp, CAPACITY_REFUSAL));
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(tcp, CAPACITY_REFUSAL).await;
+                    drop(slot);
+                });
+            }
             continue;
         };
         let builder = builder.clone();
@@ -150,6 +163,9 @@ pub async fn serve(
     }
 }
 
+/// Connections being refused at once, at most.
+const MAX_REFUSALS: usize = 1024;
+
 /// Over `--max-connections`: the server is full.
 const CAPACITY_REFUSAL: (&str, &str) = (
     "503 Service Unavailable",
@@ -161,13 +177,43 @@ const PER_IP_REFUSAL: (&str, &str) = (
     r#"{"error":{"code":"too_many_connections","message":"this address has too many open connections; close some or retry shortly"}}"#,
 );
 
-/// Answers a connection over a cap with a bare status and closes it.
+/// Answers a connection over a cap with a bare status and closes it: waits (briefly) for the
+/// request's headers first, since HTTP clients refuse an answer that comes before their
+/// request, and reads a little after, since closing with unread data resets the connection
+/// and the client could lose the answer. At most about 3 s per refused connection.
 async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
-    use tokio::io::AsyncWriteExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = [0u8; 4096];
+    let mut seen: Vec<u8> = Vec::new();
+    let headers = async {
+        while seen.len() < 16 * 1024 && !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    if matches!(
+        tokio::time::timeout(Duration::from_secs(1), headers).await,
+        Ok(false)
+    ) {
+        return; // the client left
+    }
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(response.as_bytes())).await;
     let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }

@@ -365,3 +365,6 @@ pub fn sign(
     header.kid = kid.map(str::to_owned);
     Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
+
+/// The algorithm names [`sign`] takes.
+pub use jsonwebtoken::Algorithm as SigningAlgorithm;

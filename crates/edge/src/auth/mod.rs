@@ -276,7 +276,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 enum Verifier {
     None,
     ApiKeys(ApiKeys),
-    Jwt(JwtAuth),
+    Jwt(Box<JwtAuth>),
 }
 
 /// A ticket just issued.
@@ -328,7 +328,7 @@ impl Security {
                 args.api_keys_file.as_deref(),
                 &args.api_keys,
             )?),
-            AuthMode::Jwt => Verifier::Jwt(JwtAuth::from_args(args)?),
+            AuthMode::Jwt => Verifier::Jwt(Box::new(JwtAuth::from_args(args)?)),
         };
         let tickets = match &args.ticket_secret {
             Some(secret) => TicketKey::new(secret.expose().as_bytes()),

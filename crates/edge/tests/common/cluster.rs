@@ -108,6 +108,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// `edges` replicas over `generators` generators.
     pub async fn start(edges: usize, generators: usize) -> Self {
+        Self::start_with(edges, generators, &[]).await
+    }
+
+    /// [`TestCluster::start`] with `extra` flags for every edge replica.
+    pub async fn start_with(edges: usize, generators: usize, extra: &[&str]) -> Self {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
         let generators: Vec<Generator> = (0..generators).map(|_| Generator::start()).collect();
@@ -119,6 +124,7 @@ impl TestCluster {
                     &nats.url(),
                     &redis.url(),
                     &urls.join(","),
+                    extra,
                 )
             })
             .collect();
@@ -150,7 +156,7 @@ impl TestCluster {
     }
 }
 
-fn spawn_edge(replica: &str, nats: &str, redis: &str, generators: &str) -> Edge {
+fn spawn_edge(replica: &str, nats: &str, redis: &str, generators: &str, extra: &[&str]) -> Edge {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenfan-edge"))
         .args([
             "--listen",
@@ -172,6 +178,7 @@ fn spawn_edge(replica: &str, nats: &str, redis: &str, generators: &str) -> Edge 
             "--generator-idle-timeout-secs",
             "3",
         ])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edge");

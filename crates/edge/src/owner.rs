@@ -34,7 +34,10 @@ pub(crate) struct Owner {
     pub(crate) hub: Arc<Hub>,
     pub(crate) state: Arc<StreamState>,
     pub(crate) spec: StreamSpec,
+    /// The stream span (`tokenfan.stream`): one per stream and owner, never one per token.
     pub(crate) span: tracing::Span,
+    /// `span` as a W3C traceparent (when traced), sent with every bus batch.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// How a generator attempt ended.
@@ -74,6 +77,13 @@ impl Owner {
                     };
                 }
                 Attempt::Cancelled => {
+                    // The token: a stop request (here or relayed), or the shutdown grace.
+                    let cause = if self.state.cancel.is_cancelled() {
+                        "stop"
+                    } else {
+                        "detached"
+                    };
+                    self.span.record("cancel_cause", cause);
                     break EventKind::Done {
                         finish_reason: FinishReason::Cancelled,
                         usage: self.usage_so_far(),
@@ -322,21 +332,15 @@ impl Owner {
             // The store lost the stream (a Redis restart): write it back whole from the
             // events this owner holds, so other replicas can still resume it.
             Err(StoreError::NotFound) => self.restore_store().await,
-            Err(err) => {
-                metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "store")
-                    .increment(1);
-                tracing::warn!(%err, "store: appending history failed");
-            }
+            // Counted once, by the backend (`tokenfan_edge_backend_errors_total{backend}`).
+            Err(err) => tracing::warn!(%err, "store: appending history failed"),
         }
-        let traceparent = tokenfan_telemetry::propagation::span_traceparent(&self.span);
         if let Err(err) = self
             .hub
             .bus
-            .publish(&self.state.id, batch.into(), traceparent)
+            .publish(&self.state.id, batch.into(), self.traceparent.clone())
             .await
         {
-            metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "bus")
-                .increment(1);
             tracing::warn!(%err, "bus: publishing failed");
         }
     }

@@ -26,8 +26,10 @@ pub async fn create(
     let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
     let spec = request.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/streams");
-    let stream = app.hub.create(spec, &span).await?;
-    if wants_sse(&headers) {
+    let sse = wants_sse(&headers);
+    let transport = if sse { "post_sse" } else { "native" };
+    let stream = app.hub.create(spec, &span, transport).await?;
+    if sse {
         let sub = stream.subscribe(0)?;
         return Ok(sse::response(&app, sub, NativeFramer, "post_sse"));
     }

@@ -327,8 +327,9 @@ def main() -> int:
             if verdict == "exported":
                 f.ok(f"{name} is exported")
             elif verdict == "in source only":
-                f.ok(f"{name}: not exported after one stream, but registered in the sources "
-                     "(appears on its first event)")
+                f.passed += 1
+                print(f"note  {name}: not exported after one stream, but registered in the "
+                      "sources (appears on its first event)")
             else:
                 f.fail(f"{dash_name} {where}: {name} is neither exported nor in the sources")
         # Label names in matchers must exist on that metric (when it is exported).

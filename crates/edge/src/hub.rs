@@ -201,7 +201,7 @@ impl Hub {
             model = spec.model,
             replica = %self.replica,
             transport,
-            resumed_after = state.last_seq(),
+            resumed_after = state.last_seq() as i64,
             tokens = tracing::field::Empty,
             ttft_ms = tracing::field::Empty,
             finish_reason = tracing::field::Empty,

@@ -74,8 +74,8 @@ impl Mirror {
         );
         let mut tally = Tally::default();
         let outcome = self.follow(&span, &mut tally).await;
-        span.record("events_received", tally.received);
-        span.record("gaps_refilled", tally.refills);
+        span.record("events_received", tally.received as i64);
+        span.record("gaps_refilled", tally.refills as i64);
         span.record(
             "outcome",
             match outcome {
@@ -207,7 +207,7 @@ impl Mirror {
             otel.name = "tokenfan.stream.failover",
             stream_id = %id,
             replica = %self.hub.replica(),
-            resumed_after = self.state.last_seq(),
+            resumed_after = self.state.last_seq() as i64,
         );
         crate::observability::join_stream_trace(&failover, &self.state);
         failover.in_scope(|| {

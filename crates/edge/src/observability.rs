@@ -262,8 +262,8 @@ impl Resume<'_> {
             otel.name = "tokenfan.stream.resume",
             stream_id = self.stream_id,
             transport = self.transport,
-            after = self.after,
-            replayed = self.replayed,
+            after = self.after as i64,
+            replayed = self.replayed as i64,
             result = self.result.as_str(),
             replica,
         );

@@ -126,8 +126,9 @@ impl Owner {
         };
         let seq = self.state.last_seq() + 1;
         let event = Arc::new(Event::new(seq, terminal));
-        self.span.record("attempts", attempt + 1);
-        self.span.record("tokens", seq - 1);
+        // Integers as i64: OpenTelemetry exports unsigned values as strings.
+        self.span.record("attempts", i64::from(attempt) + 1);
+        self.span.record("tokens", (seq - 1) as i64);
         self.span.record(
             "finish_reason",
             match &event.kind {
@@ -289,7 +290,7 @@ impl Owner {
             if !batch.is_empty() {
                 if self.state.last_seq() == 0 {
                     let ttft = started.elapsed();
-                    self.span.record("ttft_ms", ttft.as_millis() as u64);
+                    self.span.record("ttft_ms", ttft.as_millis() as i64);
                     metrics::histogram!("tokenfan_edge_time_to_first_token_seconds")
                         .record(ttft.as_secs_f64());
                 }

@@ -132,7 +132,8 @@ impl Generation {
     fn finish(&mut self, outcome: Outcome) {
         self.state = State::Done;
         self.guard.outcome = Some(outcome);
-        self.span.record("tokens", self.sent);
+        // Integers as i64: OpenTelemetry exports unsigned values as strings.
+        self.span.record("tokens", i64::from(self.sent));
         self.span.record("finish_reason", outcome.as_str());
     }
 
@@ -143,7 +144,7 @@ impl Generation {
         self.sent += 1;
         if self.sent == 1 {
             let ttft = self.started.elapsed();
-            self.span.record("ttft_ms", ttft.as_millis() as u64);
+            self.span.record("ttft_ms", ttft.as_millis() as i64);
             self.guard.stats.first_token(ttft);
         }
         self.guard.stats.token_sent();

@@ -328,12 +328,16 @@ async fn one_trace_follows_a_stream_across_replicas() {
 
     // The stop: B's cancel span is a child of A's stream span in the stream's trace, and A's
     // stream span says a stop request ended it.
-    let (stopped, cancel) = wait_until(Duration::from_secs(20), || async {
+    let (stopped, cancel, dropped) = wait_until(Duration::from_secs(20), || async {
         let stopped = collector.find(STOP_TRACE, "tokenfan.stream", |g| on(g, &a_id))?;
         let cancel = collector.find(STOP_TRACE, "tokenfan.stream.cancel", |g| on(g, &b_id))?;
-        Some((stopped, cancel))
+        let dropped = collector.find(STOP_TRACE, "tokenfan.v1.Generator/Generate", |_| true)?;
+        Some((stopped, cancel, dropped))
     })
     .await;
+    // The generator saw its caller leave.
+    assert_eq!(dropped.parent_id(), stopped.span_id());
+    assert_eq!(dropped.str_attr("finish_reason"), "cancelled");
     assert!(of_stream(&stopped, &stop_id));
     assert_eq!(stopped.str_attr("finish_reason"), "cancelled");
     assert_eq!(stopped.str_attr("cancel_cause"), "stop");

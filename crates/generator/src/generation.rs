@@ -218,6 +218,17 @@ impl Stream for Generation {
     }
 }
 
+impl Drop for Generation {
+    /// The caller went away (or a stalled call was dropped) before the end: say so on the span.
+    fn drop(&mut self) {
+        if self.state == State::Running {
+            self.span.record("tokens", i64::from(self.sent));
+            self.span
+                .record("finish_reason", Outcome::Cancelled.as_str());
+        }
+    }
+}
+
 fn unix_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -30,6 +30,7 @@ pub enum OtlpProtocol {
     /// OTLP/gRPC (usually port 4317).
     Grpc,
     /// OTLP/HTTP with protobuf bodies (usually port 4318, path `/v1/traces`).
+    #[value(alias = "http/protobuf")]
     Http,
 }
 

@@ -2,7 +2,8 @@
 //! Redis) and a generator export OTLP to an in-process collector; a stream started on replica
 //! A with a caller's `traceparent` and read on replica B must give, in the caller's trace, A's
 //! request span, A's stream span, the generator's span and B's mirror span, with exact parent
-//! links. Resume and a cross-replica stop join the stream's trace too.
+//! links. Resume, a cross-replica stop and a failover after the owner is killed join the
+//! stream's trace too.
 //!
 //! The generator runs in this test process (its code path is the one the binary serves), so
 //! this process's global subscriber exports its spans as `tokenfan-generator`; this file holds
@@ -155,18 +156,18 @@ impl Collector {
 }
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const STOP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const FAILOVER_TRACE: &str = "5b8efff798038103d269b633813fc60c";
 const CALLER: &str = "b7ad6b7169203331";
 const RESUMER: &str = "00f067aa0ba902b7";
-const STOP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 fn traceparent(trace: &str, span: &str) -> String {
     format!("00-{trace}-{span}-01")
 }
 
-async fn create(cluster: &TestCluster, edge: usize, parent: &str, body: Value) -> String {
-    let r = cluster
-        .http
-        .post(cluster.edge(edge).url("/v1/streams"))
+async fn create(http: &reqwest::Client, base: &str, parent: &str, body: Value) -> String {
+    let r = http
+        .post(format!("{base}/v1/streams"))
         .header("traceparent", parent)
         .json(&body)
         .send()
@@ -188,6 +189,59 @@ fn slow(max_tokens: u32, inter_token_ms: u32) -> Value {
     })
 }
 
+/// An SSE response read incrementally.
+struct Reader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    parser: SseParser,
+    seqs: Vec<u64>,
+    done: bool,
+}
+
+impl Reader {
+    fn new(r: reqwest::Response) -> Self {
+        assert_eq!(r.status(), 200);
+        Self {
+            body: Box::pin(r.bytes_stream()),
+            parser: SseParser::default(),
+            seqs: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Reads one chunk; false at the end of the body.
+    async fn chunk(&mut self) -> bool {
+        let Some(chunk) = self.body.next().await else {
+            return false;
+        };
+        let chunk = chunk.expect("chunk");
+        for event in self
+            .parser
+            .feed(std::str::from_utf8(&chunk).expect("utf-8"))
+        {
+            if let Some(id) = event.id {
+                self.seqs.push(id.parse().expect("seq"));
+                self.done |= event.event.as_deref() == Some("done");
+            }
+        }
+        true
+    }
+
+    /// Reads past the history the first chunk carried, until `n` more events arrived: those
+    /// came over NATS, so the replica knows the stream's trace from the batches' headers.
+    async fn past_backlog(&mut self, n: u64) {
+        assert!(self.chunk().await, "a first chunk");
+        let backlog = self.seqs.last().copied().unwrap_or(0);
+        while self.seqs.last().copied().unwrap_or(0) < backlog + n {
+            assert!(self.chunk().await, "the stream goes on");
+        }
+    }
+
+    /// Reads to the end of the body.
+    async fn to_end(&mut self) {
+        while self.chunk().await {}
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_follows_a_stream_across_replicas() {
     let collector = Collector::default();
@@ -207,15 +261,23 @@ async fn one_trace_follows_a_stream_across_replicas() {
         // Export every 100 ms instead of every 5 s.
         env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
     };
-    let cluster = TestCluster::start_with(2, 1, &options).await;
-    let (a, b) = (&cluster.edges[0], &cluster.edges[1]);
+    let mut cluster = TestCluster::start_with(2, 1, &options).await;
+    let http = cluster.http.clone();
+    let (a, b) = (cluster.edge(0).url(""), cluster.edge(1).url(""));
+    let (a_id, b_id) = (
+        cluster.edge(0).replica.clone(),
+        cluster.edge(1).replica.clone(),
+    );
+    let on = |g: &Got, replica: &str| {
+        g.service == "tokenfan-edge" && g.instance.as_deref() == Some(replica)
+    };
+    let of_stream = |g: &Got, stream: &str| g.attr("stream_id") == Some(json!(stream));
 
     // Stream 1: started on A by a traced caller, read whole on B (B mirrors it), then resumed
     // on B from seq 5 by a request with its own span in the same trace.
-    let id = create(&cluster, 0, &traceparent(TRACE, CALLER), slow(30, 25)).await;
-    let r = cluster
-        .http
-        .get(b.url(&format!("/v1/streams/{id}/events")))
+    let id = create(&http, &a, &traceparent(TRACE, CALLER), slow(30, 25)).await;
+    let r = http
+        .get(format!("{b}/v1/streams/{id}/events"))
         .send()
         .await
         .expect("GET on B");
@@ -223,9 +285,8 @@ async fn one_trace_follows_a_stream_across_replicas() {
     let (events, _) = read_sse(r).await;
     let events = stream_events(&events);
     assert_eq!(events.len(), 31, "30 tokens and the terminal event");
-    let r = cluster
-        .http
-        .get(b.url(&format!("/v1/streams/{id}/events")))
+    let r = http
+        .get(format!("{b}/v1/streams/{id}/events"))
         .header("last-event-id", "5")
         .header("traceparent", traceparent(TRACE, RESUMER))
         .send()
@@ -235,32 +296,16 @@ async fn one_trace_follows_a_stream_across_replicas() {
     assert_eq!(stream_events(&resumed).len(), 26);
 
     // Stream 2: another trace, followed on B and stopped from B (relayed to A over NATS).
-    let stop_id = create(&cluster, 0, &traceparent(STOP_TRACE, CALLER), slow(400, 25)).await;
-    let r = cluster
-        .http
-        .get(b.url(&format!("/v1/streams/{stop_id}/events")))
+    let stop_id = create(&http, &a, &traceparent(STOP_TRACE, CALLER), slow(400, 25)).await;
+    let r = http
+        .get(format!("{b}/v1/streams/{stop_id}/events"))
         .send()
         .await
         .expect("GET on B");
-    let mut body = r.bytes_stream();
-    let mut parser = SseParser::default();
-    // The first chunk carries the history B found in Redis; wait for a few events after it,
-    // which came over the bus: then B knows the stream's trace from the batches' headers.
-    let mut backlog = None;
-    let mut last = 0;
-    while backlog.is_none_or(|b| last < b + 5) {
-        let chunk = body.next().await.expect("open").expect("chunk");
-        let text = std::str::from_utf8(&chunk).expect("utf-8");
-        for event in parser.feed(text) {
-            if let Some(id) = event.id {
-                last = id.parse().expect("seq");
-            }
-        }
-        backlog.get_or_insert(last);
-    }
-    let r = cluster
-        .http
-        .delete(b.url(&format!("/v1/streams/{stop_id}")))
+    let mut following = Reader::new(r);
+    following.past_backlog(5).await;
+    let r = http
+        .delete(format!("{b}/v1/streams/{stop_id}"))
         .send()
         .await
         .expect("DELETE on B");
@@ -269,7 +314,41 @@ async fn one_trace_follows_a_stream_across_replicas() {
         r.json::<Value>().await.expect("json")["status"],
         "cancelled"
     );
-    drop(body);
+    following.to_end().await;
+    assert!(following.done, "B delivered the terminal event");
+
+    // Everything A has to say, before A is killed below.
+    let (request, stream, mirror, resume, stopped, cancel) =
+        wait_until(Duration::from_secs(20), || async {
+            let request = collector.find(TRACE, "POST /v1/streams", |g| on(g, &a_id))?;
+            let stream = collector.find(TRACE, "tokenfan.stream", |g| on(g, &a_id))?;
+            let mirror = collector.find(TRACE, "tokenfan.stream.mirror", |g| on(g, &b_id))?;
+            let resume = collector.find(TRACE, "tokenfan.stream.resume", |g| on(g, &b_id))?;
+            let stopped = collector.find(STOP_TRACE, "tokenfan.stream", |g| on(g, &a_id))?;
+            let cancel = collector.find(STOP_TRACE, "tokenfan.stream.cancel", |g| on(g, &b_id))?;
+            Some((request, stream, mirror, resume, stopped, cancel))
+        })
+        .await;
+
+    // Stream 3: followed on B; A is killed mid-stream and B takes it over.
+    let failover_id = create(
+        &http,
+        &a,
+        &traceparent(FAILOVER_TRACE, CALLER),
+        slow(60, 25),
+    )
+    .await;
+    let r = http
+        .get(format!("{b}/v1/streams/{failover_id}/events"))
+        .send()
+        .await
+        .expect("GET on B");
+    let mut following = Reader::new(r);
+    following.past_backlog(5).await;
+    cluster.edges[0].kill();
+    following.to_end().await;
+    assert!(following.done, "B finished the stream");
+    assert_eq!(following.seqs, (1..=61).collect::<Vec<u64>>());
 
     // The generator's spans close when its calls end; flush them.
     wait_until(Duration::from_secs(10), || async {
@@ -277,25 +356,28 @@ async fn one_trace_follows_a_stream_across_replicas() {
     })
     .await;
     telemetry.shutdown().await;
-
-    let a_id = a.replica.clone();
-    let b_id = b.replica.clone();
-    let on = |g: &Got, replica: &str| {
-        g.service == "tokenfan-edge" && g.instance.as_deref() == Some(replica)
+    let generator = |trace: &'static str, first: bool| {
+        let collector = &collector;
+        move || async move {
+            collector.find(trace, "tokenfan.v1.Generator/Generate", |g| {
+                g.service == "tokenfan-generator" && (g.int_attr("start_index") == 0) == first
+            })
+        }
     };
-    let of_stream = |g: &Got, stream: &str| g.attr("stream_id") == Some(json!(stream));
-    let (request, stream, generate, mirror, resume) =
-        wait_until(Duration::from_secs(20), || async {
-            let request = collector.find(TRACE, "POST /v1/streams", |g| on(g, &a_id))?;
-            let stream = collector.find(TRACE, "tokenfan.stream", |g| on(g, &a_id))?;
-            let generate = collector.find(TRACE, "tokenfan.v1.Generator/Generate", |g| {
-                g.service == "tokenfan-generator"
-            })?;
-            let mirror = collector.find(TRACE, "tokenfan.stream.mirror", |g| on(g, &b_id))?;
-            let resume = collector.find(TRACE, "tokenfan.stream.resume", |g| on(g, &b_id))?;
-            Some((request, stream, generate, mirror, resume))
-        })
-        .await;
+    let generate = wait_until(Duration::from_secs(20), generator(TRACE, true)).await;
+    let generate_stopped = wait_until(Duration::from_secs(20), generator(STOP_TRACE, true)).await;
+    let generate_first = wait_until(Duration::from_secs(20), generator(FAILOVER_TRACE, true)).await;
+    let generate_resumed =
+        wait_until(Duration::from_secs(20), generator(FAILOVER_TRACE, false)).await;
+    let (failover, taken, followed) = wait_until(Duration::from_secs(20), || async {
+        let failover =
+            collector.find(FAILOVER_TRACE, "tokenfan.stream.failover", |g| on(g, &b_id))?;
+        let taken = collector.find(FAILOVER_TRACE, "tokenfan.stream", |g| on(g, &b_id))?;
+        let followed =
+            collector.find(FAILOVER_TRACE, "tokenfan.stream.mirror", |g| on(g, &b_id))?;
+        Some((failover, taken, followed))
+    })
+    .await;
 
     // A: the request continues the caller; the stream span is the request's child.
     assert_eq!(request.parent_id(), CALLER);
@@ -326,26 +408,35 @@ async fn one_trace_follows_a_stream_across_replicas() {
     let linked: Vec<String> = resume.span.links.iter().map(|l| hex(&l.span_id)).collect();
     assert_eq!(linked, [stream.span_id()]);
 
-    // The stop: B's cancel span is a child of A's stream span in the stream's trace, and A's
-    // stream span says a stop request ended it.
-    let (stopped, cancel, dropped) = wait_until(Duration::from_secs(20), || async {
-        let stopped = collector.find(STOP_TRACE, "tokenfan.stream", |g| on(g, &a_id))?;
-        let cancel = collector.find(STOP_TRACE, "tokenfan.stream.cancel", |g| on(g, &b_id))?;
-        let dropped = collector.find(STOP_TRACE, "tokenfan.v1.Generator/Generate", |_| true)?;
-        Some((stopped, cancel, dropped))
-    })
-    .await;
-    // The generator saw its caller leave.
-    assert_eq!(dropped.parent_id(), stopped.span_id());
-    assert_eq!(dropped.str_attr("finish_reason"), "cancelled");
+    // The stop: B's cancel span is a child of A's stream span, A's stream span says a stop
+    // request ended it, and the generator saw its caller leave.
     assert!(of_stream(&stopped, &stop_id));
     assert_eq!(stopped.str_attr("finish_reason"), "cancelled");
     assert_eq!(stopped.str_attr("cancel_cause"), "stop");
     assert_eq!(cancel.parent_id(), stopped.span_id());
     assert_eq!(cancel.attr("relayed"), Some(json!(true)));
     assert_eq!(cancel.str_attr("status"), "cancelled");
+    assert_eq!(generate_stopped.parent_id(), stopped.span_id());
+    assert_eq!(generate_stopped.str_attr("finish_reason"), "cancelled");
 
-    // No span per token: one stream span per stream on A.
+    // The failover: A died with its stream span open (never exported); its id is the parent
+    // of the first generator call, of B's mirror span and of B's failover span. B's new stream
+    // span is the failover's child and the resumed generator call continues it.
+    let dead_owner = generate_first.parent_id();
+    assert_eq!(followed.parent_id(), dead_owner);
+    assert_eq!(followed.str_attr("outcome"), "took_over");
+    assert_eq!(failover.parent_id(), dead_owner);
+    assert!(of_stream(&failover, &failover_id));
+    let resumed_after = failover.int_attr("resumed_after");
+    assert!(resumed_after > 0, "B had tokens when it took over");
+    assert_eq!(taken.parent_id(), failover.span_id());
+    assert_eq!(taken.str_attr("transport"), "failover");
+    assert_eq!(taken.int_attr("resumed_after"), resumed_after);
+    assert_eq!(taken.int_attr("tokens"), 60);
+    assert_eq!(generate_resumed.parent_id(), taken.span_id());
+    assert_eq!(generate_resumed.int_attr("start_index"), resumed_after);
+
+    // No span per token: one stream span per stream on its owner.
     let spans = collector.spans.lock().expect("lock");
     let per_name: HashMap<&str, usize> = spans
         .iter()

@@ -237,7 +237,7 @@ impl Reader {
     }
 
     /// Reads to the end of the body.
-    async fn to_end(&mut self) {
+    async fn read_to_end(&mut self) {
         while self.chunk().await {}
     }
 }
@@ -314,7 +314,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
         r.json::<Value>().await.expect("json")["status"],
         "cancelled"
     );
-    following.to_end().await;
+    following.read_to_end().await;
     assert!(following.done, "B delivered the terminal event");
 
     // Everything A has to say, before A is killed below.
@@ -346,7 +346,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
     let mut following = Reader::new(r);
     following.past_backlog(5).await;
     cluster.edges[0].kill();
-    following.to_end().await;
+    following.read_to_end().await;
     assert!(following.done, "B finished the stream");
     assert_eq!(following.seqs, (1..=61).collect::<Vec<u64>>());
 

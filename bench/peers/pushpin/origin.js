@@ -10,13 +10,26 @@
 //   GET    /v1/streams/:id           short-poll (answered here, through Pushpin's proxy)
 //   DELETE /v1/streams/:id           stop
 //
-// Every event is published once, as one item on channel <id> with id = seq and prev-id = seq - 1
-// (so Pushpin keeps order and notices gaps), in two formats: `http-stream` (the SSE frame, for
-// held EventSource connections) and `http-response` (the long-poll answer for after = seq - 1).
-// After the terminal event an `http-stream` `close` item ends the held SSE responses. A held SSE
-// response carries `Grip-Link: <...?recover=1>; rel=next`: when Pushpin sees a gap it fetches
-// that link with `Grip-Last: <id>; last-id=<seq>` and appends what this origin answers (the
-// events after that seq), so a subscription that raced a publish still gets every event.
+// Every event is published once, as one item on channel <id> with id = "<id>:<seq>" and
+// prev-id = "<id>:<seq - 1>" (ids are unique across channels), in two formats: `http-stream`
+// (the SSE frame, for held EventSource connections) and `http-response` (the long-poll answer
+// for after = seq - 1). After the terminal event an `http-stream` `close` item ends the held SSE
+// responses.
+//
+// Long-poll holds carry `prev-id` = the last seq the origin had: if a publish raced the hold
+// (the item arrived before Pushpin registered it), the next item's prev-id does not match and
+// Pushpin retries the poll at this origin, which answers from history. Nothing is lost.
+//
+// SSE holds are plain subscriptions by default (no prev-id, no next link). The watch scenario's
+// viewers subscribe right after the stream is created, before its first token, so the race
+// above does not arise unless subscribing takes longer than the time to first token (the
+// loadgen would then count lost seqs). PUSHPIN_RELIABLE_SSE=1 adds `prev-id` and
+// `Grip-Link: <...?recover=1>; rel=next`, Pushpin's reliable mode: on a gap it fetches that link
+// with `Grip-Last: <id>; last-id=<id>:<seq>` and appends the answer. It is not the default
+// because Pushpin 1.36 also refreshes every new channel's stream holds through that link about
+// a second after the channel's first subscription, through an update queue limited to 10 per
+// second for the whole process; with one channel per stream, holds then stall for seconds
+// once more than about 10 streams start per second.
 //
 // Items are sent in batches (`{"items":[...]}`): every event due in one event-loop turn goes in
 // one POST, and only one POST is in flight at a time, so items reach Pushpin in publish order.
@@ -33,6 +46,7 @@ const LONGPOLL_MAX_MS = 55000;
 const MAX_BODY_BYTES = 256 * 1024;
 // Pushpin refuses publish bodies over push_in_http_max_body_size (1,000,000 bytes by default).
 const MAX_PUBLISH_BYTES = 900 * 1000;
+const RELIABLE_SSE = process.env.PUSHPIN_RELIABLE_SSE === '1';
 
 function arg(name, envName, dflt) {
   const i = process.argv.indexOf(`--${name}`);
@@ -134,8 +148,8 @@ class Stream {
     }
     publish({
       channel: this.id,
-      id: String(entry.seq),
-      'prev-id': String(entry.seq - 1),
+      id: this.itemId(entry.seq),
+      'prev-id': this.itemId(entry.seq - 1),
       formats: {
         'http-stream': { content: entry.sse },
         'http-response': {
@@ -147,11 +161,16 @@ class Stream {
     if (!this.running) {
       publish({
         channel: this.id,
-        id: `${entry.seq}-end`,
-        'prev-id': String(entry.seq),
+        id: `${this.itemId(entry.seq)}-end`,
+        'prev-id': this.itemId(entry.seq),
         formats: { 'http-stream': { action: 'close' } },
       });
     }
+  }
+
+  /** Publish ids are `<stream id>:<seq>`: unique across channels (Pushpin caches recent ids). */
+  itemId(seq) {
+    return `${this.id}:${seq}`;
   }
 
   checkCursor(after) {
@@ -205,7 +224,7 @@ function parseCursor(value, what) {
 function gripLastId(req) {
   const h = req.headers['grip-last'];
   if (!h) return null;
-  const m = /last-id=([^;,\s]+)/.exec(h);
+  const m = /last-id=[^;,\s]*:(\d+)/.exec(h);
   if (!m) return null;
   const seq = Number.parseInt(m[1], 10);
   return Number.isFinite(seq) ? seq : null;
@@ -288,13 +307,16 @@ function events(req, res, stream, url) {
   let body = recovering === null ? 'retry: 1000\n\n' : '';
   body += stream.sseFrom(cursor);
   if (stream.running) {
-    // Hold the response open on the stream's channel, positioned at the last event sent.
-    Object.assign(headers, {
-      'Grip-Hold': 'stream',
-      'Grip-Channel': `${stream.id}; prev-id=${stream.events.length}`,
-      'Grip-Link': `</v1/streams/${stream.id}/events?recover=1>; rel=next`,
-      'Grip-Keep-Alive': ': heartbeat\\n\\n; format=cstring; timeout=15',
-    });
+    // Hold the response open on the stream's channel.
+    headers['Grip-Hold'] = 'stream';
+    headers['Grip-Keep-Alive'] = ': heartbeat\\n\\n; format=cstring; timeout=15';
+    if (RELIABLE_SSE) {
+      // Positioned at the last event sent; a gap makes Pushpin fetch the next link.
+      headers['Grip-Channel'] = `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`;
+      headers['Grip-Link'] = `</v1/streams/${stream.id}/events?recover=1>; rel=next`;
+    } else {
+      headers['Grip-Channel'] = stream.id;
+    }
   }
   headers['Content-Length'] = Buffer.byteLength(body);
   res.writeHead(200, headers);
@@ -328,7 +350,7 @@ function poll(req, res, stream, url) {
   sendJson(res, 200, body, {
     'Cache-Control': 'no-store',
     'Grip-Hold': 'response',
-    'Grip-Channel': `${stream.id}; prev-id=${stream.events.length}`,
+    'Grip-Channel': `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`,
     'Grip-Timeout': String(Math.max(1, Math.round(timeoutMs / 1000))),
   });
 }

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients lint fmt build release deps cluster-up cluster-down bench-generator bench-edge clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench-generator bench-edge clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -20,6 +20,8 @@ test: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
 	$(MAKE) test-browser test-clients
+	$(MAKE) validate-deploy
+	$(MAKE) check-metrics
 
 ## test-browser: the demo page in headless Chromium (playwright-core)
 test-browser: build
@@ -28,6 +30,14 @@ test-browser: build
 ## test-clients: third-party clients (OpenAI Python SDK, httpx-sse, Node eventsource)
 test-clients: build
 	tests/clients/run.sh
+
+## validate-deploy: Dockerfile, compose, k8s overlays, Prometheus config and dashboards, checked statically
+validate-deploy: build
+	scripts/validate-deploy.sh
+
+## check-metrics: promtool check metrics on the edge's and the generator's /metrics after a stream
+check-metrics: build
+	scripts/check-metrics.sh target/debug
 
 ## lint: format check and clippy only
 lint:

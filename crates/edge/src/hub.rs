@@ -128,13 +128,16 @@ impl Hub {
 
     /// Starts a stream: registers it (in the store too, so every replica can find it at
     /// once, with this replica's lease) and spawns its owner task. `parent` is the request's
-    /// span (which continues the caller's traceparent).
+    /// span (which continues the caller's traceparent); `transport` is the one that started
+    /// it (an attribute of the stream span).
     pub async fn create(
         self: &Arc<Self>,
         spec: StreamSpec,
         parent: &tracing::Span,
+        transport: &'static str,
     ) -> Result<Arc<StreamState>, ApiError> {
-        self.create_with_id(StreamId::random(), spec, parent).await
+        self.create_with_id(StreamId::random(), spec, parent, transport)
+            .await
     }
 
     /// [`Hub::create`] with an id minted by the caller (who may need it before the stream
@@ -144,6 +147,7 @@ impl Hub {
         id: StreamId,
         spec: StreamSpec,
         parent: &tracing::Span,
+        transport: &'static str,
     ) -> Result<Arc<StreamState>, ApiError> {
         let max_seq = u64::from(spec.max_tokens) + 1;
         let state = Arc::new(
@@ -175,15 +179,19 @@ impl Hub {
                 "stream history is unreachable right now; retry shortly",
             ));
         }
-        self.spawn_owner(state.clone(), spec, parent);
+        self.spawn_owner(state.clone(), spec, parent, transport);
         Ok(state)
     }
 
     /// Starts owning a stream taken over from a replica that died (the lease is already
-    /// held).
-    pub(crate) fn take_over(self: &Arc<Self>, state: Arc<StreamState>, spec: StreamSpec) {
-        let span = tracing::info_span!("stream.failover", stream_id = %state.id);
-        self.spawn_owner(state, spec, &span);
+    /// held); `failover` is the mirror's `tokenfan.stream.failover` span.
+    pub(crate) fn take_over(
+        self: &Arc<Self>,
+        state: Arc<StreamState>,
+        spec: StreamSpec,
+        failover: &tracing::Span,
+    ) {
+        self.spawn_owner(state, spec, failover, "failover");
     }
 
     fn spawn_owner(
@@ -191,6 +199,7 @@ impl Hub {
         state: Arc<StreamState>,
         spec: StreamSpec,
         parent: &tracing::Span,
+        transport: &'static str,
     ) {
         metrics::gauge!("tokenfan_edge_streams_active").increment(1.0);
         state.set_owned(true);
@@ -201,16 +210,23 @@ impl Hub {
             stream_id = %state.id,
             model = spec.model,
             replica = %self.replica,
+            transport,
+            resumed_after = state.last_seq() as i64,
             tokens = tracing::field::Empty,
             ttft_ms = tracing::field::Empty,
             finish_reason = tracing::field::Empty,
+            cancel_cause = tracing::field::Empty,
             attempts = tracing::field::Empty,
         );
+        // Computed once: every bus batch carries it, and spans on this replica join it.
+        let traceparent = tokenfan_telemetry::propagation::span_traceparent(&span);
+        state.set_traceparent(traceparent.as_deref().map(Arc::from));
         let owner = Owner {
             hub: self.clone(),
             state,
             spec,
             span: span.clone(),
+            traceparent,
         };
         self.tasks.spawn(owner.run().instrument(span));
     }
@@ -327,8 +343,31 @@ impl Hub {
     }
 
     /// Stops a stream now, wherever it is owned, and returns its final status (waits briefly
-    /// for the terminal event); 503 when the owner cannot be told.
+    /// for the terminal event); 503 when the owner cannot be told. Traced as
+    /// `tokenfan.stream.cancel` in the stream's trace.
     pub async fn cancel(&self, state: &Arc<StreamState>) -> Result<StreamStatus, ApiError> {
+        let span = tracing::info_span!(
+            parent: None,
+            "stream.cancel",
+            otel.name = "tokenfan.stream.cancel",
+            stream_id = %state.id,
+            replica = %self.replica,
+            relayed = !state.is_owned(),
+            status = tracing::field::Empty,
+        );
+        crate::observability::join_stream_trace(&span, state);
+        let result = self.stop(state).instrument(span.clone()).await;
+        span.record(
+            "status",
+            match &result {
+                Ok(status) => status.as_str(),
+                Err(e) => e.code,
+            },
+        );
+        result
+    }
+
+    async fn stop(&self, state: &Arc<StreamState>) -> Result<StreamStatus, ApiError> {
         if state.is_owned() {
             state.cancel.cancel();
         } else if let Err(err) = self.bus.request_cancel(&state.id).await {

@@ -18,6 +18,7 @@ pub mod hub;
 pub mod ids;
 pub mod limits;
 mod mirror;
+pub mod observability;
 mod owner;
 pub mod request;
 pub mod server;
@@ -66,6 +67,9 @@ pub async fn start(
     config.validate()?;
     let config = Arc::new(config);
     let addr = listener.local_addr()?;
+    // Before anything counts (the embedded generator's series too).
+    let metrics = tokenfan_telemetry::metrics::install();
+    observability::register_metrics();
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
@@ -80,10 +84,7 @@ pub async fn start(
         (config.generator.clone(), None)
     };
     let generators = GeneratorPool::new(&urls, config.streams.generator_connections)?;
-    let replica = config
-        .replica_id
-        .clone()
-        .unwrap_or_else(|| format!("edge-{}", addr.port()));
+    let replica = replica_id(&config, addr);
     let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
         match (&config.nats_url, &config.redis_url) {
             (Some(nats), Some(redis)) => (
@@ -103,7 +104,7 @@ pub async fn start(
         hub: hub.clone(),
         config: config.clone(),
         shutdown: shutdown.clone(),
-        metrics: tokenfan_telemetry::metrics::install(),
+        metrics,
         security: security.clone(),
     };
     let router = app::router(state);
@@ -135,6 +136,14 @@ pub async fn start(
         embedded_generator,
         task,
     })
+}
+
+/// This replica's id: `--replica-id`, else `edge-<port>` (in leases, logs and traces).
+pub fn replica_id(config: &EdgeConfig, addr: SocketAddr) -> String {
+    config
+        .replica_id
+        .clone()
+        .unwrap_or_else(|| format!("edge-{}", addr.port()))
 }
 
 /// Runs the mock generator in this process on a loopback port; returns its URL.

@@ -13,11 +13,13 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("tokenfan-edge: invalid configuration: {err:#}");
         std::process::exit(2);
     }
-    let telemetry = tokenfan_telemetry::init("tokenfan-edge", &config.telemetry)?;
-    tokenfan_telemetry::metrics::install();
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
+    let replica = tokenfan_edge::replica_id(&config, listener.local_addr()?);
+    let telemetry =
+        tokenfan_telemetry::init_instance("tokenfan-edge", Some(&replica), &config.telemetry)?;
+    tokenfan_telemetry::metrics::install();
     let shutdown = CancellationToken::new();
     let tls = config.tls_cert.is_some();
     let embedded = config.generator.is_empty();

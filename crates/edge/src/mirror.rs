@@ -7,13 +7,21 @@
 //! (so the owner's detach grace does not run out), and when the owner stops making progress
 //! and its lease has lapsed, the mirror takes the lease and becomes the owner, resuming the
 //! generator at the next token.
+//!
+//! Traced as one `tokenfan.stream.mirror` span per mirror, whose parent is the owner's
+//! `tokenfan.stream` span named by the first bus batch's `traceparent` header.
 
 use std::{sync::Arc, time::Duration};
 
+use tokenfan_telemetry::propagation;
 use tokio::time::Instant;
 
 use crate::{
-    bus::EventFeed, hub::Hub, request::StreamSpec, store::StoreError, stream::StreamState,
+    bus::{BusBatch, EventFeed},
+    hub::Hub,
+    request::StreamSpec,
+    store::StoreError,
+    stream::StreamState,
     stream::StreamStatus,
 };
 
@@ -27,8 +35,77 @@ pub(crate) struct Mirror {
     pub(crate) spec: StreamSpec,
 }
 
+/// How a mirror ended (the `outcome` of its span).
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The stream reached its terminal event.
+    Finished,
+    /// Nobody on this replica followed it any more.
+    Forgotten,
+    /// The owner died and this replica owns the stream now.
+    TookOver,
+}
+
+/// What the mirror span records; written as the mirror goes, recorded at its end.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Events that arrived over the bus.
+    received: u64,
+    /// Refills from the store after a gap, a quiet spell or a resubscription.
+    refills: u64,
+    /// Whether the span got its parent (the first traced batch).
+    parented: bool,
+}
+
 impl Mirror {
     pub(crate) async fn run(self) {
+        // Not entered until it ends: its parent comes with the first traced batch, and a span
+        // that has started cannot change parent.
+        let span = tracing::info_span!(
+            parent: None,
+            "stream.mirror",
+            otel.name = "tokenfan.stream.mirror",
+            otel.kind = "consumer",
+            stream_id = %self.state.id,
+            replica = %self.hub.replica(),
+            events_received = tracing::field::Empty,
+            gaps_refilled = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let mut tally = Tally::default();
+        let outcome = self.follow(&span, &mut tally).await;
+        span.record("events_received", tally.received as i64);
+        span.record("gaps_refilled", tally.refills as i64);
+        span.record(
+            "outcome",
+            match outcome {
+                Outcome::Finished => "finished",
+                Outcome::Forgotten => "forgotten",
+                Outcome::TookOver => "took_over",
+            },
+        );
+    }
+
+    /// Applies one bus batch (refilling first when it skips seqs).
+    async fn apply(&self, batch: BusBatch, span: &tracing::Span, tally: &mut Tally) {
+        if !tally.parented
+            && let Some(tp) = &batch.traceparent
+        {
+            propagation::set_parent(span, propagation::from_traceparent(tp));
+            self.state.set_traceparent(Some(tp.clone()));
+            tally.parented = true;
+        }
+        tally.received += batch.events.len() as u64;
+        let first = batch.events.first().map_or(0, |e| e.seq);
+        if first > self.state.last_seq() + 1 {
+            metrics::counter!("tokenfan_edge_bus_gaps_total").increment(1);
+            tally.refills += 1;
+            self.refill().await;
+        }
+        self.state.publish(&batch.events);
+    }
+
+    async fn follow(&self, span: &tracing::Span, tally: &mut Tally) -> Outcome {
         let id = self.state.id.clone();
         let config = self.hub.config();
         let lease_ttl = config.lease_ttl();
@@ -45,14 +122,7 @@ impl Mirror {
         while self.state.status() == StreamStatus::Running {
             tokio::select! {
                 batch = recv(&mut feed) => match batch {
-                    Some(batch) => {
-                        let first = batch.first().map_or(0, |e| e.seq);
-                        if first > self.state.last_seq() + 1 {
-                            metrics::counter!("tokenfan_edge_bus_gaps_total").increment(1);
-                            self.refill().await;
-                        }
-                        self.state.publish(&batch);
-                    }
+                    Some(batch) => self.apply(batch, span, tally).await,
                     // The bus dropped the feed (NATS down): the tick resubscribes and refills.
                     None => feed = None,
                 },
@@ -60,6 +130,7 @@ impl Mirror {
                     if feed.is_none() {
                         feed = self.hub.bus.subscribe(&id).await.ok();
                         if feed.is_some() {
+                            tally.refills += 1;
                             self.refill().await;
                         }
                     }
@@ -69,9 +140,10 @@ impl Mirror {
                         last_progress = Instant::now();
                     } else if last_progress.elapsed() >= lease_ttl {
                         // Quiet: maybe the bus lost messages, maybe the owner died.
+                        tally.refills += 1;
                         self.refill().await;
                         if self.state.last_seq() == last_seq && self.take_over().await {
-                            return;
+                            return Outcome::TookOver;
                         }
                         last_progress = Instant::now();
                     }
@@ -86,11 +158,12 @@ impl Mirror {
                     {
                         // Nobody here follows it any more: forget the mirror.
                         self.hub.forget(&id);
-                        return;
+                        return Outcome::Forgotten;
                     }
                 }
             }
         }
+        Outcome::Finished
     }
 
     /// Applies the history after the last event this replica has.
@@ -126,15 +199,29 @@ impl Mirror {
         if self.state.status() != StreamStatus::Running {
             return false;
         }
-        tracing::warn!(stream_id = %id, tokens = self.state.last_seq(),
-            "the owner stopped; taking the stream over");
+        // In the stream's trace when this replica learnt it from the bus; the new owner's
+        // stream span is its child.
+        let failover = tracing::info_span!(
+            parent: None,
+            "stream.failover",
+            otel.name = "tokenfan.stream.failover",
+            stream_id = %id,
+            replica = %self.hub.replica(),
+            resumed_after = self.state.last_seq() as i64,
+        );
+        crate::observability::join_stream_trace(&failover, &self.state);
+        failover.in_scope(|| {
+            tracing::warn!(stream_id = %id, tokens = self.state.last_seq(),
+                "the owner stopped; taking the stream over");
+        });
         metrics::counter!("tokenfan_edge_owner_failovers_total").increment(1);
-        self.hub.take_over(self.state.clone(), self.spec.clone());
+        self.hub
+            .take_over(self.state.clone(), self.spec.clone(), &failover);
         true
     }
 }
 
-async fn recv(feed: &mut Option<EventFeed>) -> Option<Arc<[Arc<crate::event::Event>]>> {
+async fn recv(feed: &mut Option<EventFeed>) -> Option<BusBatch> {
     match feed {
         Some(f) => f.recv().await,
         None => std::future::pending().await,

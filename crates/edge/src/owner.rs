@@ -34,7 +34,10 @@ pub(crate) struct Owner {
     pub(crate) hub: Arc<Hub>,
     pub(crate) state: Arc<StreamState>,
     pub(crate) spec: StreamSpec,
+    /// The stream span (`tokenfan.stream`): one per stream and owner, never one per token.
     pub(crate) span: tracing::Span,
+    /// `span` as a W3C traceparent (when traced), sent with every bus batch.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// How a generator attempt ended.
@@ -74,6 +77,13 @@ impl Owner {
                     };
                 }
                 Attempt::Cancelled => {
+                    // The token: a stop request (here or relayed), or the shutdown grace.
+                    let cause = if self.state.cancel.is_cancelled() {
+                        "stop"
+                    } else {
+                        "detached"
+                    };
+                    self.span.record("cancel_cause", cause);
                     break EventKind::Done {
                         finish_reason: FinishReason::Cancelled,
                         usage: self.usage_so_far(),
@@ -116,8 +126,9 @@ impl Owner {
         };
         let seq = self.state.last_seq() + 1;
         let event = Arc::new(Event::new(seq, terminal));
-        self.span.record("attempts", attempt + 1);
-        self.span.record("tokens", seq - 1);
+        // Integers as i64: OpenTelemetry exports unsigned values as strings.
+        self.span.record("attempts", i64::from(attempt) + 1);
+        self.span.record("tokens", (seq - 1) as i64);
         self.span.record(
             "finish_reason",
             match &event.kind {
@@ -279,7 +290,7 @@ impl Owner {
             if !batch.is_empty() {
                 if self.state.last_seq() == 0 {
                     let ttft = started.elapsed();
-                    self.span.record("ttft_ms", ttft.as_millis() as u64);
+                    self.span.record("ttft_ms", ttft.as_millis() as i64);
                     metrics::histogram!("tokenfan_edge_time_to_first_token_seconds")
                         .record(ttft.as_secs_f64());
                 }
@@ -322,21 +333,15 @@ impl Owner {
             // The store lost the stream (a Redis restart): write it back whole from the
             // events this owner holds, so other replicas can still resume it.
             Err(StoreError::NotFound) => self.restore_store().await,
-            Err(err) => {
-                metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "store")
-                    .increment(1);
-                tracing::warn!(%err, "store: appending history failed");
-            }
+            // Counted once, by the backend (`tokenfan_edge_backend_errors_total{backend}`).
+            Err(err) => tracing::warn!(%err, "store: appending history failed"),
         }
-        let traceparent = tokenfan_telemetry::propagation::span_traceparent(&self.span);
         if let Err(err) = self
             .hub
             .bus
-            .publish(&self.state.id, batch.into(), traceparent)
+            .publish(&self.state.id, batch.into(), self.traceparent.clone())
             .await
         {
-            metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "bus")
-                .increment(1);
             tracing::warn!(%err, "bus: publishing failed");
         }
     }

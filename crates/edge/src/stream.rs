@@ -103,6 +103,10 @@ pub struct StreamState {
     touched_at: Mutex<Option<Instant>>,
     /// The tenant that created the stream; every other tenant is told it does not exist.
     tenant: Arc<str>,
+    /// The W3C `traceparent` of the owner's stream span, when the stream is traced: set by the
+    /// owner here, or learnt from the bus by a mirror. Resume, cancel and failover spans on
+    /// this replica join the stream's trace through it.
+    traceparent: Mutex<Option<Arc<str>>>,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -137,6 +141,22 @@ impl StreamState {
             owned: AtomicBool::new(false),
             touched_at: Mutex::new(None),
             tenant: Arc::from(crate::auth::DEFAULT_TENANT),
+            traceparent: Mutex::new(None),
+        }
+    }
+
+    /// The owner's stream span as a W3C `traceparent`, if known here.
+    pub fn traceparent(&self) -> Option<Arc<str>> {
+        self.traceparent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the owner's stream span (the owner's own, or one learnt from the bus).
+    pub fn set_traceparent(&self, traceparent: Option<Arc<str>>) {
+        if traceparent.is_some() {
+            *self.traceparent.lock().unwrap_or_else(|e| e.into_inner()) = traceparent;
         }
     }
 
@@ -324,6 +344,12 @@ impl Subscription {
     /// Seq of the last event handed out.
     pub fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// Seq of the last event that existed when it subscribed: batches up to it are history
+    /// being replayed, later ones are live.
+    pub fn backlog_end(&self) -> u64 {
+        self.backlog_end
     }
 
     /// The events available now, without waiting (may be empty).

@@ -9,8 +9,9 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    TestEdge, assert_contiguous, cluster::TestCluster, fast, long_poll_all, read_sse, slow,
-    stream_events, wait_until,
+    TestEdge, assert_contiguous,
+    cluster::{EdgeOptions, TestCluster},
+    fast, long_poll_all, read_sse, slow, stream_events, wait_until,
 };
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
@@ -1325,9 +1326,16 @@ const CLUSTER_AUTH: &[&str] = &[
     "ticket-secret-for-tests-0123456789abcdef",
 ];
 
+fn options(args: &[&str]) -> EdgeOptions {
+    EdgeOptions {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn tenant_isolation_and_tickets_hold_across_replicas() {
-    let cluster = TestCluster::start_with(2, 1, CLUSTER_AUTH).await;
+    let cluster = TestCluster::start_with(2, 1, &options(CLUSTER_AUTH)).await;
     let (a, b) = (cluster.edge(0).url(""), cluster.edge(1).url(""));
     let (alice, bob) = (client(ALICE), client(BOB));
     let bystander = Bystander::start(&b, Some(BOB)).await;
@@ -1398,7 +1406,7 @@ async fn tenant_limits_are_shared_by_the_replicas() {
         "--tenant-streams-burst",
         "4",
     ]);
-    let cluster = TestCluster::start_with(2, 1, &args).await;
+    let cluster = TestCluster::start_with(2, 1, &options(&args)).await;
     let (a, b) = (cluster.edge(0).url(""), cluster.edge(1).url(""));
     let alice = client(ALICE);
     let bystander = Bystander::start(&a, Some(BOB)).await;

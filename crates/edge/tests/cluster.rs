@@ -95,6 +95,30 @@ async fn sse_from(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> V
     common::stream_events(&events)
 }
 
+/// Reads SSE events from `r` until `n` of them carry an `id:`, then drops the connection (a
+/// client that goes away mid-stream). Returns every event read, ids or not.
+async fn read_prefix(r: reqwest::Response, n: usize) -> Vec<common::SseEvent> {
+    assert_eq!(r.status(), 200);
+    let mut parser = SseParser::default();
+    let mut body = r.bytes_stream();
+    let mut events = Vec::new();
+    while events
+        .iter()
+        .filter(|e: &&common::SseEvent| e.id.is_some())
+        .count()
+        < n
+    {
+        let chunk = tokio::time::timeout(Duration::from_secs(15), body.next())
+            .await
+            .expect("in time")
+            .expect("more")
+            .expect("chunk");
+        let text = String::from_utf8(chunk.to_vec()).expect("utf-8 frames");
+        events.extend(parser.feed(&text));
+    }
+    events
+}
+
 #[tokio::test]
 async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transport() {
     let cluster = TestCluster::start(3, 2).await;
@@ -107,21 +131,7 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
         .send()
         .await
         .expect("GET");
-    let mut parser = SseParser::default();
-    let mut body = r.bytes_stream();
-    let mut prefix: Vec<Value> = Vec::new();
-    while prefix.len() < 10 {
-        let chunk = body.next().await.expect("more").expect("chunk");
-        let text = String::from_utf8(chunk.to_vec()).expect("utf-8 frames");
-        prefix.extend(
-            parser
-                .feed(&text)
-                .into_iter()
-                .filter(|e| e.id.is_some())
-                .map(|e| e.json()),
-        );
-    }
-    drop(body);
+    let prefix = common::stream_events(&read_prefix(r, 10).await);
     let last = prefix.last().expect("prefix")["seq"].as_u64().expect("seq");
 
     // SSE resume on replica 1 with Last-Event-ID.
@@ -174,6 +184,95 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
     ] {
         assert_eq!(text_of(events), expected_text("cluster", 60), "{name}");
     }
+}
+
+#[tokio::test]
+async fn post_sse_and_openai_streams_resume_on_another_replica() {
+    let cluster = TestCluster::start(2, 1).await;
+
+    // Native POST-SSE on replica 0, cut after 8 events, resumed on replica 1 with Last-Event-ID.
+    let r = cluster
+        .http
+        .post(cluster.edge(0).url("/v1/streams"))
+        .header("accept", "text/event-stream")
+        .json(&slow("post sse resume", 50, 15))
+        .send()
+        .await
+        .expect("POST");
+    let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
+    let mut native = common::stream_events(&read_prefix(r, 8).await);
+    let last = native.last().expect("prefix")["seq"].as_u64().expect("seq");
+    native.extend(sse_from(&cluster, 1, &id, last).await);
+    assert_complete(&native, "post sse resume", 50);
+
+    // OpenAI chunks on replica 0, cut after 8 content chunks, resumed on replica 1 as
+    // `?format=openai` with the last chunk's id: the content joins up exactly once and the
+    // resumed part ends with the finish chunk and [DONE].
+    let r = cluster
+        .http
+        .post(cluster.edge(0).url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "tokenfan-mock",
+            "messages": [{"role": "user", "content": "openai resume"}],
+            "stream": true,
+            "max_tokens": 50,
+            "seed": 11,
+            "timing": {"ttft_ms": 5, "inter_token_ms": 15, "jitter_ms": 0}
+        }))
+        .send()
+        .await
+        .expect("POST");
+    let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
+    let prefix = read_prefix(r, 8).await;
+    let last_id = prefix
+        .iter()
+        .filter_map(|e| e.id.clone())
+        .next_back()
+        .expect("an id");
+    let r = cluster
+        .http
+        .get(
+            cluster
+                .edge(1)
+                .url(&format!("/v1/streams/{id}/events?format=openai")),
+        )
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
+    let (rest, _) = read_sse(r).await;
+    assert_eq!(rest.last().expect("last").data, "[DONE]");
+    let chunks: Vec<Value> = prefix
+        .iter()
+        .chain(&rest)
+        .filter(|e| !e.data.is_empty() && e.data != "[DONE]")
+        .map(|e| e.json())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, expected_text("openai resume", 50));
+    let ids: Vec<u64> = prefix
+        .iter()
+        .chain(&rest)
+        .filter_map(|e| e.id.as_deref())
+        .map(|i| i.parse().expect("numeric id"))
+        .collect();
+    // The role chunk carries id 0, each content chunk its seq, the ending the terminal seq.
+    assert_eq!(
+        ids,
+        (0..=51).collect::<Vec<u64>>(),
+        "every id once, in order"
+    );
+    assert_eq!(
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+            .collect::<Vec<_>>(),
+        ["length"]
+    );
 }
 
 #[tokio::test]

@@ -132,7 +132,8 @@ impl Generation {
     fn finish(&mut self, outcome: Outcome) {
         self.state = State::Done;
         self.guard.outcome = Some(outcome);
-        self.span.record("tokens", self.sent);
+        // Integers as i64: OpenTelemetry exports unsigned values as strings.
+        self.span.record("tokens", i64::from(self.sent));
         self.span.record("finish_reason", outcome.as_str());
     }
 
@@ -142,8 +143,9 @@ impl Generation {
         self.next_index += 1;
         self.sent += 1;
         if self.sent == 1 {
-            self.span
-                .record("ttft_ms", self.started.elapsed().as_millis() as u64);
+            let ttft = self.started.elapsed();
+            self.span.record("ttft_ms", ttft.as_millis() as i64);
+            self.guard.stats.first_token(ttft);
         }
         self.guard.stats.token_sent();
         let gap = Schedule::shifted(
@@ -203,11 +205,26 @@ impl Stream for Generation {
                 })));
             }
             ready!(this.sleep.as_mut().poll(cx));
+            // How late this token goes out (one clock read per token; one sample per
+            // generation, its worst, when it ends).
+            let lag = Instant::now().saturating_duration_since(this.deadline);
+            this.guard.worst_lag = Some(this.guard.worst_lag.map_or(lag, |w| w.max(lag)));
             match this.token() {
                 Some(response) => return Poll::Ready(Some(Ok(response))),
                 // Unreachable while `end` is at most the answer's length; end there if not.
                 None => this.plan.end = this.next_index,
             }
+        }
+    }
+}
+
+impl Drop for Generation {
+    /// The caller went away (or a stalled call was dropped) before the end: say so on the span.
+    fn drop(&mut self) {
+        if self.state == State::Running {
+            self.span.record("tokens", i64::from(self.sent));
+            self.span
+                .record("finish_reason", Outcome::Cancelled.as_str());
         }
     }
 }
@@ -248,6 +265,8 @@ impl Outcome {
 pub struct ActiveGuard {
     stats: Arc<Stats>,
     outcome: Option<Outcome>,
+    /// The largest emit lag so far (`None` before the first token).
+    worst_lag: Option<Duration>,
 }
 
 impl ActiveGuard {
@@ -256,12 +275,16 @@ impl ActiveGuard {
         stats.try_start(limit).then_some(Self {
             stats,
             outcome: None,
+            worst_lag: None,
         })
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        if let Some(lag) = self.worst_lag {
+            self.stats.emit_lag(lag);
+        }
         self.stats
             .finished(self.outcome.unwrap_or(Outcome::Cancelled));
     }

@@ -2,10 +2,16 @@
 //!
 //! The atomics make one server's numbers observable in-process (tests embed several servers in
 //! one process, where the global metrics are shared); the `metrics` handles feed `/metrics`.
+//! `docs/operations.md` (section Metrics) documents every series.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::{
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+    time::Duration,
+};
 
-use metrics::{Counter, Gauge};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram,
+};
 
 use crate::generation::Outcome;
 
@@ -17,6 +23,35 @@ pub struct Stats {
     tokens_counter: Counter,
     outcomes: [Counter; 4],
     rejected: Counter,
+    ttft: Histogram,
+    emit_lag: Histogram,
+}
+
+/// Describes the generator's metrics (HELP lines on `/metrics`).
+fn describe() {
+    describe_gauge!(
+        "tokenfan_generator_active_generations",
+        "Generations running now (calls whose caller is still attached)."
+    );
+    describe_counter!("tokenfan_generator_tokens_total", "Tokens sent.");
+    describe_counter!(
+        "tokenfan_generator_generations_total",
+        "Generations ended, by outcome (stop, length, fault, cancelled)."
+    );
+    describe_counter!(
+        "tokenfan_generator_rejected_total",
+        "Calls refused (invalid request, or --max-generations reached)."
+    );
+    describe_histogram!(
+        "tokenfan_generator_time_to_first_token_seconds",
+        Unit::Seconds,
+        "From accepting a call to sending its first token."
+    );
+    describe_histogram!(
+        "tokenfan_generator_emit_lag_seconds",
+        Unit::Seconds,
+        "Per generation, the largest delay between a token's scheduled time and its sending."
+    );
 }
 
 impl std::fmt::Debug for Stats {
@@ -30,6 +65,7 @@ impl std::fmt::Debug for Stats {
 
 impl Default for Stats {
     fn default() -> Self {
+        describe();
         let outcome = |o: Outcome| metrics::counter!("tokenfan_generator_generations_total", "outcome" => o.as_str());
         Self {
             active: AtomicUsize::new(0),
@@ -43,6 +79,8 @@ impl Default for Stats {
                 outcome(Outcome::Cancelled),
             ],
             rejected: metrics::counter!("tokenfan_generator_rejected_total"),
+            ttft: metrics::histogram!("tokenfan_generator_time_to_first_token_seconds"),
+            emit_lag: metrics::histogram!("tokenfan_generator_emit_lag_seconds"),
         }
     }
 }
@@ -69,6 +107,14 @@ impl Stats {
             self.active_gauge.increment(1.0);
         }
         ok
+    }
+
+    pub(crate) fn first_token(&self, after: Duration) {
+        self.ttft.record(after.as_secs_f64());
+    }
+
+    pub(crate) fn emit_lag(&self, worst: Duration) {
+        self.emit_lag.record(worst.as_secs_f64());
     }
 
     pub(crate) fn finished(&self, outcome: Outcome) {

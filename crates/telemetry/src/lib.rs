@@ -30,6 +30,7 @@ pub enum OtlpProtocol {
     /// OTLP/gRPC (usually port 4317).
     Grpc,
     /// OTLP/HTTP with protobuf bodies (usually port 4318, path `/v1/traces`).
+    #[value(alias = "http/protobuf")]
     Http,
 }
 
@@ -87,6 +88,16 @@ pub struct Telemetry {
 /// Installs the global tracing subscriber (and the OTLP pipeline when configured) and the
 /// W3C trace-context propagator. Must be called inside a tokio runtime.
 pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<Telemetry> {
+    init_instance(service_name, None, args)
+}
+
+/// [`init`], with `service.instance.id` set on every exported span's resource (the edge passes
+/// its replica id, so traces show which replica did what).
+pub fn init_instance(
+    service_name: &'static str,
+    instance_id: Option<&str>,
+    args: &TelemetryArgs,
+) -> anyhow::Result<Telemetry> {
     args.validate()?;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -95,7 +106,7 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
     let provider = args
         .otlp_endpoint
         .as_deref()
-        .map(|endpoint| tracer_provider(service_name, endpoint, args.otlp_protocol))
+        .map(|endpoint| tracer_provider(service_name, instance_id, endpoint, args.otlp_protocol))
         .transpose()?;
     let otel_layer = provider
         .as_ref()
@@ -129,6 +140,7 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
 
 fn tracer_provider(
     service_name: &'static str,
+    instance_id: Option<&str>,
     endpoint: &str,
     protocol: OtlpProtocol,
 ) -> anyhow::Result<SdkTracerProvider> {
@@ -143,9 +155,17 @@ fn tracer_provider(
             .build(),
     }
     .context("building the OTLP span exporter")?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name)
-        .build();
+    // The builder also reads `OTEL_RESOURCE_ATTRIBUTES` (e.g. `deployment.environment=prod`).
+    let mut resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name);
+    if let Some(id) = instance_id {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            id.to_owned(),
+        ));
+    }
+    let resource = resource.build();
+    // The batch processor honours `OTEL_BSP_SCHEDULE_DELAY` (ms, default 5000) and the other
+    // `OTEL_BSP_*` variables.
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)

@@ -7,6 +7,7 @@
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator as _},
+    trace::TraceContextExt as _,
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -46,6 +47,26 @@ pub fn span_traceparent(span: &tracing::Span) -> Option<String> {
 pub fn set_parent(span: &tracing::Span, cx: Context) {
     // An error only means the span is disabled (filtered out): nothing to parent.
     let _ = span.set_parent(cx);
+}
+
+/// The remote parent named by a bare `traceparent` value (a NATS header, a stored string);
+/// an empty context when the value is not a valid W3C traceparent.
+pub fn from_traceparent(traceparent: &str) -> Context {
+    let map = std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    TraceContextPropagator::new().extract(&map)
+}
+
+/// Whether `cx` holds a valid remote or local span to parent or link to.
+pub fn is_valid(cx: &Context) -> bool {
+    cx.span().span_context().is_valid()
+}
+
+/// Adds a link from `span` to the span in `cx` (no-op when `cx` has no valid span).
+pub fn add_link(span: &tracing::Span, cx: &Context) {
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
 }
 
 /// The `traceparent` value for `cx`, if it holds a valid span.
@@ -142,6 +163,14 @@ mod tests {
             out.get("traceparent").and_then(|v| v.to_str().ok()),
             Some(PARENT)
         );
+    }
+
+    #[test]
+    fn a_bare_traceparent_round_trips() {
+        let cx = from_traceparent(PARENT);
+        assert!(is_valid(&cx));
+        assert_eq!(traceparent(&cx).as_deref(), Some(PARENT));
+        assert!(!is_valid(&from_traceparent("00-zz-zz-01")));
     }
 
     #[test]

@@ -641,12 +641,13 @@ pub async fn stream_to_manage(
 }
 
 /// Creates a stream owned by the caller's tenant, within the tenant's limits (429 past
-/// them). Tickets cannot create streams (403).
+/// them); `transport` is the one starting it. Tickets cannot create streams (403).
 pub async fn create_stream(
     app: &AppState,
     caller: &Caller,
     mut spec: StreamSpec,
     parent: &tracing::Span,
+    transport: &'static str,
 ) -> Result<Arc<StreamState>, ApiError> {
     let Caller::Tenant(tenant) = caller else {
         return Err(ticket_scope());
@@ -655,7 +656,11 @@ pub async fn create_stream(
     let id = StreamId::random();
     let limits = &app.security.limits;
     limits.admit(tenant, &id).await?;
-    match app.hub.create_with_id(id.clone(), spec, parent).await {
+    match app
+        .hub
+        .create_with_id(id.clone(), spec, parent, transport)
+        .await
+    {
         Ok(stream) => {
             limits.track(&stream);
             Ok(stream)

@@ -7,14 +7,14 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, EventFeed};
+use super::{Bus, BusBatch, BusError, EventFeed};
 use crate::{event::Event, ids::StreamId};
 
 /// Batches a feed may hold before the bus drops new ones for it (the receiver then refills
 /// from the store, as with any at-most-once bus).
 const FEED_CAPACITY: usize = 1024;
 
-type FeedSender = mpsc::Sender<Arc<[Arc<Event>]>>;
+type FeedSender = mpsc::Sender<BusBatch>;
 
 /// Fan-out inside one process (the embedded default).
 #[derive(Default)]
@@ -29,11 +29,15 @@ impl Bus for MemoryBus {
         &self,
         id: &StreamId,
         events: Arc<[Arc<Event>]>,
-        _traceparent: Option<String>,
+        traceparent: Option<String>,
     ) -> Result<(), BusError> {
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(senders) = feeds.get_mut(id) {
-            senders.retain(|tx| match tx.try_send(events.clone()) {
+            let batch = BusBatch {
+                events,
+                traceparent: traceparent.map(Arc::from),
+            };
+            senders.retain(|tx| match tx.try_send(batch.clone()) {
                 Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             });

@@ -20,9 +20,19 @@ use crate::{event::Event, ids::StreamId};
 #[error("bus backend: {0}")]
 pub struct BusError(pub String);
 
+/// One published batch as a subscriber receives it.
+#[derive(Debug, Clone)]
+pub struct BusBatch {
+    /// Consecutive events of the stream.
+    pub events: Arc<[Arc<Event>]>,
+    /// The owner's stream span (W3C `traceparent`), when the stream is traced: the receiving
+    /// replica parents its delivery span on it.
+    pub traceparent: Option<Arc<str>>,
+}
+
 /// Batches of one stream's events, as published (at most once: gaps are refilled from the
 /// store by the receiver).
-pub type EventFeed = mpsc::Receiver<Arc<[Arc<Event>]>>;
+pub type EventFeed = mpsc::Receiver<BusBatch>;
 
 /// Event fan-out and stream control between replicas.
 #[async_trait::async_trait]
@@ -87,19 +97,25 @@ pub mod conformance {
         let mut feed_a2 = bus.subscribe(&a).await.expect("subscribe");
         let mut feed_b = bus.subscribe(&b).await.expect("subscribe");
 
-        bus.publish(&a, batch(1..=3), None).await.expect("publish");
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        bus.publish(&a, batch(1..=3), Some(traceparent.to_owned()))
+            .await
+            .expect("publish");
         bus.publish(&a, batch(4..=4), None).await.expect("publish");
         for feed in [&mut feed_a1, &mut feed_a2] {
             let first = tokio::time::timeout(wait, feed.recv())
                 .await
-                .expect("in time");
+                .expect("in time")
+                .expect("a batch");
             let second = tokio::time::timeout(wait, feed.recv())
                 .await
-                .expect("in time");
-            let seqs: Vec<u64> = first
-                .into_iter()
-                .chain(second)
-                .flat_map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>())
+                .expect("in time")
+                .expect("a batch");
+            assert_eq!(first.traceparent.as_deref(), Some(traceparent));
+            assert_eq!(second.traceparent, None);
+            let seqs: Vec<u64> = [first, second]
+                .iter()
+                .flat_map(|b| b.events.iter().map(|e| e.seq).collect::<Vec<_>>())
                 .collect();
             assert_eq!(
                 seqs,

@@ -28,7 +28,7 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, EventFeed, subjects};
+use super::{Bus, BusBatch, BusError, EventFeed, subjects};
 use crate::{event::Event, ids::StreamId};
 
 /// Batches a feed may hold before new ones are dropped for it.
@@ -249,7 +249,7 @@ impl Drop for FeedGuard {
 /// client closes for good; then unsubscribes.
 async fn forward_events(
     mut sub: Subscriber,
-    tx: mpsc::Sender<Batch>,
+    tx: mpsc::Sender<BusBatch>,
     id: StreamId,
     _guard: FeedGuard,
 ) {
@@ -262,15 +262,23 @@ async fn forward_events(
                 None => break,
             },
         };
-        let batch = match decode_batch(&message) {
-            Ok(batch) => batch,
+        let events = match decode_batch(&message) {
+            Ok(events) => events,
             Err(err) => {
                 count_error();
                 tracing::warn!(%id, %err, "bus: undecodable batch dropped");
                 continue;
             }
         };
-        match tx.try_send(batch) {
+        let traceparent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::HEADER_TRACEPARENT))
+            .map(|v| Arc::from(v.as_str()));
+        match tx.try_send(BusBatch {
+            events,
+            traceparent,
+        }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("tokenfan_edge_bus_dropped_batches_total").increment(1);
@@ -440,7 +448,7 @@ mod tests {
         .collect()
     }
 
-    fn seqs(batch: &Batch) -> Vec<u64> {
+    fn seqs(batch: &[Arc<Event>]) -> Vec<u64> {
         batch.iter().map(|e| e.seq).collect()
     }
 
@@ -659,7 +667,7 @@ mod tests {
         wait_until("the feed is full", WAIT, || feed.len() == FEED_CAPACITY).await;
         for want in 1..=FEED_CAPACITY as u64 {
             assert_eq!(
-                seqs(&recv(&mut feed).await),
+                seqs(&recv(&mut feed).await.events),
                 [want],
                 "the oldest batches kept"
             );
@@ -670,7 +678,7 @@ mod tests {
             .expect("publish");
         let mut last = FEED_CAPACITY as u64;
         loop {
-            let got = seqs(&recv(&mut feed).await);
+            let got = seqs(&recv(&mut feed).await.events);
             assert!(
                 got[0] > last,
                 "still in order after drops: {got:?} after {last}"
@@ -739,7 +747,7 @@ mod tests {
                     .flatten()
             };
             if let Some(got) = round_trip.await {
-                assert_eq!(seqs(&got), [attempt]);
+                assert_eq!(seqs(&got.events), [attempt]);
                 break;
             }
             if !bus.connected() {
@@ -755,7 +763,7 @@ mod tests {
         bus.publish(&old, batch(1..=2), None)
             .await
             .expect("publish");
-        assert_eq!(seqs(&recv(&mut old_feed).await), [1, 2]);
+        assert_eq!(seqs(&recv(&mut old_feed).await.events), [1, 2]);
         let target = StreamId::random();
         bus.request_cancel(&target).await.expect("cancel");
         assert_eq!(recv(&mut cancels).await, target);

@@ -28,9 +28,11 @@ pub async fn create(
     let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
     let spec = request.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/streams");
-    let stream = auth::create_stream(&app, &caller, spec, &span).await?;
+    let sse = wants_sse(&headers);
+    let transport = if sse { "post_sse" } else { "native" };
+    let stream = auth::create_stream(&app, &caller, spec, &span, transport).await?;
     let ticket = app.security.ticket_for(&stream);
-    if wants_sse(&headers) {
+    if sse {
         let sub = stream.subscribe(0)?;
         let mut response = sse::response(&app, sub, NativeFramer, "post_sse");
         let out = response.headers_mut();

@@ -154,7 +154,7 @@ pub async fn chat_completions(
     let (native, streaming, include_usage) = chat.into_native()?;
     let spec = native.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/chat/completions");
-    let stream = auth::create_stream(&app, &caller, spec, &span).await?;
+    let stream = auth::create_stream(&app, &caller, spec, &span, "openai").await?;
     let sub = stream.subscribe(0)?;
     if streaming {
         let framer = OpenAiFramer::new(&stream, true, false, include_usage);

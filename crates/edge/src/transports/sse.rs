@@ -21,6 +21,7 @@ use crate::{
     auth::{self, Caller},
     error::ApiError,
     event::Event,
+    observability::{GapMeter, Resume, ResumeResult, requested_cursor},
     stream::{Closed, Subscription},
     transports::openai::OpenAiFramer,
 };
@@ -88,6 +89,7 @@ pub fn response(
         prelude: Some(prelude.freeze()),
         done: false,
         guard,
+        gaps: GapMeter::new(transport),
     };
     let body = futures::stream::unfold(state, next_chunk);
     let mut response = Body::from_stream(body).into_response();
@@ -113,6 +115,8 @@ struct SseBody<F> {
     done: bool,
     /// Counts this response in the connections gauge until the body is dropped.
     guard: TransportGuard,
+    /// Times the gaps between token writes.
+    gaps: GapMeter,
 }
 
 async fn next_chunk<F: Framer>(
@@ -144,6 +148,7 @@ async fn next_chunk<F: Framer>(
     match result {
         Ok(batch) => {
             s.guard.delivered(batch.len());
+            s.gaps.batch(&batch, s.sub.backlog_end());
             for event in &batch {
                 s.framer.event(event, &mut out);
             }
@@ -186,7 +191,36 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = auth::stream_for(&app, &caller, &id).await?;
+    // A request naming a cursor is a resume: counted and traced whatever its result.
+    let resume = |after: u64, replayed: u64, result: ResumeResult| Resume {
+        transport: "sse",
+        stream_id: &id,
+        after,
+        replayed,
+        result,
+    };
+    let stream = match auth::stream_for(&app, &caller, &id).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            if let Some(after) = requested_cursor(&headers, query.after.as_deref()) {
+                resume(after, 0, ResumeResult::of_error(&e)).record(
+                    app.hub.replica(),
+                    Some(&headers),
+                    None,
+                );
+            }
+            return Err(e);
+        }
+    };
+    let record = |after: u64, replayed: u64, result: ResumeResult| {
+        if after > 0 {
+            resume(after, replayed, result).record(
+                app.hub.replica(),
+                Some(&headers),
+                Some(&stream),
+            );
+        }
+    };
     let last_event_id = headers
         .get("last-event-id")
         .map(|v| {
@@ -213,11 +247,21 @@ pub async fn events(
     // Positioned at or past the end: 204 tells EventSource to stop reconnecting.
     if stream.ended_at().is_some() && after >= stream.last_seq() {
         if after > stream.last_seq() {
+            record(after, 0, ResumeResult::Invalid);
             return Err(ApiError::cursor_out_of_range(after, stream.last_seq()));
         }
+        record(after, 0, ResumeResult::Finished);
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let sub = stream.subscribe(after)?;
+    let sub = stream.subscribe(after).inspect_err(|e| {
+        record(after, 0, ResumeResult::of_error(e));
+    })?;
+    let backlog = sub.backlog_end();
+    record(
+        after,
+        backlog.saturating_sub(after),
+        ResumeResult::of_subscription(&stream, after, backlog),
+    );
     Ok(if openai {
         let include_usage = query.include_usage.unwrap_or(false);
         let framer = OpenAiFramer::new(&stream, after == 0, true, include_usage);

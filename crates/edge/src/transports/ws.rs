@@ -28,6 +28,7 @@ use crate::{
     auth::{self, Caller},
     error::ApiError,
     ids::StreamId,
+    observability::{GapMeter, Resume, ResumeResult},
     request::StreamRequest,
     stream::{Closed, StreamState},
 };
@@ -279,7 +280,7 @@ async fn handle_text(
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
             let span = request_span(&HeaderMap::new(), "WS start");
-            let stream = match auth::create_stream(app, caller, spec, &span).await {
+            let stream = match auth::create_stream(app, caller, spec, &span, "ws").await {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
@@ -293,7 +294,7 @@ async fn handle_text(
             // `started` is written by the socket task as soon as this returns, before it reads
             // the outgoing queue where the forwarder puts the stream's events.
             match subscribe(subs, &stream, 0, tx, guard, rid) {
-                Ok(()) => Some(text_msg(&started)),
+                Ok(_) => Some(text_msg(&started)),
                 Err(error) => Some(error),
             }
         }
@@ -303,6 +304,13 @@ async fn handle_text(
                 Err(e) => return bad(e),
             };
             let rid = msg.request_id.as_deref();
+            let resume = |replayed: u64, result: ResumeResult| Resume {
+                transport: "ws",
+                stream_id: &msg.stream_id,
+                after: msg.after,
+                replayed,
+                result,
+            };
             let found = if kind == "cancel" {
                 auth::stream_to_manage(app, caller, &msg.stream_id).await
             } else {
@@ -310,7 +318,12 @@ async fn handle_text(
             };
             let stream = match found {
                 Ok(s) => s,
-                Err(e) => return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid)),
+                Err(e) => {
+                    if kind == "subscribe" && msg.after > 0 {
+                        resume(0, ResumeResult::of_error(&e)).record(app.hub.replica(), None, None);
+                    }
+                    return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid));
+                }
             };
             match kind.as_str() {
                 "subscribe" => {
@@ -325,7 +338,18 @@ async fn handle_text(
                     if subs.len() >= app.config.http.ws_max_subscriptions {
                         return Some(too_many(app, Some(stream.id.as_str()), rid));
                     }
-                    subscribe(subs, &stream, msg.after, tx, guard, rid).err()
+                    let subscribed = subscribe(subs, &stream, msg.after, tx, guard, rid);
+                    if msg.after > 0 {
+                        let (replayed, result) = match &subscribed {
+                            Ok(backlog) => (
+                                backlog.saturating_sub(msg.after),
+                                ResumeResult::of_subscription(&stream, msg.after, *backlog),
+                            ),
+                            Err(_) => (0, ResumeResult::Invalid),
+                        };
+                        resume(replayed, result).record(app.hub.replica(), None, Some(&stream));
+                    }
+                    subscribed.err()
                 }
                 "cancel" => {
                     let subscribed = subs.contains_key(&stream.id);
@@ -397,7 +421,8 @@ fn too_many(app: &AppState, stream_id: Option<&str>, request_id: Option<&str>) -
     )
 }
 
-/// Subscribes the socket to `stream` from `after` and starts its forwarder.
+/// Subscribes the socket to `stream` from `after` and starts its forwarder; returns the
+/// subscription's backlog end (the last seq that existed when it subscribed).
 fn subscribe(
     subs: &mut HashMap<StreamId, Subscribed>,
     stream: &Arc<StreamState>,
@@ -405,18 +430,21 @@ fn subscribe(
     tx: &mpsc::Sender<Message>,
     guard: &Arc<TransportGuard>,
     request_id: Option<&str>,
-) -> Result<(), Message> {
+) -> Result<u64, Message> {
     let mut sub = stream
         .subscribe(after)
         .map_err(|e| error_msg(e.code, &e.message, Some(stream.id.as_str()), request_id))?;
+    let backlog = sub.backlog_end();
     let tx = tx.clone();
     let guard = guard.clone();
     let id = stream.id.clone();
     let forwarder = tokio::spawn(async move {
+        let mut gaps = GapMeter::new("ws");
         loop {
             match sub.next_batch().await {
                 Ok(batch) => {
                     guard.delivered(batch.len());
+                    gaps.batch(&batch, sub.backlog_end());
                     for event in batch {
                         let Ok(text) = Utf8Bytes::try_from(event.ws(id.as_str()).clone()) else {
                             continue;
@@ -445,5 +473,5 @@ fn subscribe(
         }
     });
     subs.insert(stream.id.clone(), Subscribed { forwarder });
-    Ok(())
+    Ok(backlog)
 }

@@ -96,6 +96,13 @@ impl Drop for Edge {
     }
 }
 
+/// Extra command-line arguments and environment for every edge process.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeOptions {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// NATS, Redis, generators and edge replicas.
 pub struct TestCluster {
     pub nats: NatsServer,
@@ -108,11 +115,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// `edges` replicas over `generators` generators.
     pub async fn start(edges: usize, generators: usize) -> Self {
-        Self::start_with(edges, generators, &[]).await
+        Self::start_with(edges, generators, &EdgeOptions::default()).await
     }
 
-    /// [`TestCluster::start`] with `extra` flags for every edge replica.
-    pub async fn start_with(edges: usize, generators: usize, extra: &[&str]) -> Self {
+    /// [`TestCluster::start`] with `options` added to every edge.
+    pub async fn start_with(edges: usize, generators: usize, options: &EdgeOptions) -> Self {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
         let generators: Vec<Generator> = (0..generators).map(|_| Generator::start()).collect();
@@ -124,7 +131,7 @@ impl TestCluster {
                     &nats.url(),
                     &redis.url(),
                     &urls.join(","),
-                    extra,
+                    options,
                 )
             })
             .collect();
@@ -156,7 +163,13 @@ impl TestCluster {
     }
 }
 
-fn spawn_edge(replica: &str, nats: &str, redis: &str, generators: &str, extra: &[&str]) -> Edge {
+fn spawn_edge(
+    replica: &str,
+    nats: &str,
+    redis: &str,
+    generators: &str,
+    options: &EdgeOptions,
+) -> Edge {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenfan-edge"))
         .args([
             "--listen",
@@ -178,7 +191,8 @@ fn spawn_edge(replica: &str, nats: &str, redis: &str, generators: &str, extra: &
             "--generator-idle-timeout-secs",
             "3",
         ])
-        .args(extra)
+        .args(&options.args)
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edge");

@@ -1,0 +1,237 @@
+//! Wire formats as the load generator reads them: the native event JSON (every transport),
+//! WebSocket control messages, poll answers, OpenAI chunks, and an incremental SSE parser.
+//! Only the documented fields are read, and unknown ones are ignored, so any server speaking
+//! the native wire format can be measured.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// A native event, or a WebSocket message (`started`, `pong`, protocol `error`).
+#[derive(Debug, Deserialize)]
+pub struct Ev<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Option<Cow<'a, str>>,
+    pub seq: Option<u64>,
+    #[serde(borrow)]
+    pub text: Option<Cow<'a, str>>,
+    pub emitted_at_unix_nanos: Option<i64>,
+    #[serde(borrow)]
+    pub finish_reason: Option<Cow<'a, str>>,
+    pub usage: Option<Usage>,
+    #[serde(borrow)]
+    pub code: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub message: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub stream_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub request_id: Option<Cow<'a, str>>,
+    /// `pong`'s echo of the ping's id.
+    pub id: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Usage {
+    pub completion_tokens: u64,
+}
+
+/// Long-poll and short-poll answer.
+#[derive(Debug, Deserialize)]
+pub struct PollAnswer<'a> {
+    #[serde(borrow)]
+    pub status: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub events: Vec<Ev<'a>>,
+    pub next_after: Option<u64>,
+}
+
+/// An OpenAI `chat.completion.chunk` (or a `{"error":…}` frame).
+#[derive(Debug, Deserialize)]
+pub struct Chunk<'a> {
+    #[serde(borrow, default)]
+    pub choices: Vec<Choice<'a>>,
+    pub usage: Option<Usage>,
+    #[serde(borrow)]
+    pub error: Option<ChunkError<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Choice<'a> {
+    #[serde(borrow)]
+    pub delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    pub finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Delta<'a> {
+    #[serde(borrow)]
+    pub role: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub content: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChunkError<'a> {
+    #[serde(borrow)]
+    pub code: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub message: Option<Cow<'a, str>>,
+}
+
+/// One SSE event as dispatched by the parser.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub id: Option<&'a [u8]>,
+    pub event: Option<&'a [u8]>,
+    pub data: &'a [u8],
+}
+
+impl Frame<'_> {
+    /// The `id:` as a seq, when it is one.
+    pub fn id_seq(&self) -> Option<u64> {
+        std::str::from_utf8(self.id?).ok()?.trim().parse().ok()
+    }
+}
+
+/// Incremental SSE parser (the parts of the WHATWG algorithm a client of a stream needs):
+/// `id`, `event`, `data` (multi-line joined with `\n`), comments and `retry:` skipped, `\n` or
+/// `\r\n` line ends.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    /// Bytes of an incomplete line.
+    partial: Vec<u8>,
+    id: Option<Vec<u8>>,
+    event: Option<Vec<u8>>,
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+/// A line grew past the longest accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineTooLong;
+
+/// Longest line accepted (a guard against a server that never ends a line).
+const MAX_LINE: usize = 4 << 20;
+
+impl SseParser {
+    /// Feeds bytes; calls `on_frame` for every complete event. Errors when a line grows past
+    /// 4 MiB.
+    pub fn push(
+        &mut self,
+        bytes: &[u8],
+        mut on_frame: impl FnMut(Frame<'_>),
+    ) -> Result<(), LineTooLong> {
+        let mut rest = bytes;
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            let (line, tail) = rest.split_at(pos);
+            rest = &tail[1..];
+            if self.partial.is_empty() {
+                self.line(line, &mut on_frame);
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                self.line(&whole, &mut on_frame);
+                whole.clear();
+                self.partial = whole;
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > MAX_LINE {
+            return Err(LineTooLong);
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8], on_frame: &mut impl FnMut(Frame<'_>)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.has_data {
+                on_frame(Frame {
+                    id: self.id.as_deref(),
+                    event: self.event.as_deref(),
+                    data: &self.data,
+                });
+            }
+            // `id` persists across events in the WHATWG algorithm, but every stream event of
+            // these servers carries its own; a frame without one must not inherit the last.
+            self.id = None;
+            self.event = None;
+            self.data.clear();
+            self.has_data = false;
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"id" => self.id = Some(value.to_vec()),
+            b"event" => self.event = Some(value.to_vec()),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(chunks: &[&[u8]]) -> Vec<(Option<String>, Option<String>, String)> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            p.push(c, |f| {
+                out.push((
+                    f.id.map(|b| String::from_utf8_lossy(b).into_owned()),
+                    f.event.map(|b| String::from_utf8_lossy(b).into_owned()),
+                    String::from_utf8_lossy(f.data).into_owned(),
+                ))
+            })
+            .expect("lines are short");
+        }
+        out
+    }
+
+    #[test]
+    fn parses_split_frames_comments_and_crlf() {
+        let got = frames(&[
+            b"retry: 1000\n\nid: 1\nevent: tok",
+            b"en\ndata: {\"a\":1}\n\n: heartbeat\n\n",
+            b"id: 2\r\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\n",
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                (Some("1".into()), Some("token".into()), "{\"a\":1}".into()),
+                (Some("2".into()), None, "x\ny".into()),
+                (None, None, "[DONE]".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn native_event_json() {
+        let ev: Ev<'_> = serde_json::from_str(
+            r#"{"type":"token","seq":3,"text":"a\"b","emitted_at_unix_nanos":5,"extra":1}"#,
+        )
+        .expect("parses");
+        assert_eq!(ev.kind.as_deref(), Some("token"));
+        assert_eq!(ev.text.as_deref(), Some("a\"b"));
+        assert_eq!(ev.emitted_at_unix_nanos, Some(5));
+    }
+}

@@ -1,0 +1,52 @@
+//! `tokenfan-loadgen`: a horizontal load tester for LLM token streaming. It drives tokenfan
+//! (or any server speaking its native wire format, or the generator over gRPC) with many
+//! concurrent streams over every transport, verifies every stream, and reports latency,
+//! throughput, errors and CPU as text, JSON and SVG charts.
+//!
+//! The binary is a thin wrapper around [`run`], so tests drive the same code with a parsed
+//! [`Cli`].
+
+pub mod chart;
+pub mod cli;
+pub mod event;
+pub mod metrics;
+pub mod procfs;
+pub mod progress;
+pub mod report;
+pub mod scenarios;
+pub mod stats;
+pub mod transports;
+pub mod verify;
+
+use anyhow::Context as _;
+
+pub use cli::Cli;
+use cli::{Command, Plan};
+pub use report::Report;
+
+/// The end of a run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// No error and no violation (the binary exits 0).
+    pub ok: bool,
+    /// The full result of a streaming scenario.
+    pub report: Option<Report>,
+}
+
+/// Runs what the command line asks for.
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match &cli.command {
+        Command::Chart(args) => {
+            chart::run(args)?;
+            Ok(Outcome {
+                ok: true,
+                report: None,
+            })
+        }
+        Command::Idle(args) => scenarios::idle::run(args.clone()).await,
+        other => {
+            let plan = Plan::from_command(other)?.context("not a streaming scenario")?;
+            scenarios::run(plan, cli.threads).await
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The result of a streaming run: built from [`Stats`], printed as text and written as JSON
+//! (`--json`). The JSON has the configuration, the counts, percentile summaries and the
+//! quantile series `chart` draws.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cli::Plan,
+    procfs::{self, CpuUse, Memory},
+    stats::{Hists, Kind, KindStats, Stats, Summary, unix_nanos},
+    verify::Violation,
+};
+
+/// Why a transport has no added-delay figure.
+const NO_EMIT_TIME_CHAT: &str =
+    "n/a: OpenAI chat completion chunks carry no emit time (the edge ignores emit_times there)";
+const NO_EMIT_TIME_ASKED: &str = "n/a: emit times were not asked for (--no-emit-times)";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub tool: String,
+    pub version: String,
+    /// The system measured (`--label`).
+    pub label: Option<String>,
+    pub scenario: String,
+    pub config: Config,
+    pub started_at_unix_ms: i64,
+    pub run_secs: f64,
+    pub window_secs: f64,
+    /// Every transport together.
+    pub total: TransportResult,
+    /// One entry per transport kind used (one for every scenario but `mixed`).
+    pub by_transport: BTreeMap<String, TransportResult>,
+    pub errors: BTreeMap<String, u64>,
+    pub error_total: u64,
+    /// Every violation kind, zeros included.
+    pub violations: BTreeMap<String, u64>,
+    pub violation_total: u64,
+    pub finish_reasons: BTreeMap<String, u64>,
+    pub examples: Vec<String>,
+    pub notes: Vec<String>,
+    /// CPU over the measured window.
+    pub cpu: Option<CpuUse>,
+    /// Memory of each `--server-pid` at the end.
+    pub server_memory: Vec<ServerMemory>,
+    /// tokenfan `/metrics` counters over the run (`--metrics`), summed over the targets.
+    pub server_counters: Option<BTreeMap<String, f64>>,
+    /// Streams still in flight when the run ended (abandoned ones are counted as errors).
+    pub left_in_flight: usize,
+    /// No error and no violation.
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub targets: Vec<String>,
+    /// `closed` or `open`.
+    pub loop_kind: String,
+    pub concurrency: usize,
+    pub rate_per_sec: Option<f64>,
+    pub max_in_flight: usize,
+    pub duration_secs: f64,
+    pub ramp_secs: f64,
+    pub warmup_secs: f64,
+    pub max_tokens: u32,
+    pub ttft_ms: u32,
+    pub inter_token_ms: u32,
+    pub jitter_ms: u32,
+    pub seed: u64,
+    pub model: Option<String>,
+    pub emit_times: bool,
+    pub allow_coalescing: bool,
+    pub stream_timeout_secs: f64,
+    pub viewers: Option<usize>,
+    pub streams_per_socket: Option<usize>,
+    pub poll_timeout_ms: Option<u32>,
+    pub poll_interval_ms: Option<u64>,
+    pub grpc_connections: Option<usize>,
+    pub mix: BTreeMap<String, u32>,
+    pub threads: usize,
+    pub server_pids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransportResult {
+    pub transport: String,
+    pub streams_started: u64,
+    pub streams_completed: u64,
+    pub readers_started: u64,
+    pub readers_clean: u64,
+    pub tokens_total: u64,
+    pub tokens_window: u64,
+    pub token_events_window: u64,
+    pub events_window: u64,
+    pub tokens_per_sec: f64,
+    pub events_per_sec: f64,
+    pub coalesced_events: u64,
+    pub replayed_tokens: u64,
+    pub negative_delays: u64,
+    pub ttft_ms: Option<Summary>,
+    pub inter_token_ms: Option<Summary>,
+    pub added_delay_ms: Option<Summary>,
+    pub added_delay_all_ms: Option<Summary>,
+    /// Why `added_delay_ms` is absent, when it is for a known reason.
+    pub added_delay_note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerMemory {
+    pub pid: u32,
+    pub memory: Option<Memory>,
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn transport_result(
+    name: String,
+    counters: &[&KindStats],
+    hists: Option<&Hists>,
+    window_secs: f64,
+    note: Option<&str>,
+) -> TransportResult {
+    let sum = |f: fn(&KindStats) -> &AtomicU64| counters.iter().map(|k| load(f(k))).sum::<u64>();
+    let tokens_window = sum(|k| &k.tokens_window);
+    let events_window = sum(|k| &k.events_window);
+    let added = hists.and_then(|h| Summary::of(&h.delay));
+    TransportResult {
+        transport: name,
+        streams_started: sum(|k| &k.streams_started),
+        streams_completed: sum(|k| &k.streams_completed),
+        readers_started: sum(|k| &k.readers_started),
+        readers_clean: sum(|k| &k.readers_clean),
+        tokens_total: sum(|k| &k.tokens_all),
+        tokens_window,
+        token_events_window: sum(|k| &k.token_events_window),
+        events_window,
+        tokens_per_sec: tokens_window as f64 / window_secs.max(1e-9),
+        events_per_sec: events_window as f64 / window_secs.max(1e-9),
+        coalesced_events: sum(|k| &k.coalesced_events),
+        replayed_tokens: sum(|k| &k.replayed_tokens),
+        negative_delays: sum(|k| &k.negative_delays),
+        ttft_ms: hists.and_then(|h| Summary::of(&h.ttft)),
+        inter_token_ms: hists.and_then(|h| Summary::of(&h.itl)),
+        added_delay_note: if added.is_none() {
+            note.map(str::to_owned)
+        } else {
+            None
+        },
+        added_delay_ms: added,
+        added_delay_all_ms: hists.and_then(|h| Summary::of(&h.delay_all)),
+    }
+}
+
+pub fn build(
+    plan: &Plan,
+    threads: usize,
+    stats: &Stats,
+    run_secs: f64,
+    cpu: Option<CpuUse>,
+    server_counters: Option<BTreeMap<String, f64>>,
+) -> Report {
+    let l = &plan.load;
+    let note = |k: Kind| {
+        if !plan.emit_times() {
+            Some(NO_EMIT_TIME_ASKED)
+        } else if k == Kind::Chat {
+            Some(NO_EMIT_TIME_CHAT)
+        } else {
+            None
+        }
+    };
+    let mut by_transport = BTreeMap::new();
+    let used = stats.used_kinds();
+    for k in &used {
+        let ks = stats.kind(*k);
+        by_transport.insert(
+            k.name().to_owned(),
+            transport_result(
+                k.describe().to_owned(),
+                &[ks],
+                ks.snapshot().as_ref(),
+                l.duration,
+                note(*k),
+            ),
+        );
+    }
+    let all: Vec<&KindStats> = Kind::ALL.iter().map(|k| stats.kind(*k)).collect();
+    let total_note = if used.iter().all(|k| note(*k).is_some()) {
+        used.first().and_then(|k| note(*k))
+    } else {
+        None
+    };
+    let total = transport_result(
+        "all".to_owned(),
+        &all,
+        stats.merged().as_ref(),
+        l.duration,
+        total_note,
+    );
+    let violations_got = stats.violations();
+    let violations: BTreeMap<String, u64> = Violation::ALL
+        .iter()
+        .map(|v| {
+            (
+                v.tag().to_owned(),
+                violations_got.get(v).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let error_total = stats.error_total();
+    let violation_total = stats.violation_total();
+    let left_in_flight = stats.in_flight.load(Ordering::Relaxed);
+    let server_memory = plan
+        .report
+        .server_pids
+        .iter()
+        .map(|pid| ServerMemory {
+            pid: *pid,
+            memory: procfs::proc_memory(&pid.to_string()).ok(),
+        })
+        .collect();
+    let scenario = plan.scenario;
+    use crate::cli::Scenario as S;
+    let only = |s: S| plan.scenario == s || plan.scenario == S::Mixed;
+    Report {
+        tool: "tokenfan-loadgen".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        label: plan.report.label.clone(),
+        scenario: scenario.name().to_owned(),
+        config: Config {
+            targets: plan.targets.clone(),
+            loop_kind: if l.rate.is_some() { "open" } else { "closed" }.to_owned(),
+            concurrency: l.concurrency,
+            rate_per_sec: l.rate,
+            max_in_flight: l.max_in_flight,
+            duration_secs: l.duration,
+            ramp_secs: l.ramp,
+            warmup_secs: l.warmup,
+            max_tokens: l.max_tokens,
+            ttft_ms: l.ttft_ms,
+            inter_token_ms: l.inter_token_ms,
+            jitter_ms: l.jitter_ms,
+            seed: l.seed,
+            model: l.model.clone(),
+            emit_times: plan.emit_times(),
+            allow_coalescing: l.allow_coalescing,
+            stream_timeout_secs: plan.stream_timeout().as_secs_f64(),
+            viewers: only(S::Watch).then_some(plan.viewers),
+            streams_per_socket: only(S::Ws).then_some(plan.streams_per_socket),
+            poll_timeout_ms: only(S::Longpoll).then_some(plan.poll_timeout_ms),
+            poll_interval_ms: only(S::Shortpoll).then_some(plan.poll_interval_ms),
+            grpc_connections: (scenario == S::Grpc).then_some(plan.grpc_connections),
+            mix: plan
+                .mix
+                .iter()
+                .map(|(k, w)| (k.name().to_owned(), *w))
+                .collect(),
+            threads,
+            server_pids: plan.report.server_pids.clone(),
+        },
+        started_at_unix_ms: stats.t0_unix / 1_000_000,
+        run_secs,
+        window_secs: l.duration,
+        total,
+        by_transport,
+        errors: stats.errors(),
+        error_total,
+        violations,
+        violation_total,
+        finish_reasons: stats.finish_reasons(),
+        examples: stats.examples(),
+        notes: stats.notes(),
+        cpu,
+        server_memory,
+        server_counters,
+        left_in_flight,
+        ok: error_total == 0 && violation_total == 0 && left_in_flight == 0,
+    }
+}
+
+fn delay_line(t: &TransportResult) -> String {
+    match (&t.added_delay_ms, &t.added_delay_note) {
+        (None, Some(note)) => note.clone(),
+        (s, _) => Summary::line(s.as_ref()),
+    }
+}
+
+fn transport_lines(out: &mut String, t: &TransportResult, plan: &Plan, indent: &str) {
+    if !indent.is_empty() {
+        let _ = writeln!(
+            out,
+            "{indent}streams: started {}, completed {}; readers {} (verified clean {})",
+            t.streams_started, t.streams_completed, t.readers_started, t.readers_clean
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{indent}tokens: {} received in all; in the window {} = {:.0} tokens/s (in {} token \
+         events; {} coalesced); events {} = {:.0} events/s",
+        t.tokens_total,
+        t.tokens_window,
+        t.tokens_per_sec,
+        t.token_events_window,
+        t.tokens_window.saturating_sub(t.token_events_window),
+        t.events_window,
+        t.events_per_sec,
+    );
+    let _ = writeln!(
+        out,
+        "{indent}added delay (receipt − emitted_at), window: {}",
+        delay_line(t)
+    );
+    if t.added_delay_ms.is_some() || t.added_delay_all_ms.is_some() {
+        let _ = writeln!(
+            out,
+            "{indent}added delay, whole run (ramp and drain too): {}",
+            Summary::line(t.added_delay_all_ms.as_ref())
+        );
+        let _ = writeln!(
+            out,
+            "{indent}negative delays (clock anomalies, counted as 0): {}; replayed tokens (emitted \
+             before their reader subscribed, no delay sample): {}",
+            t.negative_delays, t.replayed_tokens
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{indent}time to first token (receipt − request sent; requested {} ms), window: {}",
+        plan.load.ttft_ms,
+        Summary::line(t.ttft_ms.as_ref())
+    );
+    let _ = writeln!(
+        out,
+        "{indent}inter-token gap as received (requested {} ms), window: {}",
+        plan.load.inter_token_ms,
+        Summary::line(t.inter_token_ms.as_ref())
+    );
+}
+
+/// The text report.
+pub fn text(plan: &Plan, r: &Report) -> String {
+    let mut out = String::new();
+    let l = &plan.load;
+    let c = &r.config;
+    let load = match l.rate {
+        None => format!(
+            "{} streams in flight (closed loop{})",
+            l.concurrency,
+            match plan.scenario {
+                crate::cli::Scenario::Watch => format!(", {} viewers each", plan.viewers),
+                crate::cli::Scenario::Ws => format!(
+                    ", {} sockets × {} streams",
+                    l.concurrency.div_ceil(plan.streams_per_socket),
+                    plan.streams_per_socket
+                ),
+                _ => String::new(),
+            }
+        ),
+        Some(rate) => format!(
+            "{rate} streams/s arriving (open loop, at most {} in flight)",
+            l.max_in_flight
+        ),
+    };
+    let over = if r.by_transport.len() == 1 {
+        r.by_transport
+            .values()
+            .next()
+            .map(|t| t.transport.clone())
+            .unwrap_or_default()
+    } else {
+        format!("a mix ({:?})", c.mix)
+    };
+    let _ = writeln!(
+        out,
+        "== {}{}: {load} over {over}",
+        r.scenario,
+        r.label
+            .as_deref()
+            .map(|l| format!(" [{l}]"))
+            .unwrap_or_default(),
+    );
+    let _ = writeln!(
+        out,
+        "targets: {}; max_tokens {}, ttft {} ms, {} ms/token ({:.0} tokens/s per stream), jitter \
+         {} ms; emit times {}",
+        c.targets.join(", "),
+        c.max_tokens,
+        c.ttft_ms,
+        c.inter_token_ms,
+        1000.0 / f64::from(c.inter_token_ms.max(1)),
+        c.jitter_ms,
+        if c.emit_times { "asked" } else { "not asked" },
+    );
+    let _ = writeln!(
+        out,
+        "run {:.1} s: ramp {:.1} s, warm-up {:.1} s, measured window {:.1} s, then the streams in \
+         flight were read to their end",
+        r.run_secs, c.ramp_secs, c.warmup_secs, c.duration_secs
+    );
+    let _ = writeln!(
+        out,
+        "streams: started {}, completed {} (finish {:?}), readers {} (verified clean {}), \
+         errors {}, left in flight at the end {}",
+        r.total.streams_started,
+        r.total.streams_completed,
+        r.finish_reasons,
+        r.total.readers_started,
+        r.total.readers_clean,
+        r.error_total,
+        r.left_in_flight,
+    );
+    transport_lines(&mut out, &r.total, plan, "");
+    if r.by_transport.len() > 1 {
+        for (name, t) in &r.by_transport {
+            let _ = writeln!(out, "-- {name}: {}", t.transport);
+            transport_lines(&mut out, t, plan, "   ");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "errors by kind: {}",
+        if r.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("{:?}", r.errors)
+        }
+    );
+    let listed: Vec<String> = Violation::ALL
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {}",
+                v.tag(),
+                r.violations.get(v.tag()).copied().unwrap_or(0)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "verification violations: {} ({})",
+        r.violation_total,
+        listed.join(", ")
+    );
+    for ex in &r.examples {
+        let _ = writeln!(out, "  example: {ex}");
+    }
+    for note in &r.notes {
+        let _ = writeln!(out, "{note}");
+    }
+    match &r.cpu {
+        Some(cpu) => {
+            let _ = writeln!(out, "{}", cpu.line("over the window"));
+        }
+        None => {
+            let _ = writeln!(out, "CPU: not measured");
+        }
+    }
+    for m in &r.server_memory {
+        match &m.memory {
+            Some(mem) => {
+                let _ = writeln!(
+                    out,
+                    "server pid {} memory at the end: VmRSS {} KiB, VmHWM {} KiB, threads {}",
+                    m.pid, mem.rss_kib, mem.hwm_kib, mem.threads
+                );
+            }
+            None => {
+                let _ = writeln!(out, "server pid {}: memory not readable", m.pid);
+            }
+        }
+    }
+    if let Some(counters) = &r.server_counters {
+        let listed: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            out,
+            "server counters over the run (/metrics of the targets): {}",
+            listed.join(", ")
+        );
+    }
+    if r.ok {
+        let _ = writeln!(out, "RESULT: ok (0 errors, 0 violations)");
+    } else {
+        let _ = writeln!(
+            out,
+            "RESULT: FAILED ({} errors, {} violations, {} left in flight)",
+            r.error_total, r.violation_total, r.left_in_flight
+        );
+    }
+    out
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// Milliseconds since the epoch, for reports that have no [`Stats`].
+pub fn now_unix_ms() -> i64 {
+    unix_nanos() / 1_000_000
+}

@@ -1,0 +1,390 @@
+//! Streaming runs: the closed loop (N slots, each starting its next stream when one ends) and
+//! the open loop (arrivals at a rate, a cap on streams in flight), over whichever transport the
+//! scenario names. Every stream goes through [`one_stream`], which picks the transport (the
+//! weighted draw of `mixed`) and counts the outcome.
+
+pub mod idle;
+pub mod mixed;
+pub mod watch;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
+
+use crate::{
+    Outcome,
+    cli::{Plan, Scenario},
+    metrics, procfs, progress, report,
+    stats::{Kind, Stats},
+    transports::{grpc::GrpcPool, poll, sse, ws::WsPool},
+    verify::CheckOptions,
+};
+
+/// How one stream ended, for the loop that started it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ended {
+    /// The transport worked and the stream reached its terminal event (else the slot pauses
+    /// briefly before its next stream, so a dead server is not hammered).
+    pub ok: bool,
+    /// Every reader got `done` with `stop` or `length`.
+    pub completed: bool,
+}
+
+/// What every stream of a run shares.
+pub struct Ctx {
+    pub plan: Plan,
+    pub stats: Arc<Stats>,
+    pub http: reqwest::Client,
+    /// Round-robin position over the targets (streams).
+    rr: AtomicUsize,
+    /// Round-robin position over the targets (watch viewers).
+    pub viewer_rr: AtomicUsize,
+    pub ws: Option<WsPool>,
+    pub grpc: Option<GrpcPool>,
+    pub stream_timeout: Duration,
+}
+
+impl Ctx {
+    /// The next target, round-robin.
+    pub fn next_target(&self) -> &str {
+        let i = self.rr.fetch_add(1, Ordering::Relaxed);
+        self.target(i)
+    }
+
+    pub fn target(&self, i: usize) -> &str {
+        &self.plan.targets[i % self.plan.targets.len()]
+    }
+
+    /// What the checker of a reader of `kind` expects.
+    pub fn check_options(&self, kind: Kind) -> CheckOptions {
+        CheckOptions {
+            allow_coalescing: self.plan.load.allow_coalescing,
+            // The OpenAI chunks have no field for it.
+            require_emit_times: self.plan.emit_times() && kind != Kind::Chat,
+        }
+    }
+
+    fn prompt(&self, seed: u64) -> String {
+        format!("{} {seed}", self.plan.load.prompt)
+    }
+
+    fn timing(&self) -> Value {
+        let l = &self.plan.load;
+        json!({"ttft_ms": l.ttft_ms, "inter_token_ms": l.inter_token_ms, "jitter_ms": l.jitter_ms})
+    }
+
+    /// The body of `POST /v1/streams` and of WebSocket `start`.
+    pub fn native_body(&self, seed: u64) -> Value {
+        let l = &self.plan.load;
+        let mut body = json!({
+            "prompt": self.prompt(seed),
+            "seed": seed,
+            "max_tokens": l.max_tokens,
+            "timing": self.timing(),
+        });
+        if self.plan.emit_times() {
+            body["emit_times"] = json!(true);
+        }
+        if let Some(m) = &l.model {
+            body["model"] = json!(m);
+        }
+        body
+    }
+
+    /// The body of `POST /v1/chat/completions`.
+    pub fn chat_body(&self, seed: u64) -> Value {
+        let l = &self.plan.load;
+        json!({
+            "model": l.model.as_deref().unwrap_or("tokenfan-mock"),
+            "messages": [{"role": "user", "content": self.prompt(seed)}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": l.max_tokens,
+            "seed": seed,
+            "timing": self.timing(),
+        })
+    }
+}
+
+/// SplitMix64 finaliser: distinct, well-spread seeds per (slot, stream).
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// The HTTP client of a run: HTTP/1.1, one connection per request in flight, kept for reuse.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Runs one streaming scenario to its end and reports it.
+pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
+    let l = &plan.load;
+    let http = http_client()?;
+    let stream_timeout = plan.stream_timeout();
+    let metrics_before = if plan.report.metrics {
+        Some(metrics::fetch_all(&http, &plan.targets).await)
+    } else {
+        None
+    };
+    let uses = |k: Kind| plan.mix.iter().any(|(m, _)| *m == k);
+    let grpc = if uses(Kind::Grpc) {
+        Some(GrpcPool::connect(&plan.targets, plan.grpc_connections, plan.grpc_window_kib).await?)
+    } else {
+        None
+    };
+    // The clock of the run starts once the connections are set up.
+    let stats = Arc::new(Stats::new(l.ramp + l.warmup, l.duration));
+    let ws = if uses(Kind::Ws) {
+        // Closed loop: slot i runs on socket i % sockets. Open loop: enough sockets for the
+        // cap, each arrival on the least busy one. Sockets connect on their first stream.
+        let slots = match l.rate {
+            None => l.concurrency,
+            Some(_) => l.max_in_flight,
+        };
+        let sockets = slots.div_ceil(plan.streams_per_socket).max(1);
+        let opts = CheckOptions {
+            allow_coalescing: l.allow_coalescing,
+            require_emit_times: plan.emit_times(),
+        };
+        Some(WsPool::new(
+            &plan.targets,
+            sockets,
+            plan.streams_per_socket,
+            stats.clone(),
+            opts,
+            stream_timeout,
+        )?)
+    } else {
+        None
+    };
+    let ctx = Arc::new(Ctx {
+        plan: plan.clone(),
+        stats: stats.clone(),
+        http: http.clone(),
+        rr: AtomicUsize::new(0),
+        viewer_rr: AtomicUsize::new(0),
+        ws,
+        grpc,
+        stream_timeout,
+    });
+
+    // CPU over the window, read by a timer task.
+    let cpu = {
+        let stats = stats.clone();
+        let pids = plan.report.server_pids.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(stats.window_start).await;
+            let a = procfs::cpu_reading(&pids)?;
+            tokio::time::sleep_until(stats.deadline).await;
+            let b = procfs::cpu_reading(&pids)?;
+            anyhow::Ok((a, b))
+        })
+    };
+    let ticker = (!plan.report.quiet)
+        .then(|| progress::spawn(stats.clone(), secs(plan.report.progress_secs)));
+
+    drive(&ctx).await;
+
+    if let Some(t) = ticker {
+        t.stop().await;
+    }
+    if let Some(ws) = &ctx.ws {
+        ws.shutdown().await;
+    }
+    let run_secs = stats.t0.elapsed().as_secs_f64();
+    let cpu = match cpu.await {
+        Ok(Ok((a, b))) => Some(procfs::cpu_use(&a, &b, plan.report.clk_tck)),
+        Ok(Err(e)) => {
+            stats.note(format!("CPU: not measured ({e:#})"));
+            None
+        }
+        Err(e) => {
+            stats.note(format!("CPU: not measured ({e})"));
+            None
+        }
+    };
+    stalled_diagnostics(&ctx).await;
+    let counters = match metrics_before {
+        Some((before, failed)) => {
+            let (after, failed_after) = metrics::fetch_all(&http, &plan.targets).await;
+            for f in failed.iter().chain(&failed_after) {
+                stats.note(format!("/metrics not read: {f}"));
+            }
+            let a = metrics::counters(&after);
+            let b = metrics::counters(&before);
+            Some(
+                a.into_iter()
+                    .map(|(k, v)| {
+                        let d = v - b.get(&k).copied().unwrap_or(0.0);
+                        (k, d + 0.0)
+                    })
+                    .collect(),
+            )
+        }
+        None => None,
+    };
+    let report = report::build(&plan, threads, &stats, run_secs, cpu, counters);
+    print!("{}", report::text(&plan, &report));
+    if let Some(path) = &plan.report.json {
+        report::write_json(path, &report)?;
+    }
+    Ok(Outcome {
+        ok: report.ok,
+        report: Some(report),
+    })
+}
+
+/// Starts streams until the end of the window, then waits for those in flight.
+async fn drive(ctx: &Arc<Ctx>) {
+    let l = &ctx.plan.load;
+    let stats = &ctx.stats;
+    let mut tasks = JoinSet::new();
+    match l.rate {
+        None => {
+            let n = l.concurrency;
+            for slot in 0..n {
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    let l = &ctx.plan.load;
+                    let offset = l.ramp * slot as f64 / n as f64;
+                    tokio::time::sleep_until(ctx.stats.t0 + secs(offset)).await;
+                    let mut k = 0u64;
+                    while Instant::now() < ctx.stats.deadline {
+                        let seed = mix(l.seed ^ ((slot as u64) << 24) ^ k);
+                        k += 1;
+                        let label = format!("slot {slot} stream {k}");
+                        if !one_stream(&ctx, Some(slot), label, seed).await {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let cap = Arc::new(Semaphore::new(l.max_in_flight));
+            let mut k = 0u64;
+            loop {
+                let at = stats.t0 + secs(arrival_secs(k, rate, l.ramp));
+                if at >= stats.deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+                while tasks.try_join_next().is_some() {}
+                let seed = mix(l.seed ^ (1 << 63) ^ k);
+                let label = format!("arrival {k}");
+                k += 1;
+                match cap.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let ctx = ctx.clone();
+                        tasks.spawn(async move {
+                            one_stream(&ctx, None, label, seed).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => stats.error("arrival_dropped_in_flight_cap", || label),
+                }
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Seconds from the start to arrival `k` at `rate`/s, the rate rising linearly over `ramp`.
+pub fn arrival_secs(k: u64, rate: f64, ramp: f64) -> f64 {
+    let k = k as f64;
+    let in_ramp = rate * ramp / 2.0; // arrivals during the ramp
+    if ramp > 0.0 && k < in_ramp {
+        (2.0 * k * ramp / rate).sqrt()
+    } else {
+        ramp + (k - in_ramp) / rate
+    }
+}
+
+/// One stream over the transport its kind names; false when it failed.
+async fn one_stream(ctx: &Arc<Ctx>, slot: Option<usize>, label: String, seed: u64) -> bool {
+    let kind = mixed::pick(&ctx.plan.mix, seed);
+    let ks = ctx.stats.kind(kind);
+    ks.streams_started.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let ended = match kind {
+        Kind::Native => sse::native(ctx, label, seed).await,
+        Kind::Chat => sse::chat(ctx, label, seed).await,
+        Kind::Watch => watch::run(ctx, label, seed).await,
+        Kind::Ws => match &ctx.ws {
+            Some(ws) => ws.run(slot, label, ctx.native_body(seed)).await,
+            None => Ended::default(),
+        },
+        Kind::Longpoll | Kind::Shortpoll => poll::run(ctx, kind, label, seed).await,
+        Kind::Grpc => match &ctx.grpc {
+            Some(g) => g.run(ctx, label, seed).await,
+            None => Ended::default(),
+        },
+    };
+    if ended.completed {
+        ks.streams_completed.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    ended.ok
+}
+
+/// For streams abandoned on a timeout: what the server says about up to three of them (a
+/// short-poll, when the server has one).
+async fn stalled_diagnostics(ctx: &Ctx) {
+    let stalled = ctx.stats.stalled_streams();
+    if stalled.is_empty() || ctx.plan.scenario == Scenario::Grpc {
+        return;
+    }
+    ctx.stats
+        .note(format!("streams abandoned on a timeout: {}", stalled.len()));
+    for (kind, id, tokens) in stalled.iter().filter(|(_, id, _)| !id.is_empty()).take(3) {
+        let target = ctx.target(0);
+        let server = match poll::short_poll_status(&ctx.http, target, id).await {
+            Ok((status, events)) => format!("short-poll: status {status}, {events} events"),
+            Err(e) => format!("short-poll failed: {e:#}"),
+        };
+        ctx.stats.note(format!(
+            "  {} stream {id}: client received {tokens} tokens; {server}",
+            kind.name()
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_ramp_then_keep_the_rate() {
+        // 10/s with a 2 s ramp: 10 arrivals in the ramp, then one every 100 ms.
+        assert_eq!(arrival_secs(0, 10.0, 2.0), 0.0);
+        let t10 = arrival_secs(10, 10.0, 2.0);
+        assert!((t10 - 2.0).abs() < 1e-9, "{t10}");
+        let t20 = arrival_secs(20, 10.0, 2.0);
+        assert!((t20 - 3.0).abs() < 1e-9, "{t20}");
+        assert!(arrival_secs(5, 10.0, 2.0) > arrival_secs(4, 10.0, 2.0));
+        // No ramp: evenly spaced from 0.
+        assert!((arrival_secs(3, 4.0, 0.0) - 0.75).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,671 @@
+//! What a run counts: per transport kind, HDR histograms (microseconds) of time to first token,
+//! gap between tokens as received and added delay, plus counters; run-wide errors and
+//! violations by kind. [`Reader`] is the per-reader front: it verifies each event
+//! ([`Checker`]) and records its timing.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::verify::{CheckOptions, Checker, Terminal, Violation};
+
+/// The transport kinds a run measures (a scenario runs one, `mixed` several).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Chat,
+    Native,
+    Watch,
+    Ws,
+    Longpoll,
+    Shortpoll,
+    Grpc,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Chat,
+        Kind::Native,
+        Kind::Watch,
+        Kind::Ws,
+        Kind::Longpoll,
+        Kind::Shortpoll,
+        Kind::Grpc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Native => "native",
+            Kind::Watch => "watch",
+            Kind::Ws => "ws",
+            Kind::Longpoll => "longpoll",
+            Kind::Shortpoll => "shortpoll",
+            Kind::Grpc => "grpc",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// What goes over the wire, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Chat => "OpenAI POST /v1/chat/completions SSE",
+            Kind::Native => "POST-SSE (POST /v1/streams, Accept: text/event-stream)",
+            Kind::Watch => "GET /v1/streams/{id}/events SSE viewers of 201-created streams",
+            Kind::Ws => "WebSocket /v1/ws (start)",
+            Kind::Longpoll => "long-poll GET /v1/streams/{id}/poll",
+            Kind::Shortpoll => "short-poll GET /v1/streams/{id}",
+            Kind::Grpc => "gRPC Generate (tokenfan.v1.Generator)",
+        }
+    }
+
+    fn index(self) -> usize {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .unwrap_or_default()
+    }
+}
+
+/// Nanoseconds since the Unix epoch, as the wall clock says now (one clock with the server's
+/// `emitted_at_unix_nanos` on the same host).
+pub fn unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Highest value a histogram holds: one hour in microseconds.
+const HIST_MAX_US: u64 = 3_600_000_000;
+
+/// An empty histogram of microseconds, 1 µs to one hour, 3 significant digits (~0.1 %).
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("constant bounds are valid")
+}
+
+/// The histograms of one kind, microseconds.
+#[derive(Debug, Clone)]
+pub struct Hists {
+    /// First token receipt − request sent, for first tokens received in the window.
+    pub ttft: Histogram<u64>,
+    /// The same over the whole run (for the progress line).
+    pub ttft_all: Histogram<u64>,
+    /// Receipt gap between consecutive token events of a reader, in the window.
+    pub itl: Histogram<u64>,
+    /// Receipt − `emitted_at_unix_nanos`, token events received in the window.
+    pub delay: Histogram<u64>,
+    /// The same over the whole run (ramp, warm-up and drain too).
+    pub delay_all: Histogram<u64>,
+}
+
+impl Hists {
+    fn new() -> Self {
+        Self {
+            ttft: new_hist(),
+            ttft_all: new_hist(),
+            itl: new_hist(),
+            delay: new_hist(),
+            delay_all: new_hist(),
+        }
+    }
+
+    pub fn add(&mut self, other: &Hists) {
+        // Same bounds everywhere: adding cannot fail.
+        let _ = self.ttft.add(&other.ttft);
+        let _ = self.ttft_all.add(&other.ttft_all);
+        let _ = self.itl.add(&other.itl);
+        let _ = self.delay.add(&other.delay);
+        let _ = self.delay_all.add(&other.delay_all);
+    }
+}
+
+/// Counters and histograms of one kind.
+#[derive(Debug, Default)]
+pub struct KindStats {
+    /// Created lazily: only kinds in use cost memory.
+    hists: Mutex<Option<Hists>>,
+    pub streams_started: AtomicU64,
+    /// Streams whose readers all got `done` with `stop` or `length`.
+    pub streams_completed: AtomicU64,
+    pub readers_started: AtomicU64,
+    /// Readers that got a terminal event and no violation.
+    pub readers_clean: AtomicU64,
+    pub tokens_all: AtomicU64,
+    pub tokens_window: AtomicU64,
+    pub token_events_window: AtomicU64,
+    /// Token and terminal events received in the window.
+    pub events_window: AtomicU64,
+    /// Tokens emitted before their reader subscribed (history replay): no added delay taken.
+    pub replayed_tokens: AtomicU64,
+    /// Receipt before emit time (clock anomalies), counted as 0.
+    pub negative_delays: AtomicU64,
+    pub coalesced_events: AtomicU64,
+}
+
+impl KindStats {
+    fn hists(&self) -> MutexGuard<'_, Option<Hists>> {
+        self.hists.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the histograms (None when nothing was recorded).
+    pub fn snapshot(&self) -> Option<Hists> {
+        self.hists().clone()
+    }
+}
+
+/// Everything a run counts, shared by all its tasks.
+#[derive(Debug)]
+pub struct Stats {
+    /// When the run began.
+    pub t0: Instant,
+    pub t0_unix: i64,
+    /// The measured window, Unix ns.
+    pub window: (i64, i64),
+    /// No stream starts after this (the end of the window).
+    pub deadline: Instant,
+    pub window_start: Instant,
+    kinds: [KindStats; 7],
+    /// Streams in flight.
+    pub in_flight: AtomicUsize,
+    errors: Mutex<BTreeMap<String, u64>>,
+    violations: Mutex<BTreeMap<Violation, u64>>,
+    finish_reasons: Mutex<BTreeMap<String, u64>>,
+    examples: Mutex<Vec<String>>,
+    /// Streams abandoned for a timeout: (kind, stream id, tokens received), for diagnostics.
+    stalled: Mutex<Vec<(Kind, String, u64)>>,
+    /// What the end-of-run checks on stalled streams found.
+    notes: Mutex<Vec<String>>,
+}
+
+/// Examples of errors and violations kept for the report.
+const EXAMPLES: usize = 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Stats {
+    /// A run starting now whose window is `[start, start + len)` seconds from now.
+    pub fn new(window_start_secs: f64, window_secs: f64) -> Self {
+        let t0 = Instant::now();
+        let t0_unix = unix_nanos();
+        let ns = |s: f64| t0_unix + (s * 1e9) as i64;
+        let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        Self {
+            t0,
+            t0_unix,
+            window: (ns(window_start_secs), ns(window_start_secs + window_secs)),
+            deadline: t0 + secs(window_start_secs + window_secs),
+            window_start: t0 + secs(window_start_secs),
+            kinds: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            errors: Mutex::default(),
+            violations: Mutex::default(),
+            finish_reasons: Mutex::default(),
+            examples: Mutex::default(),
+            stalled: Mutex::default(),
+            notes: Mutex::default(),
+        }
+    }
+
+    pub fn kind(&self, kind: Kind) -> &KindStats {
+        &self.kinds[kind.index()]
+    }
+
+    pub fn in_window(&self, t: i64) -> bool {
+        t >= self.window.0 && t < self.window.1
+    }
+
+    /// Counts an error of `kind` (a stable tag such as `http_503` or `timeout_body`).
+    pub fn error(&self, kind: impl Into<String>, detail: impl FnOnce() -> String) {
+        let kind = kind.into();
+        let seen = {
+            let mut errors = lock(&self.errors);
+            let n = errors.entry(kind.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        // The first two of each kind are enough to see what happened.
+        if seen <= 2 {
+            self.example(|| format!("error {kind}: {}", detail()));
+        }
+    }
+
+    pub fn example(&self, text: impl FnOnce() -> String) {
+        let mut ex = lock(&self.examples);
+        if ex.len() < EXAMPLES {
+            ex.push(text());
+        }
+    }
+
+    pub fn add_violations(&self, counts: impl Iterator<Item = (Violation, u64)>) {
+        let mut v = lock(&self.violations);
+        for (kind, n) in counts {
+            *v.entry(kind).or_default() += n;
+        }
+    }
+
+    pub fn stalled(&self, kind: Kind, stream_id: String, tokens: u64) {
+        lock(&self.stalled).push((kind, stream_id, tokens));
+    }
+
+    pub fn note(&self, text: String) {
+        lock(&self.notes).push(text);
+    }
+
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        lock(&self.errors).clone()
+    }
+
+    pub fn error_total(&self) -> u64 {
+        lock(&self.errors).values().sum()
+    }
+
+    pub fn violations(&self) -> BTreeMap<Violation, u64> {
+        lock(&self.violations).clone()
+    }
+
+    pub fn violation_total(&self) -> u64 {
+        lock(&self.violations).values().sum()
+    }
+
+    pub fn finish_reasons(&self) -> BTreeMap<String, u64> {
+        lock(&self.finish_reasons).clone()
+    }
+
+    pub fn examples(&self) -> Vec<String> {
+        lock(&self.examples).clone()
+    }
+
+    pub fn stalled_streams(&self) -> Vec<(Kind, String, u64)> {
+        lock(&self.stalled).clone()
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        lock(&self.notes).clone()
+    }
+
+    /// Kinds that started anything, in report order.
+    pub fn used_kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| self.kind(*k).readers_started.load(Ordering::Relaxed) > 0)
+            .collect()
+    }
+
+    /// Every kind's histograms merged.
+    pub fn merged(&self) -> Option<Hists> {
+        let mut out: Option<Hists> = None;
+        for k in Kind::ALL {
+            if let Some(h) = self.kind(k).hists().as_ref() {
+                match &mut out {
+                    Some(o) => o.add(h),
+                    None => out = Some(h.clone()),
+                }
+            }
+        }
+        out
+    }
+
+    /// A cheap sum of a counter over every kind.
+    pub fn sum(&self, f: impl Fn(&KindStats) -> &AtomicU64) -> u64 {
+        Kind::ALL
+            .into_iter()
+            .map(|k| f(self.kind(k)).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// How one reader ended.
+#[derive(Debug, Clone)]
+pub struct ReaderEnd {
+    /// Got `done` with `stop` or `length`.
+    pub completed: bool,
+    /// Got a terminal event and no violation.
+    pub clean: bool,
+    pub hash: u64,
+    pub tokens: u64,
+    pub terminal: bool,
+}
+
+/// One reader of one stream: verifies its events and records their timing.
+#[derive(Debug)]
+pub struct Reader {
+    stats: Arc<Stats>,
+    kind: Kind,
+    pub label: String,
+    /// When the request that started the stream was sent (TTFT is measured from it).
+    sent_ns: i64,
+    /// When this reader's own request was sent: tokens emitted before it are replay.
+    subscribed_ns: i64,
+    last_recv: Option<i64>,
+    check: Checker,
+}
+
+impl Reader {
+    pub fn new(
+        stats: Arc<Stats>,
+        kind: Kind,
+        label: String,
+        opts: CheckOptions,
+        sent_ns: i64,
+        subscribed_ns: i64,
+    ) -> Self {
+        stats
+            .kind(kind)
+            .readers_started
+            .fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats,
+            kind,
+            label,
+            sent_ns,
+            subscribed_ns,
+            last_recv: None,
+            check: Checker::new(opts),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.check.tokens()
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.check.next_seq()
+    }
+
+    pub fn has_terminal(&self) -> bool {
+        self.check.terminal().is_some()
+    }
+
+    pub fn violation(&mut self, v: Violation, detail: impl FnOnce() -> String) {
+        self.check.violation(v, 1, detail);
+    }
+
+    /// A native event (`{"type":…,"seq":…}`) received at `recv_ns`.
+    pub fn native(&mut self, ev: &crate::event::Ev<'_>, recv_ns: i64) {
+        match ev.kind.as_deref() {
+            Some("token") => self.token(
+                ev.seq,
+                ev.text.as_deref(),
+                ev.emitted_at_unix_nanos,
+                recv_ns,
+            ),
+            Some("done") => self.done(
+                ev.seq,
+                ev.finish_reason.as_deref().unwrap_or("?"),
+                ev.usage.as_ref().map(|u| u.completion_tokens),
+                recv_ns,
+            ),
+            Some("error") => self.error_event(
+                ev.seq,
+                ev.code.as_deref().unwrap_or("?"),
+                ev.message.as_deref().unwrap_or(""),
+                recv_ns,
+            ),
+            other => {
+                let other = other.map(str::to_owned);
+                self.check
+                    .violation(Violation::UnknownEventType, 1, || format!("type {other:?}"));
+            }
+        }
+    }
+
+    /// A token event.
+    pub fn token(
+        &mut self,
+        seq: Option<u64>,
+        text: Option<&str>,
+        emitted_at: Option<i64>,
+        recv_ns: i64,
+    ) {
+        let first = self.check.tokens() == 0;
+        let advance = self.check.token(seq, text, emitted_at);
+        if advance == 0 {
+            return;
+        }
+        let ks = self.stats.kind(self.kind);
+        let in_window = self.stats.in_window(recv_ns);
+        ks.tokens_all.fetch_add(advance, Ordering::Relaxed);
+        if advance > 1 {
+            ks.coalesced_events.fetch_add(1, Ordering::Relaxed);
+        }
+        if in_window {
+            ks.tokens_window.fetch_add(advance, Ordering::Relaxed);
+            ks.token_events_window.fetch_add(1, Ordering::Relaxed);
+            ks.events_window.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut delay = None;
+        if let Some(emitted) = emitted_at {
+            if emitted < self.subscribed_ns {
+                ks.replayed_tokens.fetch_add(advance, Ordering::Relaxed);
+            } else {
+                let ns = recv_ns - emitted;
+                if ns < 0 {
+                    ks.negative_delays.fetch_add(1, Ordering::Relaxed);
+                }
+                delay = Some(us(ns));
+            }
+        }
+        let gap = self.last_recv.map(|prev| us(recv_ns - prev));
+        self.last_recv = Some(recv_ns);
+        let mut guard = ks.hists();
+        let h = guard.get_or_insert_with(Hists::new);
+        if first {
+            let ttft = us(recv_ns - self.sent_ns);
+            h.ttft_all.saturating_record(ttft);
+            if in_window {
+                h.ttft.saturating_record(ttft);
+            }
+        } else if let Some(gap) = gap
+            && in_window
+        {
+            h.itl.saturating_record(gap);
+        }
+        if let Some(d) = delay {
+            h.delay_all.saturating_record(d);
+            if in_window {
+                h.delay.saturating_record(d);
+            }
+        }
+    }
+
+    /// The `done` event.
+    pub fn done(&mut self, seq: Option<u64>, reason: &str, completion: Option<u64>, recv_ns: i64) {
+        let had = self.has_terminal();
+        self.check.done(seq, reason, completion);
+        if had {
+            return;
+        }
+        self.terminal_event(recv_ns);
+        *lock(&self.stats.finish_reasons)
+            .entry(reason.to_owned())
+            .or_default() += 1;
+        if reason != "stop" && reason != "length" {
+            let label = self.label.clone();
+            self.stats.error(format!("finish_{reason}"), || label);
+        }
+    }
+
+    /// The terminal `error` event.
+    pub fn error_event(&mut self, seq: Option<u64>, code: &str, message: &str, recv_ns: i64) {
+        let had = self.has_terminal();
+        self.check.error(seq, code);
+        if had {
+            return;
+        }
+        self.terminal_event(recv_ns);
+        let detail = format!("{}: {message}", self.label);
+        self.stats.error(format!("stream_error_{code}"), || detail);
+    }
+
+    fn terminal_event(&self, recv_ns: i64) {
+        if self.stats.in_window(recv_ns) {
+            self.stats
+                .kind(self.kind)
+                .events_window
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A reader whose stream never started (refused at once): it counts for nothing.
+    pub fn discard(self) {
+        self.stats
+            .kind(self.kind)
+            .readers_started
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The reader's transport ended: final checks, counts flushed to the run.
+    pub fn end(mut self) -> ReaderEnd {
+        self.check.finish();
+        let counts: Vec<(Violation, u64)> = self.check.counts().collect();
+        if !counts.is_empty() {
+            self.stats.add_violations(counts.into_iter());
+            for d in self.check.details() {
+                let label = &self.label;
+                self.stats
+                    .example(|| format!("violation in {} {label}: {d}", self.kind.name()));
+            }
+        }
+        let terminal = self.check.terminal().cloned();
+        let clean = terminal.is_some() && self.check.violations() == 0;
+        if clean {
+            self.stats
+                .kind(self.kind)
+                .readers_clean
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ReaderEnd {
+            completed: matches!(&terminal, Some(Terminal::Done(r)) if r == "stop" || r == "length"),
+            clean,
+            hash: self.check.hash(),
+            tokens: self.check.tokens(),
+            terminal: terminal.is_some(),
+        }
+    }
+}
+
+/// Nanoseconds to whole microseconds, clamped to the histogram's range.
+fn us(ns: i64) -> u64 {
+    u64::try_from(ns.max(0) / 1000)
+        .unwrap_or(0)
+        .clamp(1, HIST_MAX_US)
+}
+
+/// Percentile summary of a histogram, milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+    /// (percentile, ms) points for charts: 50 … 99.99 on a log-ish scale, then the max.
+    pub quantiles: Vec<(f64, f64)>,
+}
+
+/// The percentiles of the chart series: 1 − 10^(−x) for x from 0.3 (≈ 50 %) to 4 (99.99 %).
+pub fn chart_percentiles() -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut x = std::f64::consts::LOG10_2; // p50
+    while x <= 4.0 + 1e-9 {
+        out.push(100.0 * (1.0 - 10f64.powf(-x)));
+        x += 0.1;
+    }
+    out.push(99.99);
+    out.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
+    out
+}
+
+impl Summary {
+    pub fn of(h: &Histogram<u64>) -> Option<Summary> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |v: u64| v as f64 / 1000.0;
+        let q = |p: f64| ms(h.value_at_quantile(p));
+        let mut quantiles: Vec<(f64, f64)> = chart_percentiles()
+            .into_iter()
+            .map(|p| (round(p, 4), q(p / 100.0)))
+            .collect();
+        quantiles.push((100.0, ms(h.max())));
+        Some(Summary {
+            count: h.len(),
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: ms(h.max()),
+            mean: round(h.mean() / 1000.0, 3),
+            quantiles,
+        })
+    }
+
+    /// `n=… p50 … ms, …` as the text report prints it.
+    pub fn line(s: Option<&Summary>) -> String {
+        match s {
+            None => "no samples".to_owned(),
+            Some(s) => format!(
+                "n={} p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, mean {:.3} ms",
+                s.count, s.p50, s.p90, s.p99, s.p999, s.max, s.mean
+            ),
+        }
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_and_series() {
+        let mut h = new_hist();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).expect("in range");
+        }
+        let s = Summary::of(&h).expect("samples");
+        assert_eq!(s.count, 1000);
+        assert!((s.p50 - 500.0).abs() < 1.0, "p50 {}", s.p50);
+        assert!((s.p99 - 990.0).abs() < 2.0, "p99 {}", s.p99);
+        assert!((s.max - 1000.0).abs() < 1.0);
+        let first = s.quantiles.first().expect("points");
+        let last = s.quantiles.last().expect("points");
+        assert!(
+            (first.0 - 50.0).abs() < 0.01,
+            "series starts at p50: {first:?}"
+        );
+        assert_eq!(last.0, 100.0);
+        assert!(
+            s.quantiles
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "increasing: {:?}",
+            s.quantiles
+        );
+        assert!(Summary::of(&new_hist()).is_none());
+    }
+}

@@ -1,0 +1,45 @@
+//! Transports: each reads one stream (or, for WebSocket, many on one socket) and feeds its
+//! events to a [`Reader`](crate::stats::Reader). Failures before a stream starts are errors;
+//! what happens after is verified.
+
+pub mod grpc;
+pub mod poll;
+pub mod sse;
+pub mod ws;
+
+use crate::stats::Stats;
+
+/// Counts a failed HTTP request as `connect`, `timeout_response` or `request`.
+pub(crate) fn request_error(stats: &Stats, e: &reqwest::Error) {
+    let kind = if e.is_connect() {
+        "connect"
+    } else if e.is_timeout() {
+        "timeout_response"
+    } else {
+        "request"
+    };
+    stats.error(kind, || chain(e));
+}
+
+/// An error and its causes, `: `-separated (reqwest's Display shows only the outermost).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Counts an unexpected HTTP status as `http_<status>`, with the body as the example.
+pub(crate) async fn status_error(stats: &Stats, resp: reqwest::Response) {
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    stats.error(format!("http_{status}"), || body);
+}

@@ -1,0 +1,270 @@
+//! Server-sent events: native POST-SSE (`POST /v1/streams` with `Accept: text/event-stream`),
+//! viewers (`GET /v1/streams/{id}/events`) and OpenAI chat completions.
+
+use tokio::time::Instant;
+
+use crate::{
+    event::{Chunk, Ev, Frame, SseParser},
+    scenarios::{Ctx, Ended},
+    stats::{Kind, Reader, ReaderEnd, Stats, unix_nanos},
+    transports::{request_error, status_error},
+    verify::Violation,
+};
+
+/// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time.
+/// False when the body failed or ran past `deadline`.
+async fn read_body(
+    resp: &mut reqwest::Response,
+    deadline: Instant,
+    stats: &Stats,
+    label: &str,
+    mut on_frame: impl FnMut(Frame<'_>, i64),
+) -> bool {
+    let mut parser = SseParser::default();
+    loop {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => {
+                stats.error("timeout_body", || label.to_owned());
+                return false;
+            }
+            Ok(Err(e)) => {
+                stats.error("read", || format!("{label}: {}", super::chain(&e)));
+                return false;
+            }
+            Ok(Ok(None)) => return true,
+            Ok(Ok(Some(bytes))) => {
+                let recv = unix_nanos();
+                if parser.push(&bytes, |f| on_frame(f, recv)).is_err() {
+                    stats.error("sse_line_too_long", || label.to_owned());
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds one native SSE frame to `reader`. A `type: error` without `seq` is a notice (e.g.
+/// `slow_consumer`), not the terminal event: counted as an error, and the body ends after it.
+fn native_frame(reader: &mut Reader, stats: &Stats, f: &Frame<'_>, recv: i64) {
+    match serde_json::from_slice::<Ev<'_>>(f.data) {
+        Ok(ev) if ev.kind.as_deref() == Some("error") && ev.seq.is_none() => {
+            let code = ev.code.as_deref().unwrap_or("?").to_owned();
+            let label = reader.label.clone();
+            stats.error(format!("notice_{code}"), || label);
+        }
+        Ok(ev) => reader.native(&ev, recv),
+        Err(e) => {
+            let data = String::from_utf8_lossy(f.data).into_owned();
+            reader.violation(Violation::UnparseableEvent, || format!("{e}: {data}"));
+        }
+    }
+}
+
+/// Closes a reader whose body ended: a clean end without the terminal event is an error too.
+fn finish(reader: Reader, stats: &Stats, body_ok: bool) -> ReaderEnd {
+    if body_ok && !reader.has_terminal() {
+        let label = reader.label.clone();
+        stats.error("eof_before_terminal", || label);
+    }
+    reader.end()
+}
+
+/// One native POST-SSE stream.
+pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
+    let stats = &ctx.stats;
+    let target = ctx.next_target();
+    let deadline = Instant::now() + ctx.stream_timeout;
+    let body = ctx.native_body(seed);
+    let sent_ns = unix_nanos();
+    let request = ctx
+        .http
+        .post(format!("{target}/v1/streams"))
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .json(&body)
+        .send();
+    let mut resp = match tokio::time::timeout_at(deadline, request).await {
+        Err(_) => {
+            stats.error("timeout_response", || label);
+            return Ended::default();
+        }
+        Ok(Err(e)) => {
+            request_error(stats, &e);
+            return Ended::default();
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != reqwest::StatusCode::OK {
+        status_error(stats, resp).await;
+        return Ended::default();
+    }
+    let mut reader = Reader::new(
+        stats.clone(),
+        Kind::Native,
+        label.clone(),
+        ctx.check_options(Kind::Native),
+        sent_ns,
+        sent_ns,
+    );
+    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
+        native_frame(&mut reader, stats, &f, recv)
+    })
+    .await;
+    let end = finish(reader, stats, ok);
+    Ended {
+        ok: ok && end.terminal,
+        completed: end.completed,
+    }
+}
+
+/// One viewer of an existing stream: `GET {target}/v1/streams/{id}/events` from the start.
+/// `sent_ns` is when the stream was created (the viewer's time to first token counts from it).
+pub async fn viewer(
+    ctx: &Ctx,
+    target: &str,
+    id: &str,
+    label: String,
+    sent_ns: i64,
+    deadline: Instant,
+) -> Option<ReaderEnd> {
+    let stats = &ctx.stats;
+    let subscribed_ns = unix_nanos();
+    let request = ctx
+        .http
+        .get(format!("{target}/v1/streams/{id}/events"))
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .send();
+    let mut resp = match tokio::time::timeout_at(deadline, request).await {
+        Err(_) => {
+            stats.error("timeout_response", || label);
+            return None;
+        }
+        Ok(Err(e)) => {
+            request_error(stats, &e);
+            return None;
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != reqwest::StatusCode::OK {
+        status_error(stats, resp).await;
+        return None;
+    }
+    let mut reader = Reader::new(
+        stats.clone(),
+        Kind::Watch,
+        label.clone(),
+        ctx.check_options(Kind::Watch),
+        sent_ns,
+        subscribed_ns,
+    );
+    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
+        native_frame(&mut reader, stats, &f, recv)
+    })
+    .await;
+    let mut end = finish(reader, stats, ok);
+    end.terminal &= ok;
+    Some(end)
+}
+
+/// One OpenAI chat completion stream (`stream: true`, `include_usage`).
+///
+/// Chunks are mapped onto the native checks: the `id:` line of each chunk is its seq (a server
+/// that sends none is taken in arrival order), a content delta is a token, the usage chunk
+/// (with the finish reason of the chunk before it) is the terminal `done`, a `{"error":…}`
+/// frame the terminal error. `data: [DONE]` must follow a usage chunk. There is no emit time
+/// in OpenAI chunks, so this transport has no added-delay figure.
+pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
+    let stats = &ctx.stats;
+    let target = ctx.next_target();
+    let deadline = Instant::now() + ctx.stream_timeout;
+    let body = ctx.chat_body(seed);
+    let sent_ns = unix_nanos();
+    let request = ctx
+        .http
+        .post(format!("{target}/v1/chat/completions"))
+        .json(&body)
+        .send();
+    let mut resp = match tokio::time::timeout_at(deadline, request).await {
+        Err(_) => {
+            stats.error("timeout_response", || label);
+            return Ended::default();
+        }
+        Ok(Err(e)) => {
+            request_error(stats, &e);
+            return Ended::default();
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() != reqwest::StatusCode::OK {
+        status_error(stats, resp).await;
+        return Ended::default();
+    }
+    let mut reader = Reader::new(
+        stats.clone(),
+        Kind::Chat,
+        label.clone(),
+        ctx.check_options(Kind::Chat),
+        sent_ns,
+        sent_ns,
+    );
+    let mut finish_reason: Option<String> = None;
+    let mut done_marker = false;
+    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
+        if done_marker {
+            reader.violation(Violation::EventAfterTerminal, || {
+                format!("{} after [DONE]", String::from_utf8_lossy(f.data))
+            });
+            return;
+        }
+        if f.data == b"[DONE]" {
+            done_marker = true;
+            if !reader.has_terminal() {
+                // A finish without the usage chunk that was asked for.
+                let seq = Some(reader.next_seq());
+                let reason = finish_reason.clone().unwrap_or_else(|| "?".to_owned());
+                reader.done(seq, &reason, None, recv);
+            }
+            return;
+        }
+        let chunk = match serde_json::from_slice::<Chunk<'_>>(f.data) {
+            Ok(c) => c,
+            Err(e) => {
+                let data = String::from_utf8_lossy(f.data).into_owned();
+                reader.violation(Violation::UnparseableEvent, || format!("{e}: {data}"));
+                return;
+            }
+        };
+        let seq = f.id_seq().or_else(|| Some(reader.next_seq()));
+        if let Some(err) = chunk.error {
+            let code = err.code.as_deref().unwrap_or("?");
+            reader.error_event(seq, code, err.message.as_deref().unwrap_or(""), recv);
+            return;
+        }
+        if chunk.choices.is_empty() {
+            if let Some(usage) = chunk.usage {
+                let reason = finish_reason.clone().unwrap_or_else(|| "?".to_owned());
+                reader.done(seq, &reason, Some(usage.completion_tokens), recv);
+            }
+            return;
+        }
+        for choice in &chunk.choices {
+            if let Some(reason) = &choice.finish_reason {
+                finish_reason = Some(reason.to_string());
+            }
+            if let Some(delta) = &choice.delta
+                && delta.role.is_none()
+                && let Some(text) = &delta.content
+            {
+                reader.token(seq, Some(text), None, recv);
+            }
+        }
+    })
+    .await;
+    if ok && reader.has_terminal() && !done_marker && finish_reason.is_some() {
+        reader.violation(Violation::MissingDone, || "no data: [DONE]".to_owned());
+    }
+    let end = finish(reader, stats, ok);
+    Ended {
+        ok: ok && end.terminal,
+        completed: end.completed,
+    }
+}

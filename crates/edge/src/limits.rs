@@ -316,8 +316,6 @@ impl Limiter {
                 let result = self.script(conn, "admit", tenant, id).await;
                 result.map_err(|err| {
                     tracing::warn!(%err, "redis: checking tenant limits failed");
-                    metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "redis")
-                        .increment(1);
                     ApiError::unavailable(
                         "store_unavailable",
                         "stream limits are unreachable right now; retry shortly",
@@ -413,7 +411,13 @@ impl Limiter {
             .arg(self.burst)
             .arg(self.max_concurrent);
         let mut conn = conn.clone();
-        invocation.invoke_async(&mut conn).await
+        let result = invocation.invoke_async(&mut conn).await;
+        if result.is_err() {
+            // Counted once, here, like the store's own Redis calls.
+            metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "redis")
+                .increment(1);
+        }
+        result
     }
 
     /// Stops counting stream `id` (it ended, or was never created).

@@ -84,6 +84,22 @@ pub fn register_metrics() {
         "tokenfan_edge_bus_dropped_batches_total",
         "Bus batches dropped before reaching a mirror (full feed or NATS slow consumer)."
     );
+    describe_counter!(
+        "tokenfan_edge_connections_refused_per_ip_total",
+        "TCP connections refused because their address held --max-connections-per-ip."
+    );
+    describe_counter!(
+        "tokenfan_edge_auth_refusals_total",
+        "Requests refused by authentication (401/403), by error code."
+    );
+    describe_counter!(
+        "tokenfan_edge_rate_limited_total",
+        "Stream creations refused by a tenant limit (429), by limit (rate, concurrent)."
+    );
+    describe_counter!(
+        "tokenfan_edge_body_timeouts_total",
+        "Requests answered 408 because their body did not arrive within --body-read-timeout-secs."
+    );
 
     for transport in STREAMING_TRANSPORTS {
         metrics::gauge!("tokenfan_edge_connections", "transport" => *transport).increment(0.0);
@@ -115,8 +131,13 @@ pub fn register_metrics() {
         "tokenfan_edge_generator_retries_total",
         "tokenfan_edge_bus_gaps_total",
         "tokenfan_edge_bus_dropped_batches_total",
+        "tokenfan_edge_connections_refused_per_ip_total",
+        "tokenfan_edge_body_timeouts_total",
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    for limit in ["rate", "concurrent"] {
+        metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => limit).absolute(0);
     }
     metrics::gauge!("tokenfan_edge_streams_active").increment(0.0);
 }

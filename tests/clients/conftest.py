@@ -20,12 +20,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start_edge() -> tuple[subprocess.Popen, str]:
+def start_edge(*extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Starts an edge with `extra` flags (and `env` added to the environment); returns the
+    process and its base URL."""
     bin_path = REPO_ROOT / os.environ.get("TOKENFAN_EDGE_BIN", "target/debug/tokenfan-edge")
     if not bin_path.exists():
         raise RuntimeError(f"edge binary not found: {bin_path} (cargo build -p tokenfan-edge)")
     child = subprocess.Popen(
-        [str(bin_path), "--listen", "127.0.0.1:0", "--log-format", "json"],
+        [str(bin_path), "--listen", "127.0.0.1:0", "--log-format", "json", *extra],
+        env={**os.environ, **(env or {})},
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -61,7 +64,7 @@ def edge_url() -> str:
     if url:
         yield url.rstrip("/")
         return
-    child, url = _start_edge()
+    child, url = start_edge()
     try:
         yield url
     finally:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Third-party clients against a real tokenfan-edge:
 #   - test_openai_sdk.py       the official `openai` Python SDK (sync + async), httpx + httpx-sse
+#   - test_auth.py             the SDK's api_key and error classes, and stream tickets, against an
+#                              edge of its own with --auth api-keys
 #   - eventsource.test.mjs     the npm `eventsource` package (reconnect, Last-Event-ID, 204)
 #
 #   tests/clients/run.sh            (from anywhere; works from the repository root)

@@ -112,7 +112,7 @@ pub struct AuthArgs {
     )]
     pub api_keys: Vec<String>,
 
-    /// `--auth jwt`: accept HS256 tokens signed with this shared secret.
+    /// `--auth jwt`: accept HS256 tokens signed with this shared secret (at least 32 bytes).
     #[arg(long, env = "TOKENFAN_EDGE_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<Secret>,
 

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench-generator bench-edge clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -64,6 +64,11 @@ cluster-up:
 ## cluster-down: stop the local cluster
 cluster-down:
 	scripts/cluster.sh down
+
+## bench: tokenfan side by side with its peers (Node/Express, Pushpin, the direct gRPC floor), one
+## load generator; QUICK=1 make bench runs one small step per system (see docs/benchmarks.md)
+bench:
+	scripts/bench.sh
 
 ## bench-generator: 10,000 concurrent generations at 50 tokens/s, generator pinned to core 0
 bench-generator: release

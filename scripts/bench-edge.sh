@@ -2,12 +2,13 @@
 # Edge benchmarks (not tests): the delay the edge adds at STREAMS concurrent streams at
 # 50 tokens/s (POST-SSE and WebSocket), and the edge's resident memory per idle SSE / WebSocket
 # connection at IDLE_CONNECTIONS connections. One embedded edge (mock generator in the same
-# process) pinned to one core, the load client pinned to the other; loopback only. A fresh edge
-# is started for every run, so each measures from a clean baseline.
+# process) pinned to one core, the load generator (tokenfan-loadgen) pinned to the other;
+# loopback only. A fresh edge is started for every run, so each measures from a clean baseline.
 # See docs/benchmarks.md for what the numbers mean and the last recorded results.
 #
 # Every parameter can be overridden from the environment, e.g.
 #   RUNS="stream-sse idle-sse" STREAMS=500 scripts/bench-edge.sh
+#   JSON_DIR=bench-out scripts/bench-edge.sh   # also keep each run's JSON result there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,12 +29,15 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-180}        # seconds, per run
 EDGE_ARGS=${EDGE_ARGS:-}               # extra tokenfan-edge flags
 NICE=${NICE:-}                         # e.g. -10: run edge and client at that nice level
 BUILD=${BUILD:-1}                      # 0 = use the existing release binaries
+JSON_DIR=${JSON_DIR:-}                 # a directory: each run writes <run>.json there
+LABEL=${LABEL:-tokenfan}               # --label of the JSON results
 
 if [[ "$BUILD" == 1 ]]; then
-  cargo build --release -p tokenfan-edge --bin tokenfan-edge --example bench_edge >&2
+  cargo build --release --locked -p tokenfan-edge --bin tokenfan-edge \
+    -p tokenfan-loadgen --bin tokenfan-loadgen >&2
 fi
 SERVER_BIN=target/release/tokenfan-edge
-CLIENT_BIN=target/release/examples/bench_edge
+CLIENT_BIN=target/release/tokenfan-loadgen
 for bin in "$SERVER_BIN" "$CLIENT_BIN"; do
   [[ -x "$bin" ]] || { echo "missing $bin (run with BUILD=1)" >&2; exit 1; }
 done
@@ -104,12 +108,15 @@ run() {
   echo
   echo "### $name  $(date -u +%Y-%m-%dT%H:%M:%SZ)  load $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "# edge pid $edge_pid at $edge_addr, $(taskset -pc "$edge_pid" | sed 's/.*: /cpus /'); client: taskset -c $CLIENT_CPU"
-  echo "# client: bench_edge $* --target http://$edge_addr --server-pid $edge_pid"
+  local out=()
+  [[ -n "$JSON_DIR" ]] && out=(--json "$JSON_DIR/$name.json" --label "$LABEL")
+  echo "# client: tokenfan-loadgen $* --target http://$edge_addr --server-pid $edge_pid ${out[*]}"
   local rc=0
   timeout --signal=INT --kill-after=10 "$RUN_TIMEOUT" \
     "${nice[@]}" taskset -c "$CLIENT_CPU" "$CLIENT_BIN" "$@" \
-      --target "http://$edge_addr" --server-pid "$edge_pid" || rc=$?
-  (( rc == 0 )) || echo "# bench_edge exited with status $rc"
+      --target "http://$edge_addr" --server-pid "$edge_pid" "${out[@]}" || rc=$?
+  # 1 = the run counted errors or violations (see its RESULT line), 2 = it could not run.
+  (( rc == 0 )) || echo "# tokenfan-loadgen exited with status $rc"
   local warns
   warns=$(grep -c -E '"level":"(WARN|ERROR)"' "$log" || true)
   echo "# edge log: $warns WARN/ERROR lines"
@@ -120,16 +127,15 @@ run() {
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(nproc) cores  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')  $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
 echo "# git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (with local changes)')  open-files limit $(ulimit -n)${NICE:+  nice $NICE}"
 
-stream_args=(--streams "$STREAMS" --max-tokens "$MAX_TOKENS" --ttft-ms "$TTFT_MS"
-  --inter-token-ms "$INTER_TOKEN_MS" --ramp-secs "$RAMP_SECS" --warmup-secs "$WARMUP_SECS"
-  --measure-secs "$MEASURE_SECS" --progress-secs 0)
+[[ -n "$JSON_DIR" ]] && mkdir -p "$JSON_DIR"
+stream_args=(--concurrency "$STREAMS" --max-tokens "$MAX_TOKENS" --ttft-ms "$TTFT_MS"
+  --inter-token-ms "$INTER_TOKEN_MS" --ramp "$RAMP_SECS" --warmup "$WARMUP_SECS"
+  --duration "$MEASURE_SECS" --metrics --quiet)
 for r in $RUNS; do
   case "$r" in
-    stream-sse) run "$r" stream --transport sse "${stream_args[@]}" ;;
-    stream-ws) run "$r" stream --transport ws --ws-streams-per-socket "$WS_STREAMS_PER_SOCKET" \
-      "${stream_args[@]}" ;;
-    stream-ws:*) run "$r" stream --transport ws --ws-streams-per-socket "${r#stream-ws:}" \
-      "${stream_args[@]}" ;;
+    stream-sse) run "$r" native "${stream_args[@]}" ;;
+    stream-ws) run "$r" ws --streams-per-socket "$WS_STREAMS_PER_SOCKET" "${stream_args[@]}" ;;
+    stream-ws:*) run "$r" ws --streams-per-socket "${r#stream-ws:}" "${stream_args[@]}" ;;
     idle-sse) run "$r" idle --kind sse --connections "$IDLE_CONNECTIONS" ;;
     idle-ws) run "$r" idle --kind ws --connections "$IDLE_CONNECTIONS" ;;
     idle-ws-subscribed) run "$r" idle --kind ws-subscribed --connections "$IDLE_CONNECTIONS" ;;

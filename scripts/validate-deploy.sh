@@ -6,6 +6,7 @@
 #   - deploy/Dockerfile: `checkov`
 #   - deploy/compose.yaml: `docker-compose config -q` (1.29) and the compose-spec JSON schema
 #   - deploy/prometheus.yml: `promtool check config`
+#   - the NATS configuration of k8s/ loads in a real nats-server
 #   - the collector, Tempo and Grafana provisioning files parse as YAML
 #   - deploy/grafana/dashboards/*.json: parsed, and every metric and label they query checked
 #     against the /metrics of a real tokenfan-edge and tokenfan-generator after one stream
@@ -14,7 +15,7 @@
 #
 #   scripts/validate-deploy.sh        (make validate-deploy; part of make test)
 #
-# Installs what is missing first: kubectl, docker-compose and prometheus (for promtool) from
+# Installs what is missing first: kubectl, docker-compose, nats-server and prometheus (for promtool) from
 # Debian; kubernetes-validate, check-jsonschema and checkov from PyPI into .venv-deploy/
 # (rebuilt only when deploy/validate-requirements.txt or the Python version changes).
 # Ends with the line "N passed, M failed"; exits non-zero on any failure.
@@ -38,7 +39,7 @@ SKIP_DOCKERFILE=()
 
 # ------------------------------------------------------------------ tools
 "$root/scripts/install-deps.sh" kubectl:kubectl docker-compose:docker-compose \
-  promtool:prometheus python3:python3 curl:curl
+  promtool:prometheus nats-server:nats-server python3:python3
 
 apt_install() {
   local sudo=""
@@ -140,6 +141,42 @@ for path in sys.argv[1:]:
 PY
 }
 
+# The NATS configuration of k8s/ must load in a real nats-server (random loopback ports; the
+# cluster routes point at names that do not resolve here, which nats-server tolerates).
+nats_config_loads() {
+  "$venv/bin/python" - "$work" <<'PY'
+import os, re, subprocess, sys, time, yaml
+work = sys.argv[1]
+conf = None
+for doc in yaml.safe_load_all(open("k8s/base/nats.yaml")):
+    if doc and doc.get("kind") == "ConfigMap":
+        conf = doc["data"]["nats.conf"]
+if conf is None:
+    sys.exit("k8s/base/nats.yaml has no ConfigMap with nats.conf")
+conf = re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:-1", conf)
+conf = conf.replace("/var/run/nats/", work + "/")
+path = os.path.join(work, "nats.conf")
+open(path, "w").write(conf)
+log = open(os.path.join(work, "nats.log"), "w+")
+proc = subprocess.Popen(["nats-server", "--config", path], stdout=log, stderr=log,
+                        env=dict(os.environ, SERVER_NAME="nats-0"))
+deadline = time.monotonic() + 10
+ready = False
+while time.monotonic() < deadline and proc.poll() is None:
+    log.seek(0)
+    if "Server is ready" in log.read():
+        ready = True
+        break
+    time.sleep(0.05)
+if proc.poll() is None:
+    proc.terminate()
+    proc.wait(timeout=10)
+log.seek(0)
+if not ready:
+    sys.exit("nats-server did not start with k8s/base/nats.yaml's nats.conf:\n" + log.read()[-2000:])
+PY
+}
+
 skips_documented() {
   local missing=0
   for id in "${SKIP_K8S_COMMON[@]}" "${SKIP_K8S_DEV[@]}" "${SKIP_DOCKERFILE[@]}"; do
@@ -166,6 +203,7 @@ for overlay in dev prod; do
   check "checkov k8s/overlays/$overlay (skipping ${skips[*]})" \
     checkov_file "k8s-$overlay" kubernetes "$rendered" "${skips[@]}"
 done
+check "nats-server loads the NATS configuration of k8s/base/nats.yaml" nats_config_loads
 check "YAML parses: collector configs of k8s/" \
   yaml_parses k8s/base/otel-collector-config.yaml k8s/overlays/dev/otel-collector-config.yaml
 

@@ -238,12 +238,17 @@ async fn ws_events(ws: &mut Ws, stream_id: &str) -> Vec<Value> {
     }
 }
 
-/// Sends raw bytes on a fresh connection and reads until the server closes it (or `WAIT`).
+/// Sends raw bytes on a fresh connection and reads until the server closes it; panics if it
+/// is still open after `WAIT`.
 async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+    let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "the server closed the connection within {WAIT:?}"
+    );
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -1187,25 +1192,34 @@ async fn oversized_bodies_and_slow_requests_are_cut_off() {
     .await
     .expect("headers");
     let (mut rd, mut wr) = tcp.into_split();
-    let trickle = tokio::spawn(async move {
-        let mut sent = 0usize;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        while sent < 1000 {
-            tick.tick().await;
-            if wr.write_all(b" ").await.is_err() {
-                break;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let trickle = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while sent.load(std::sync::atomic::Ordering::SeqCst) < 1000 {
+                tick.tick().await;
+                if wr.write_all(b" ").await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-            sent += 1;
-        }
-        sent
-    });
+        })
+    };
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(WAIT, rd.read_to_end(&mut answer)).await;
+    let closed = tokio::time::timeout(WAIT, rd.read_to_end(&mut answer)).await;
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    trickle.abort();
     let answer = String::from_utf8_lossy(&answer).into_owned();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    trickle.abort();
+    assert!(closed.is_ok(), "the connection is closed after the 408");
+    assert!(
+        sent < 1000,
+        "cut off before the body was complete ({sent} bytes sent)"
+    );
 
-    // Headers that never end: the connection is closed without an answer to the request.
+    // Headers that never end: the connection is closed (raw_exchange checks) without an
+    // answer to the request.
     let answer = raw_exchange(edge.addr, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n").await;
     assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
 

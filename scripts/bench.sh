@@ -184,7 +184,7 @@ start_server() {
       addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 30 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
       ;;
     pushpin)
-      setsid taskset -c "$SERVER_CPU" bench/peers/pushpin/run.sh >"$log" 2>&1 &
+      PUSHPIN_LOG_DIR="${log%.server.log}.pushpin" setsid taskset -c "$SERVER_CPU" bench/peers/pushpin/run.sh >"$log" 2>&1 &
       srv_root=$!
       addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 60 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
       ;;

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -73,6 +73,10 @@ bench:
 ## bench-generator: 10,000 concurrent generations at 50 tokens/s, generator pinned to core 0
 bench-generator: release
 	scripts/bench-generator.sh
+
+## bench-cluster: 1 replica vs 3 behind nginx, and 1 stream x 1,000 viewers over 3 replicas
+bench-cluster:
+	scripts/bench-cluster.sh
 
 ## bench-edge: added delay at 1,000 streams and RSS per idle SSE/WebSocket connection
 bench-edge:

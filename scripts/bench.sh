@@ -184,7 +184,7 @@ start_server() {
       addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 30 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
       ;;
     pushpin)
-      setsid taskset -c "$SERVER_CPU" bench/peers/pushpin/run.sh >"$log" 2>&1 &
+      PUSHPIN_LOG_DIR="${log%.server.log}.pushpin" setsid taskset -c "$SERVER_CPU" bench/peers/pushpin/run.sh >"$log" 2>&1 &
       srv_root=$!
       addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 60 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
       ;;
@@ -265,7 +265,11 @@ run_step() {
   fi
   log "$name: $system at $srv_url (pids ${pids[*]}, cpus $(taskset -pc "$srv_root" | sed 's/.*: //'))"
   echo "taskset -c $CLIENT_CPU $LOADGEN ${cmd[*]}" >"$RESULTS/$name.cmd"
-  taskset -c "$CLIENT_CPU" "$LOADGEN" "${cmd[@]}" >"$RESULTS/$name.txt" 2>&1 &
+  local limit_secs=300
+  [[ "$scenario" == idle ]] || limit_secs=$(awk -v r="$RAMP" -v w="$WARMUP" -v d="$DURATION" \
+    -v t="$MAX_TOKENS" -v f="$TTFT_MS" -v g="$INTER_TOKEN_MS" 'BEGIN { printf "%d", r + w + d + 2 * (f + t * g) / 1000 + 120 }')
+  timeout --signal=INT --kill-after=10 "$limit_secs" \
+    taskset -c "$CLIENT_CPU" "$LOADGEN" "${cmd[@]}" >"$RESULTS/$name.txt" 2>&1 &
   local lg=$!
 
   # Memory and connections in the middle of the measured window (idle: once all are open).
@@ -342,7 +346,7 @@ while read -r scenario files; do
   [[ -n "$scenario" ]] || continue
   # shellcheck disable=SC2086
   "$LOADGEN" chart --out "$RESULTS/$scenario.svg" --log-y \
-    --title "tokenfan-loadgen: added delay, $scenario (most streams each system held)" $files \
+    --title "$scenario: each system at the most streams it held" $files \
     >/dev/null 2>"$work/chart.err" || { log "chart $scenario failed:"; cat "$work/chart.err" >&2; }
 done < <(python3 bench/summarize.py charts "$RESULTS")
 

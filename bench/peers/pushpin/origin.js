@@ -31,6 +31,10 @@
 // second for the whole process; with one channel per stream, holds then stall for seconds
 // once more than about 10 streams start per second.
 //
+// A hold is answered only once Pushpin has acknowledged every item the stream published so far,
+// so an item still in flight cannot reach Pushpin after the hold and be delivered twice (it is
+// in the answer's history) or look like a gap to a long-poll.
+//
 // Items are sent in batches (`{"items":[...]}`): every event due in one event-loop turn goes in
 // one POST, and only one POST is in flight at a time, so items reach Pushpin in publish order.
 //
@@ -65,15 +69,37 @@ let pendingBytes = 0;
 let inFlight = false;
 let flushScheduled = false;
 const publishStats = { posts: 0, items: 0, failures: 0 };
+/** Items are numbered in publish order; Pushpin has answered for every item up to `acked`. */
+let published = 0;
+let acked = 0;
+/** Callbacks waiting for `acked` to reach their number. */
+let ackWaiters = [];
 
+/** Queues an item for Pushpin; returns its number (see `whenAcked`). */
 function publish(item) {
   const json = JSON.stringify(item);
   pending.push(json);
   pendingBytes += json.length + 1;
+  published += 1;
   if (!flushScheduled && !inFlight) {
     flushScheduled = true;
     setImmediate(flush);
   }
+  return published;
+}
+
+/** Runs `fn` once Pushpin has taken item number `n` (at once if it already has). */
+function whenAcked(n, fn) {
+  if (acked >= n) fn();
+  else ackWaiters.push({ n, fn });
+}
+
+function advanceAcked(count) {
+  acked += count;
+  if (ackWaiters.length === 0) return;
+  const due = ackWaiters.filter((w) => w.n <= acked);
+  ackWaiters = ackWaiters.filter((w) => w.n > acked);
+  for (const w of due) w.fn();
 }
 
 function flush() {
@@ -115,6 +141,8 @@ function flush() {
 
   function done() {
     inFlight = false;
+    // A failed POST is counted and not retried: its items count as taken so nothing waits forever.
+    advanceAcked(batch.length);
     if (pending.length > 0) flush();
   }
 }
@@ -131,6 +159,8 @@ class Stream {
     /** events[seq - 1] = {seq, type, json, sse} */
     this.events = [];
     this.status = 'running';
+    /** Number of this stream's last published item (0: none yet). */
+    this.lastPublished = 0;
     this.handle = runSchedule(spec, (event) => this.push(event));
   }
 
@@ -146,7 +176,7 @@ class Stream {
       this.status = event.finish_reason === 'cancelled' ? 'cancelled' : 'done';
       setTimeout(() => streams.delete(this.id), HISTORY_TTL_MS).unref();
     }
-    publish({
+    this.lastPublished = publish({
       channel: this.id,
       id: this.itemId(entry.seq),
       'prev-id': this.itemId(entry.seq - 1),
@@ -159,7 +189,7 @@ class Stream {
       },
     });
     if (!this.running) {
-      publish({
+      this.lastPublished = publish({
         channel: this.id,
         id: `${this.itemId(entry.seq)}-end`,
         'prev-id': this.itemId(entry.seq),
@@ -278,6 +308,21 @@ function createStream(req, res) {
   });
 }
 
+/**
+ * Runs `answer` (a hold) once Pushpin has taken every item this stream published so far. An item
+ * still on its way could otherwise reach Pushpin after the hold is registered and be delivered
+ * twice (it is in the answer's history too) or, to a long-poll, look like a gap. Gives up after a
+ * few rounds so a stream that publishes faster than Pushpin acknowledges is still answered.
+ */
+function whenSettled(stream, req, answer, rounds = 0) {
+  if (req.socket.destroyed) return;
+  if (stream.lastPublished <= acked || rounds >= 3) {
+    answer();
+    return;
+  }
+  whenAcked(stream.lastPublished, () => whenSettled(stream, req, answer, rounds + 1));
+}
+
 function events(req, res, stream, url) {
   const recovering = gripLastId(req);
   let cursor;
@@ -298,29 +343,33 @@ function events(req, res, stream, url) {
     res.end();
     return;
   }
-  const headers = {
-    'Content-Type': 'text/event-stream',
-    'Cache-Control': 'no-cache',
-    'X-Accel-Buffering': 'no',
-    'x-stream-id': stream.id,
-  };
-  let body = recovering === null ? 'retry: 1000\n\n' : '';
-  body += stream.sseFrom(cursor);
-  if (stream.running) {
-    // Hold the response open on the stream's channel.
-    headers['Grip-Hold'] = 'stream';
-    headers['Grip-Keep-Alive'] = ': heartbeat\\n\\n; format=cstring; timeout=15';
-    if (RELIABLE_SSE) {
-      // Positioned at the last event sent; a gap makes Pushpin fetch the next link.
-      headers['Grip-Channel'] = `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`;
-      headers['Grip-Link'] = `</v1/streams/${stream.id}/events?recover=1>; rel=next`;
-    } else {
-      headers['Grip-Channel'] = stream.id;
+  const answer = () => {
+    const headers = {
+      'Content-Type': 'text/event-stream',
+      'Cache-Control': 'no-cache',
+      'X-Accel-Buffering': 'no',
+      'x-stream-id': stream.id,
+    };
+    let body = recovering === null ? 'retry: 1000\n\n' : '';
+    body += stream.sseFrom(cursor);
+    if (stream.running) {
+      // Hold the response open on the stream's channel.
+      headers['Grip-Hold'] = 'stream';
+      headers['Grip-Keep-Alive'] = ': heartbeat\\n\\n; format=cstring; timeout=15';
+      if (RELIABLE_SSE) {
+        // Positioned at the last event sent; a gap makes Pushpin fetch the next link.
+        headers['Grip-Channel'] = `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`;
+        headers['Grip-Link'] = `</v1/streams/${stream.id}/events?recover=1>; rel=next`;
+      } else {
+        headers['Grip-Channel'] = stream.id;
+      }
     }
-  }
-  headers['Content-Length'] = Buffer.byteLength(body);
-  res.writeHead(200, headers);
-  res.end(body);
+    headers['Content-Length'] = Buffer.byteLength(body);
+    res.writeHead(200, headers);
+    res.end(body);
+  };
+  if (stream.running) whenSettled(stream, req, answer);
+  else answer();
 }
 
 function poll(req, res, stream, url) {
@@ -340,18 +389,24 @@ function poll(req, res, stream, url) {
     sendError(res, err);
     return;
   }
-  const body = stream.pollBody(after);
+  const answerNow = () => sendJson(res, 200, stream.pollBody(after), { 'Cache-Control': 'no-store' });
   if (stream.events.length > after || !stream.running || timeoutMs === 0) {
-    sendJson(res, 200, body, { 'Cache-Control': 'no-store' });
+    answerNow();
     return;
   }
   // Nothing yet: Pushpin holds the request until the next event is published on the channel;
   // at the timeout it answers with this body (an empty batch). Grip-Timeout is in seconds.
-  sendJson(res, 200, body, {
-    'Cache-Control': 'no-store',
-    'Grip-Hold': 'response',
-    'Grip-Channel': `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`,
-    'Grip-Timeout': String(Math.max(1, Math.round(timeoutMs / 1000))),
+  whenSettled(stream, req, () => {
+    if (stream.events.length > after || !stream.running) {
+      answerNow();
+      return;
+    }
+    sendJson(res, 200, stream.pollBody(after), {
+      'Cache-Control': 'no-store',
+      'Grip-Hold': 'response',
+      'Grip-Channel': `${stream.id}; prev-id=${stream.itemId(stream.events.length)}`,
+      'Grip-Timeout': String(Math.max(1, Math.round(timeoutMs / 1000))),
+    });
   });
 }
 

@@ -8,7 +8,9 @@
 #
 # Environment: PUSHPIN_HTTP_PORT (27999), PUSHPIN_PORT_OFFSET (20000: Pushpin's internal ports
 # 5560-5563 become 25560-25563), PUSHPIN_LOG_LEVEL (1 = warnings; 2 logs every request),
-# PUSHPIN_RUNDIR (default: a new directory under $TMPDIR, removed at exit).
+# PUSHPIN_RUNDIR (default: a new directory under $TMPDIR, removed at exit), PUSHPIN_LOG_DIR (copy
+# Pushpin's log, the origin's stderr and the configuration there at exit), PUSHPIN_RELIABLE_SSE
+# (1 = SSE holds with prev-id and a recovery link; see origin.js).
 # Needs `pushpin` (Debian package; scripts/install-deps.sh pushpin:pushpin) and `node`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,6 +49,10 @@ stop() {
   done
   if [[ -s "$rundir/origin.err" ]]; then
     tail -n 5 "$rundir/origin.err" >&2
+  fi
+  if [[ -n "${PUSHPIN_LOG_DIR:-}" ]]; then
+    mkdir -p "$PUSHPIN_LOG_DIR"
+    cp "$rundir/pushpin.log" "$rundir/origin.err" "$rundir/pushpin.conf" "$PUSHPIN_LOG_DIR/" 2>/dev/null || true
   fi
   if [[ "$own_rundir" == 1 ]]; then rm -rf "$rundir"; fi
 }

@@ -164,6 +164,13 @@ pub struct LoadArgs {
     /// 30 s).
     #[arg(long, env = "TOKENFAN_LOADGEN_STREAM_TIMEOUT_SECS")]
     pub stream_timeout_secs: Option<f64>,
+    /// `native` and `watch`: when a connection drops before the terminal event, reconnect
+    /// `GET /v1/streams/{id}/events` with `Last-Event-ID` on the next target, as an
+    /// EventSource does, up to this many times per stream (1 s apart, EventSource's default
+    /// retry). Each re-attachment is counted under `resumes` by what ended the connection;
+    /// the stream is verified across them. 0 = a drop is an error.
+    #[arg(long, default_value_t = 0, env = "TOKENFAN_LOADGEN_RESUME_ATTEMPTS")]
+    pub resume_attempts: u32,
 }
 
 /// What to measure besides the streams, and where the result goes.

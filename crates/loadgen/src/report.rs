@@ -41,6 +41,9 @@ pub struct Report {
     pub by_transport: BTreeMap<String, TransportResult>,
     pub errors: BTreeMap<String, u64>,
     pub error_total: u64,
+    /// Dropped connections re-attached with `Last-Event-ID` (`--resume-attempts`), by cause.
+    #[serde(default)]
+    pub resumes: BTreeMap<String, u64>,
     /// Every violation kind, zeros included.
     pub violations: BTreeMap<String, u64>,
     pub violation_total: u64,
@@ -275,6 +278,7 @@ pub fn build(
         by_transport,
         errors: stats.errors(),
         error_total,
+        resumes: stats.resumes(),
         violations,
         violation_total,
         finish_reasons: stats.finish_reasons(),
@@ -435,6 +439,13 @@ pub fn text(plan: &Plan, r: &Report) -> String {
             format!("{:?}", r.errors)
         }
     );
+    if !r.resumes.is_empty() {
+        let _ = writeln!(
+            out,
+            "resumes (dropped connections re-attached with Last-Event-ID), by cause: {:?}",
+            r.resumes
+        );
+    }
     let listed: Vec<String> = Violation::ALL
         .iter()
         .map(|v| {

@@ -180,6 +180,8 @@ pub struct Stats {
     /// Streams in flight.
     pub in_flight: AtomicUsize,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Dropped connections re-attached with `Last-Event-ID`, by what ended them.
+    resumes: Mutex<BTreeMap<String, u64>>,
     violations: Mutex<BTreeMap<Violation, u64>>,
     finish_reasons: Mutex<BTreeMap<String, u64>>,
     examples: Mutex<Vec<String>>,
@@ -212,6 +214,7 @@ impl Stats {
             kinds: Default::default(),
             in_flight: AtomicUsize::new(0),
             errors: Mutex::default(),
+            resumes: Mutex::default(),
             violations: Mutex::default(),
             finish_reasons: Mutex::default(),
             examples: Mutex::default(),
@@ -241,6 +244,16 @@ impl Stats {
         if seen <= 2 {
             self.example(|| format!("error {kind}: {}", detail()));
         }
+    }
+
+    /// Counts a dropped connection that was re-attached with `Last-Event-ID`; `cause` is the
+    /// error kind that ended it.
+    pub fn resumed(&self, cause: &str) {
+        *lock(&self.resumes).entry(cause.to_owned()).or_default() += 1;
+    }
+
+    pub fn resumes(&self) -> BTreeMap<String, u64> {
+        lock(&self.resumes).clone()
     }
 
     pub fn example(&self, text: impl FnOnce() -> String) {

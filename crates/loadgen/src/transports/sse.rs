@@ -11,37 +11,133 @@ use crate::{
     verify::Violation,
 };
 
+/// Why an SSE body ended early: an error kind (`timeout_body`, `read`, `sse_line_too_long`)
+/// and its detail.
+struct Failure {
+    kind: &'static str,
+    detail: String,
+}
+
 /// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time.
-/// False when the body failed or ran past `deadline`.
+/// Err when the body failed or ran past `deadline`.
 async fn read_body(
     resp: &mut reqwest::Response,
     deadline: Instant,
-    stats: &Stats,
     label: &str,
     mut on_frame: impl FnMut(Frame<'_>, i64),
-) -> bool {
+) -> Result<(), Failure> {
     let mut parser = SseParser::default();
     loop {
         match tokio::time::timeout_at(deadline, resp.chunk()).await {
             Err(_) => {
-                stats.error("timeout_body", || label.to_owned());
-                return false;
+                return Err(Failure {
+                    kind: "timeout_body",
+                    detail: label.to_owned(),
+                });
             }
             Ok(Err(e)) => {
-                stats.error("read", || format!("{label}: {}", super::chain(&e)));
-                return false;
+                return Err(Failure {
+                    kind: "read",
+                    detail: format!("{label}: {}", super::chain(&e)),
+                });
             }
-            Ok(Ok(None)) => return true,
+            Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(bytes))) => {
                 let recv = unix_nanos();
                 if parser.push(&bytes, |f| on_frame(f, recv)).is_err() {
-                    stats.error("sse_line_too_long", || label.to_owned());
-                    return false;
+                    return Err(Failure {
+                        kind: "sse_line_too_long",
+                        detail: label.to_owned(),
+                    });
                 }
             }
         }
     }
 }
+
+/// Counts a failed body as an error; true when it ended cleanly.
+fn counted(stats: &Stats, end: Result<(), Failure>) -> bool {
+    match end {
+        Ok(()) => true,
+        Err(f) => {
+            stats.error(f.kind, || f.detail);
+            false
+        }
+    }
+}
+
+/// Reads a native SSE body into `reader` to its end. With `--resume-attempts`, a connection
+/// that drops before the terminal event is re-attached with `Last-Event-ID` = the last seq
+/// received (on the next target, 1 s later, as an EventSource does) and read on into the same
+/// reader, so the stream is verified across the resumes. True when the last body ended
+/// cleanly.
+async fn follow_native(
+    ctx: &Ctx,
+    mut resp: reqwest::Response,
+    reader: &mut Reader,
+    id: Option<&str>,
+    deadline: Instant,
+    label: &str,
+) -> bool {
+    let stats = &ctx.stats;
+    let mut attempts = ctx.plan.load.resume_attempts;
+    loop {
+        let end = read_body(&mut resp, deadline, label, |f, recv| {
+            native_frame(reader, stats, &f, recv)
+        })
+        .await;
+        let cause = match &end {
+            Ok(()) if reader.has_terminal() => return true,
+            Ok(()) => "eof_before_terminal",
+            Err(f) if f.kind == "timeout_body" => return counted(stats, end),
+            Err(f) => f.kind,
+        };
+        let Some(id) = id.filter(|_| attempts > 0) else {
+            return counted(stats, end);
+        };
+        // Re-attach: each try (a refused or failed GET too) spends one attempt.
+        let resumed = loop {
+            attempts -= 1;
+            tokio::time::sleep(RESUME_RETRY).await;
+            if Instant::now() >= deadline {
+                break None;
+            }
+            let last = reader.next_seq().saturating_sub(1);
+            let request = ctx
+                .http
+                .get(format!("{}/v1/streams/{id}/events", ctx.next_target()))
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+                .header("last-event-id", last.to_string())
+                .send();
+            match tokio::time::timeout_at(deadline, request).await {
+                Ok(Ok(r)) if r.status() == reqwest::StatusCode::OK => break Some(r),
+                _ if attempts > 0 => {}
+                Ok(Ok(r)) => {
+                    status_error(stats, r).await;
+                    break None;
+                }
+                Ok(Err(e)) => {
+                    request_error(stats, &e);
+                    break None;
+                }
+                Err(_) => break None,
+            }
+        };
+        match resumed {
+            Some(r) => {
+                stats.resumed(cause);
+                resp = r;
+            }
+            None => {
+                // What ended the last connection is the stream's error.
+                return counted(stats, end);
+            }
+        }
+    }
+}
+
+/// EventSource's default reconnection delay.
+const RESUME_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Feeds one native SSE frame to `reader`. A `type: error` without `seq` is a notice (e.g.
 /// `slow_consumer`), not the terminal event: counted as an error, and the body ends after it.
@@ -82,7 +178,7 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
         .header(reqwest::header::ACCEPT, "text/event-stream")
         .json(&body)
         .send();
-    let mut resp = match tokio::time::timeout_at(deadline, request).await {
+    let resp = match tokio::time::timeout_at(deadline, request).await {
         Err(_) => {
             stats.error("timeout_response", || label);
             return Ended::default();
@@ -97,6 +193,11 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
         status_error(stats, resp).await;
         return Ended::default();
     }
+    let id = resp
+        .headers()
+        .get("x-stream-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut reader = Reader::new(
         stats.clone(),
         Kind::Native,
@@ -105,10 +206,7 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
         sent_ns,
         sent_ns,
     );
-    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
-        native_frame(&mut reader, stats, &f, recv)
-    })
-    .await;
+    let ok = follow_native(ctx, resp, &mut reader, id.as_deref(), deadline, &label).await;
     let end = finish(reader, stats, ok);
     Ended {
         ok: ok && end.terminal,
@@ -133,7 +231,7 @@ pub async fn viewer(
         .get(format!("{target}/v1/streams/{id}/events"))
         .header(reqwest::header::ACCEPT, "text/event-stream")
         .send();
-    let mut resp = match tokio::time::timeout_at(deadline, request).await {
+    let resp = match tokio::time::timeout_at(deadline, request).await {
         Err(_) => {
             stats.error("timeout_response", || label);
             return None;
@@ -156,10 +254,7 @@ pub async fn viewer(
         sent_ns,
         subscribed_ns,
     );
-    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
-        native_frame(&mut reader, stats, &f, recv)
-    })
-    .await;
+    let ok = follow_native(ctx, resp, &mut reader, Some(id), deadline, &label).await;
     let mut end = finish(reader, stats, ok);
     end.terminal &= ok;
     Some(end)
@@ -208,7 +303,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     );
     let mut finish_reason: Option<String> = None;
     let mut done_marker = false;
-    let ok = read_body(&mut resp, deadline, stats, &label, |f, recv| {
+    let end = read_body(&mut resp, deadline, &label, |f, recv| {
         if done_marker {
             reader.violation(Violation::EventAfterTerminal, || {
                 format!("{} after [DONE]", String::from_utf8_lossy(f.data))
@@ -259,6 +354,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
         }
     })
     .await;
+    let ok = counted(stats, end);
     if ok && reader.has_terminal() && !done_marker && finish_reason.is_some() {
         reader.violation(Violation::MissingDone, || "no data: [DONE]".to_owned());
     }

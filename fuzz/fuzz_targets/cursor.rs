@@ -1,0 +1,6 @@
+//! Last-Event-ID bytes and a query string through the events, poll and status endpoints; the properties are in `tokenfan_edge::fuzzing::cursor`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tokenfan_edge::fuzzing::cursor(data));

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster fuzz clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -38,6 +38,11 @@ validate-deploy: build
 ## check-metrics: promtool check metrics on the edge's and the generator's /metrics after a stream
 check-metrics: build
 	scripts/check-metrics.sh target/debug
+
+## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECS seconds from its committed corpus; fails on any crash
+FUZZ_SECS ?= 180
+fuzz:
+	FUZZ_SECS=$(FUZZ_SECS) scripts/fuzz.sh
 
 ## lint: format check and clippy only
 lint:

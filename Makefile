@@ -83,6 +83,10 @@ bench-generator: release
 bench-cluster:
 	scripts/bench-cluster.sh
 
+## soak: the local cluster under load for SOAK_SECS (300) with random kill -9 of edges, generators, NATS and Redis
+soak:
+	scripts/soak.sh
+
 ## bench-edge: added delay at 1,000 streams and RSS per idle SSE/WebSocket connection
 bench-edge:
 	scripts/bench-edge.sh

@@ -3,6 +3,8 @@
 #   scripts/cluster.sh up     start everything (installs missing Debian packages, builds release)
 #   scripts/cluster.sh down   stop everything
 #   scripts/cluster.sh status show what runs
+#   scripts/cluster.sh kill NAME     kill -9 one process (edge-2, generator-1, nats, redis, …)
+#   scripts/cluster.sh start NAME    start it again with the same command, and wait until ready
 # Ports: nginx 8080 (the entry point), edges 8081-8083, generators 50061-50062
 # (metrics 9471-9472), NATS 14222, Redis 16379. Logs and pid files: .run/cluster/.
 set -euo pipefail
@@ -16,7 +18,7 @@ REDIS_PORT=16379
 start() { # name, command...
   local name=$1
   shift
-  "$@" >"$run/$name.log" 2>&1 &
+  "$@" >>"$run/$name.log" 2>&1 &
   echo $! >"$run/$name.pid"
 }
 
@@ -44,30 +46,56 @@ up() {
   (cd "$root" && cargo build --release --locked --bins)
   if [ -d "$run" ] && ls "$run"/*.pid >/dev/null 2>&1; then down; fi
   mkdir -p "$run/nginx-tmp" "$run/redis"
+  rm -f "$run"/*.log
 
-  start nats nats-server -a 127.0.0.1 -p $NATS_PORT
-  start redis redis-server --bind 127.0.0.1 --port $REDIS_PORT --save "" --appendonly no --dir "$run/redis"
-  wait_port $NATS_PORT nats
-  wait_port $REDIS_PORT redis
-
-  for i in 1 2; do
-    start "generator-$i" "$bin/tokenfan-generator" --listen "127.0.0.1:5006$i" \
-      --metrics-listen "127.0.0.1:947$i" --allow-faults
-  done
-  wait_http http://127.0.0.1:9471/metrics generator-1
-  wait_http http://127.0.0.1:9472/metrics generator-2
-
-  for i in 1 2 3; do
-    start "edge-$i" "$bin/tokenfan-edge" --listen "127.0.0.1:808$i" --replica-id "edge-$i" \
-      --generator http://127.0.0.1:50061,http://127.0.0.1:50062 \
-      --nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT"
-  done
-  for i in 1 2 3; do wait_http "http://127.0.0.1:808$i/readyz" "edge-$i"; done
+  launch nats
+  launch redis
+  for i in 1 2; do launch "generator-$i"; done
+  for i in 1 2 3; do launch "edge-$i"; done
 
   sed "s|@RUN_DIR@|$run|g" "$root/deploy/nginx-local.conf" >"$run/nginx.conf"
   start nginx nginx -p "$run" -c "$run/nginx.conf" -g 'daemon off;'
   wait_http http://127.0.0.1:8080/readyz nginx
   echo "tokenfan cluster up: http://127.0.0.1:8080/ (edges 8081-8083; logs in $run)"
+}
+
+# Starts one process of the topology by name and waits until it is ready.
+launch() {
+  case "$1" in
+    nats)
+      start nats nats-server -a 127.0.0.1 -p $NATS_PORT
+      wait_port $NATS_PORT nats
+      ;;
+    redis)
+      start redis redis-server --bind 127.0.0.1 --port $REDIS_PORT --save "" --appendonly no \
+        --dir "$run/redis"
+      wait_port $REDIS_PORT redis
+      ;;
+    generator-[12])
+      local i=${1#generator-}
+      start "$1" "$bin/tokenfan-generator" --listen "127.0.0.1:5006$i" \
+        --metrics-listen "127.0.0.1:947$i" --allow-faults
+      wait_http "http://127.0.0.1:947$i/metrics" "$1"
+      ;;
+    edge-[123])
+      local i=${1#edge-}
+      start "$1" "$bin/tokenfan-edge" --listen "127.0.0.1:808$i" --replica-id "$1" \
+        --generator http://127.0.0.1:50061,http://127.0.0.1:50062 \
+        --nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT"
+      wait_http "http://127.0.0.1:808$i/readyz" "$1"
+      ;;
+    *) echo "unknown process $1 (nats, redis, generator-1..2, edge-1..3)" >&2; return 2 ;;
+  esac
+}
+
+# kill -9 one process by name (a crash, not a shutdown).
+crash() {
+  local pid
+  pid=$(cat "$run/$1.pid" 2>/dev/null || true)
+  [ -n "$pid" ] || { echo "no pid file for $1" >&2; return 1; }
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$run/$1.pid"
 }
 
 down() {
@@ -99,5 +127,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  kill) crash "${2:?name}" ;;
+  start) mkdir -p "$run/redis"; launch "${2:?name}" ;;
+  *) echo "usage: $0 up|down|status|kill NAME|start NAME" >&2; exit 2 ;;
 esac

@@ -167,8 +167,10 @@ pub struct LoadArgs {
     /// `native` and `watch`: when a connection drops before the terminal event, reconnect
     /// `GET /v1/streams/{id}/events` with `Last-Event-ID` on the next target, as an
     /// EventSource does, up to this many times per stream (1 s apart, EventSource's default
-    /// retry). Each re-attachment is counted under `resumes` by what ended the connection;
-    /// the stream is verified across them. 0 = a drop is an error.
+    /// retry). A refused connection when creating a `watch` stream or opening a viewer is
+    /// tried again on the next target the same way (nothing was sent). Each retry is counted
+    /// under `resumes` by what ended the connection; the stream is verified across them.
+    /// 0 = a drop is an error.
     #[arg(long, default_value_t = 0, env = "TOKENFAN_LOADGEN_RESUME_ATTEMPTS")]
     pub resume_attempts: u32,
 }

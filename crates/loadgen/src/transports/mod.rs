@@ -9,6 +9,9 @@ pub mod ws;
 
 use crate::stats::Stats;
 
+/// How long a client waits before it reconnects (`--resume-attempts`): EventSource's default.
+pub(crate) const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Counts a failed HTTP request as `connect`, `timeout_response` or `request`.
 pub(crate) fn request_error(stats: &Stats, e: &reqwest::Error) {
     let kind = if e.is_connect() {

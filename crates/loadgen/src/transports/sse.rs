@@ -98,7 +98,7 @@ async fn follow_native(
         // Re-attach: each try (a refused or failed GET too) spends one attempt.
         let resumed = loop {
             attempts -= 1;
-            tokio::time::sleep(RESUME_RETRY).await;
+            tokio::time::sleep(super::RETRY_DELAY).await;
             if Instant::now() >= deadline {
                 break None;
             }
@@ -135,9 +135,6 @@ async fn follow_native(
         }
     }
 }
-
-/// EventSource's default reconnection delay.
-const RESUME_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Feeds one native SSE frame to `reader`. A `type: error` without `seq` is a notice (e.g.
 /// `slow_consumer`), not the terminal event: counted as an error, and the body ends after it.
@@ -226,21 +223,32 @@ pub async fn viewer(
 ) -> Option<ReaderEnd> {
     let stats = &ctx.stats;
     let subscribed_ns = unix_nanos();
-    let request = ctx
-        .http
-        .get(format!("{target}/v1/streams/{id}/events"))
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .send();
-    let resp = match tokio::time::timeout_at(deadline, request).await {
-        Err(_) => {
-            stats.error("timeout_response", || label);
-            return None;
+    let mut target = target.to_owned();
+    let mut attempts = ctx.plan.load.resume_attempts;
+    let resp = loop {
+        let request = ctx
+            .http
+            .get(format!("{target}/v1/streams/{id}/events"))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send();
+        match tokio::time::timeout_at(deadline, request).await {
+            Err(_) => {
+                stats.error("timeout_response", || label);
+                return None;
+            }
+            // A refused connection: an EventSource retries it (on the next target here).
+            Ok(Err(e)) if e.is_connect() && attempts > 0 => {
+                attempts -= 1;
+                stats.resumed("connect");
+                tokio::time::sleep(super::RETRY_DELAY).await;
+                target = ctx.next_target().to_owned();
+            }
+            Ok(Err(e)) => {
+                request_error(stats, &e);
+                return None;
+            }
+            Ok(Ok(r)) => break r,
         }
-        Ok(Err(e)) => {
-            request_error(stats, &e);
-            return None;
-        }
-        Ok(Ok(r)) => r,
     };
     if resp.status() != reqwest::StatusCode::OK {
         status_error(stats, resp).await;

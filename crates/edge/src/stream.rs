@@ -361,6 +361,13 @@ impl Subscription {
         let limits = self.state.limits;
         let pending = inner.events.get(self.cursor as usize..).unwrap_or_default();
         let batch = if pending.is_empty() {
+            if inner.status != StreamStatus::Running {
+                // At or past the end of a finished stream (a cursor that was ahead of the
+                // stream while it ran): nothing will ever come, so the subscription ends
+                // instead of waiting forever.
+                self.finished = true;
+                return Err(Closed::Finished);
+            }
             return Ok(Vec::new());
         } else if self.cursor < self.backlog_end {
             // Replaying history that existed at subscribe time, a queue's worth at a time.
@@ -563,6 +570,23 @@ mod tests {
         assert!(s.subscribe(6).is_err(), "past the terminal event");
         assert!(s.events_after(6).is_err());
         assert!(s.subscribe(5).is_ok(), "at the terminal event");
+    }
+
+    #[tokio::test]
+    async fn a_cursor_at_or_past_the_end_ends_once_the_stream_has_ended() {
+        let s = state(8, 1 << 20);
+        s.publish(&[token(1, "a")]);
+        let mut ahead = s.subscribe(4).expect("ahead while running");
+        s.publish(&[token(2, "b"), done(3)]);
+        let ended = tokio::time::timeout(Duration::from_secs(5), ahead.next_batch()).await;
+        assert_eq!(ended.expect("no hang").err(), Some(Closed::Finished));
+        let mut at_end = s.subscribe(3).expect("at the terminal event");
+        assert_eq!(at_end.try_batch().err(), Some(Closed::Finished));
+        let mut running = state(8, 1 << 20).subscribe(1).expect("ahead");
+        let pending = running
+            .try_batch()
+            .expect("a running stream may still get there");
+        assert!(pending.is_empty());
     }
 
     #[tokio::test]

@@ -2,19 +2,23 @@
 //! WebSocket over both (RFC 8441 extended CONNECT on HTTP/2), a connection cap, and a graceful
 //! stop.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::Router;
+use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto::Builder, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::limits::PerIp;
 
@@ -70,19 +74,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let header_read_timeout = limits.header_read_timeout;
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let protocols = Arc::new(Protocols::new(header_read_timeout));
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Refusals in progress (each takes up to ~3 s); past this many, excess connections are
     // just closed.
@@ -121,17 +114,19 @@ pub async fn serve(
             }
             continue;
         };
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
+        let shutdown = shutdown.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // Held for the life of the connection.
             let _permits = (permit, ip_permit);
             let result = match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
+                    let Some(protocol) = sniff(&tcp, header_read_timeout).await else {
+                        return;
+                    };
+                    protocols.serve(tcp, protocol, service, &shutdown).await
                 }
                 Some(acceptor) => {
                     let stream =
@@ -144,9 +139,11 @@ pub async fn serve(
                             }
                             Err(_) => return,
                         };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    protocols.serve(stream, protocol, service, &shutdown).await
                 }
             };
             if let Err(err) = result {
@@ -155,11 +152,113 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(CONNECTION_DRAIN, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(CONNECTION_DRAIN, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 client preface begins with the method `PRI`, which no HTTP/1 request uses.
+const H2_PREFACE_START: &[u8] = b"PRI";
+
+/// Tells HTTP/1.1 from h2c (prior knowledge) by the connection's first bytes, without reading
+/// them: hyper then reads the request into its own buffer directly. (Reading the bytes first
+/// and replaying them makes hyper's first read short, and its 8 KiB read buffer grows to
+/// 16 KiB for every connection.) None when the client closed or sent nothing in time.
+async fn sniff(tcp: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let mut buf = [0u8; H2_PREFACE_START.len()];
+    let peek = async {
+        loop {
+            let n = tcp.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE_START[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE_START.len() {
+                return Some(Protocol::Http2);
+            }
+            // One or two bytes of `PRI` so far (a peek doesn't wait for more): look again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(timeout, peek).await.ok().flatten()
+}
+
+/// How connections of each protocol are served.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(header_read_timeout: Duration) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Self { http1, http2 }
+    }
+
+    /// Serves one connection until it ends; once `shutdown` fires, asks it to finish (HTTP/1:
+    /// close after the response in progress; HTTP/2: GOAWAY) and waits for that.
+    async fn serve<I>(
+        &self,
+        io: I,
+        protocol: Protocol,
+        service: TowerToHyperService<Router>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), hyper::Error>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        match protocol {
+            Protocol::Http1 => {
+                let conn = self.http1.serve_connection(io, service).with_upgrades();
+                until_done(conn, shutdown, |c| c.graceful_shutdown()).await
+            }
+            Protocol::Http2 => {
+                let conn = self.http2.serve_connection(io, service);
+                until_done(conn, shutdown, |c| c.graceful_shutdown()).await
+            }
+        }
+    }
+}
+
+/// Drives `conn` to its end, calling `stop` on it once when `shutdown` fires.
+async fn until_done<C>(
+    conn: C,
+    shutdown: &CancellationToken,
+    stop: impl FnOnce(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            stop(conn.as_mut());
+            conn.await
+        }
     }
 }
 

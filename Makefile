@@ -42,6 +42,7 @@ check-metrics: build
 ## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECS seconds from its committed corpus; fails on any crash
 FUZZ_SECS ?= 180
 fuzz:
+	@scripts/install-deps.sh c++:g++
 	FUZZ_SECS=$(FUZZ_SECS) scripts/fuzz.sh
 
 ## lint: format check and clippy only

@@ -17,6 +17,7 @@ SANITIZER="${FUZZ_SANITIZER:-address}"
 ALL=(ws_message stream_request cursor)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${ALL[@]}"); fi
 
+# libfuzzer-sys compiles libFuzzer (C++): `make fuzz` installs g++ first when it is missing.
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz (cargo install cargo-fuzz --locked, ~2 min)"
     cargo install cargo-fuzz --locked

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster fuzz clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak fuzz clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -84,7 +84,7 @@ bench-generator: release
 bench-cluster:
 	scripts/bench-cluster.sh
 
-## soak: the local cluster under load for SOAK_SECS (300) with random kill -9 of edges, generators, NATS and Redis
+## soak: the local cluster under load for SOAK_SECS (300) while edges, generators, NATS and Redis are killed (kill -9) in turn
 soak:
 	scripts/soak.sh
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak (not a test): the local cluster of `make cluster-up` under load for SOAK_SECS while a
-# chaos loop crashes (kill -9) a random edge or generator, or restarts NATS or Redis, every
-# CHAOS_EVERY seconds, bringing each back before the next fault. Two load generators run
+# chaos loop kills (kill -9) an edge, a generator, NATS or Redis every CHAOS_EVERY seconds and
+# brings it back before the next fault: rounds that take every process once, each round in a
+# random order (SEED). Two load generators run
 # throughout, both reconnecting dropped connections with Last-Event-ID as an EventSource does:
 #   - POST-SSE streams through nginx (127.0.0.1:8080), STREAMS at once;
 #   - WATCH streams, each read by VIEWERS viewers spread over the three edges directly.
@@ -63,9 +64,19 @@ RANDOM=$SEED
 read -r -a faults <<<"$FAULTS"
 end=$((SECONDS + SOAK_SECS))
 echo "soak: ${SOAK_SECS}s, a fault every ${CHAOS_EVERY}s from: ${faults[*]} (seed $SEED)" | tee "$OUT/chaos.log"
+round=()
 while (( SECONDS + CHAOS_EVERY < end )); do
   sleep "$CHAOS_EVERY"
-  victim=${faults[RANDOM % ${#faults[@]}]}
+  # Each round takes every fault once, in a random order: every kind happens.
+  if (( ${#round[@]} == 0 )); then
+    round=("${faults[@]}")
+    for ((i = ${#round[@]} - 1; i > 0; i--)); do
+      j=$((RANDOM % (i + 1)))
+      tmp=${round[i]}; round[i]=${round[j]}; round[j]=$tmp
+    done
+  fi
+  victim=${round[0]}
+  round=("${round[@]:1}")
   echo "$(date -u +%T) kill -9 $victim" | tee -a "$OUT/chaos.log"
   "$cluster" kill "$victim"
   sleep "$DOWN_SECS"

@@ -164,13 +164,12 @@ pub struct LoadArgs {
     /// 30 s).
     #[arg(long, env = "TOKENFAN_LOADGEN_STREAM_TIMEOUT_SECS")]
     pub stream_timeout_secs: Option<f64>,
-    /// `native` and `watch`: when a connection drops before the terminal event, reconnect
-    /// `GET /v1/streams/{id}/events` with `Last-Event-ID` on the next target, as an
-    /// EventSource does, up to this many times per stream (1 s apart, EventSource's default
-    /// retry). A refused connection when creating a `watch` stream or opening a viewer is
-    /// tried again on the next target the same way (nothing was sent). Each retry is counted
-    /// under `resumes` by what ended the connection; the stream is verified across them.
-    /// 0 = a drop is an error.
+    /// Reconnect like an EventSource, up to this many times per stream, 1 s apart, on the next
+    /// target: in `native` and `watch`, a connection that drops before the terminal event is
+    /// re-attached with `GET /v1/streams/{id}/events` and `Last-Event-ID` = the last seq
+    /// received, and the stream is verified across the resumes; in the HTTP scenarios, a
+    /// refused connection (nothing was sent) is tried again. Each retry is counted under
+    /// `resumes` by what ended the connection. 0 = a drop or a refusal is an error.
     #[arg(long, default_value_t = 0, env = "TOKENFAN_LOADGEN_RESUME_ATTEMPTS")]
     pub resume_attempts: u32,
 }

@@ -7,7 +7,9 @@ pub mod poll;
 pub mod sse;
 pub mod ws;
 
-use crate::stats::Stats;
+use tokio::time::Instant;
+
+use crate::{scenarios::Ctx, stats::Stats};
 
 /// How long a client waits before it reconnects (`--resume-attempts`): EventSource's default.
 pub(crate) const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -45,4 +47,39 @@ pub(crate) async fn status_error(stats: &Stats, resp: reqwest::Response) {
     let body = resp.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
     stats.error(format!("http_{status}"), || body);
+}
+
+/// Sends the request `build` makes for `target`; None when it failed (counted as an error,
+/// `label` naming it). With `--resume-attempts`, a refused connection (nothing was sent, so
+/// trying again cannot start a second stream) is tried again on the next target after
+/// [`RETRY_DELAY`], as an EventSource does, and counted under `resumes` as `connect`.
+pub(crate) async fn send(
+    ctx: &Ctx,
+    target: &str,
+    deadline: Instant,
+    label: &str,
+    build: impl Fn(&str) -> reqwest::RequestBuilder,
+) -> Option<reqwest::Response> {
+    let stats = &ctx.stats;
+    let mut target = target.to_owned();
+    let mut attempts = ctx.plan.load.resume_attempts;
+    loop {
+        match tokio::time::timeout_at(deadline, build(&target).send()).await {
+            Err(_) => {
+                stats.error("timeout_response", || label.to_owned());
+                return None;
+            }
+            Ok(Err(e)) if e.is_connect() && attempts > 0 => {
+                attempts -= 1;
+                stats.resumed("connect");
+                tokio::time::sleep(RETRY_DELAY).await;
+                target = ctx.next_target().to_owned();
+            }
+            Ok(Err(e)) => {
+                request_error(stats, &e);
+                return None;
+            }
+            Ok(Ok(r)) => return Some(r),
+        }
+    }
 }

@@ -24,32 +24,11 @@ use crate::{
 /// `resumes` as `connect`.
 pub async fn create(ctx: &Ctx, target: &str, body: &Value, deadline: Instant) -> Option<String> {
     let stats = &ctx.stats;
-    let mut target = target.to_owned();
-    let mut attempts = ctx.plan.load.resume_attempts;
-    let resp = loop {
-        let request = ctx
-            .http
-            .post(format!("{target}/v1/streams"))
-            .json(body)
-            .send();
-        match tokio::time::timeout_at(deadline, request).await {
-            Err(_) => {
-                stats.error("timeout_response", || format!("POST {target}/v1/streams"));
-                return None;
-            }
-            Ok(Err(e)) if e.is_connect() && attempts > 0 => {
-                attempts -= 1;
-                stats.resumed("connect");
-                tokio::time::sleep(super::RETRY_DELAY).await;
-                target = ctx.next_target().to_owned();
-            }
-            Ok(Err(e)) => {
-                request_error(stats, &e);
-                return None;
-            }
-            Ok(Ok(r)) => break r,
-        }
-    };
+    let label = format!("POST {target}/v1/streams");
+    let resp = super::send(ctx, target, deadline, &label, |t| {
+        ctx.http.post(format!("{t}/v1/streams")).json(body)
+    })
+    .await?;
     if resp.status() != reqwest::StatusCode::CREATED {
         status_error(stats, resp).await;
         return None;

@@ -169,22 +169,15 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let deadline = Instant::now() + ctx.stream_timeout;
     let body = ctx.native_body(seed);
     let sent_ns = unix_nanos();
-    let request = ctx
-        .http
-        .post(format!("{target}/v1/streams"))
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .json(&body)
-        .send();
-    let resp = match tokio::time::timeout_at(deadline, request).await {
-        Err(_) => {
-            stats.error("timeout_response", || label);
-            return Ended::default();
-        }
-        Ok(Err(e)) => {
-            request_error(stats, &e);
-            return Ended::default();
-        }
-        Ok(Ok(r)) => r,
+    let Some(resp) = super::send(ctx, target, deadline, &label, |t| {
+        ctx.http
+            .post(format!("{t}/v1/streams"))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&body)
+    })
+    .await
+    else {
+        return Ended::default();
     };
     if resp.status() != reqwest::StatusCode::OK {
         status_error(stats, resp).await;
@@ -223,33 +216,12 @@ pub async fn viewer(
 ) -> Option<ReaderEnd> {
     let stats = &ctx.stats;
     let subscribed_ns = unix_nanos();
-    let mut target = target.to_owned();
-    let mut attempts = ctx.plan.load.resume_attempts;
-    let resp = loop {
-        let request = ctx
-            .http
-            .get(format!("{target}/v1/streams/{id}/events"))
+    let resp = super::send(ctx, target, deadline, &label, |t| {
+        ctx.http
+            .get(format!("{t}/v1/streams/{id}/events"))
             .header(reqwest::header::ACCEPT, "text/event-stream")
-            .send();
-        match tokio::time::timeout_at(deadline, request).await {
-            Err(_) => {
-                stats.error("timeout_response", || label);
-                return None;
-            }
-            // A refused connection: an EventSource retries it (on the next target here).
-            Ok(Err(e)) if e.is_connect() && attempts > 0 => {
-                attempts -= 1;
-                stats.resumed("connect");
-                tokio::time::sleep(super::RETRY_DELAY).await;
-                target = ctx.next_target().to_owned();
-            }
-            Ok(Err(e)) => {
-                request_error(stats, &e);
-                return None;
-            }
-            Ok(Ok(r)) => break r,
-        }
-    };
+    })
+    .await?;
     if resp.status() != reqwest::StatusCode::OK {
         status_error(stats, resp).await;
         return None;
@@ -281,21 +253,14 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let deadline = Instant::now() + ctx.stream_timeout;
     let body = ctx.chat_body(seed);
     let sent_ns = unix_nanos();
-    let request = ctx
-        .http
-        .post(format!("{target}/v1/chat/completions"))
-        .json(&body)
-        .send();
-    let mut resp = match tokio::time::timeout_at(deadline, request).await {
-        Err(_) => {
-            stats.error("timeout_response", || label);
-            return Ended::default();
-        }
-        Ok(Err(e)) => {
-            request_error(stats, &e);
-            return Ended::default();
-        }
-        Ok(Ok(r)) => r,
+    let Some(mut resp) = super::send(ctx, target, deadline, &label, |t| {
+        ctx.http
+            .post(format!("{t}/v1/chat/completions"))
+            .json(&body)
+    })
+    .await
+    else {
+        return Ended::default();
     };
     if resp.status() != reqwest::StatusCode::OK {
         status_error(stats, resp).await;

@@ -49,8 +49,12 @@ rss_kib() { # name → VmRSS in KiB of its current process
 declare -A rss_start restarts
 for p in $procs; do rss_start[$p]=$(rss_kib "$p"); restarts[$p]=0; done
 
+# Coalescing is part of the protocol (a reader that falls behind, e.g. when a mirror refills a
+# NATS gap from Redis at once, gets one event joining the pending tokens, with the last seq):
+# accepted, and the text is still checked (every viewer of a stream must get the same text).
 common=(--max-tokens "$MAX_TOKENS" --inter-token-ms 20 --ttft-ms 100 --ramp 5 --warmup 0
-  --duration "$SOAK_SECS" --resume-attempts "$RESUME_ATTEMPTS" --progress-secs 10)
+  --duration "$SOAK_SECS" --resume-attempts "$RESUME_ATTEMPTS" --allow-coalescing
+  --progress-secs 10)
 "$loadgen" native --target http://127.0.0.1:8080 --concurrency "$STREAMS" "${common[@]}" \
   --label "soak native via nginx" --json "$OUT/native.json" >"$OUT/native.txt" 2>"$OUT/native.err" &
 native_pid=$!

@@ -49,7 +49,8 @@ pub(crate) async fn status_error(stats: &Stats, resp: reqwest::Response) {
     stats.error(format!("http_{status}"), || body);
 }
 
-/// Sends the request `build` makes for `target`; None when it failed (counted as an error,
+/// Sends the request `build` makes for `target` and returns its response when it has status
+/// `expect`; None otherwise (a failed request or another status is counted as an error,
 /// `label` naming it). With `--resume-attempts`, a refused connection (nothing was sent, so
 /// trying again cannot start a second stream) is tried again on the next target after
 /// [`RETRY_DELAY`], as an EventSource does, and counted under `resumes` as `connect`.
@@ -58,6 +59,7 @@ pub(crate) async fn send(
     target: &str,
     deadline: Instant,
     label: &str,
+    expect: reqwest::StatusCode,
     build: impl Fn(&str) -> reqwest::RequestBuilder,
 ) -> Option<reqwest::Response> {
     let stats = &ctx.stats;
@@ -79,7 +81,11 @@ pub(crate) async fn send(
                 request_error(stats, &e);
                 return None;
             }
-            Ok(Ok(r)) => return Some(r),
+            Ok(Ok(r)) if r.status() == expect => return Some(r),
+            Ok(Ok(r)) => {
+                status_error(stats, r).await;
+                return None;
+            }
         }
     }
 }

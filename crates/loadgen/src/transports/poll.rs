@@ -25,14 +25,15 @@ use crate::{
 pub async fn create(ctx: &Ctx, target: &str, body: &Value, deadline: Instant) -> Option<String> {
     let stats = &ctx.stats;
     let label = format!("POST {target}/v1/streams");
-    let resp = super::send(ctx, target, deadline, &label, |t| {
-        ctx.http.post(format!("{t}/v1/streams")).json(body)
-    })
+    let resp = super::send(
+        ctx,
+        target,
+        deadline,
+        &label,
+        reqwest::StatusCode::CREATED,
+        |t| ctx.http.post(format!("{t}/v1/streams")).json(body),
+    )
     .await?;
-    if resp.status() != reqwest::StatusCode::CREATED {
-        status_error(stats, resp).await;
-        return None;
-    }
     let bytes = match tokio::time::timeout_at(deadline, resp.bytes()).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {

@@ -169,20 +169,23 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let deadline = Instant::now() + ctx.stream_timeout;
     let body = ctx.native_body(seed);
     let sent_ns = unix_nanos();
-    let Some(resp) = super::send(ctx, target, deadline, &label, |t| {
-        ctx.http
-            .post(format!("{t}/v1/streams"))
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body)
-    })
+    let Some(resp) = super::send(
+        ctx,
+        target,
+        deadline,
+        &label,
+        reqwest::StatusCode::OK,
+        |t| {
+            ctx.http
+                .post(format!("{t}/v1/streams"))
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+                .json(&body)
+        },
+    )
     .await
     else {
         return Ended::default();
     };
-    if resp.status() != reqwest::StatusCode::OK {
-        status_error(stats, resp).await;
-        return Ended::default();
-    }
     let id = resp
         .headers()
         .get("x-stream-id")
@@ -216,16 +219,19 @@ pub async fn viewer(
 ) -> Option<ReaderEnd> {
     let stats = &ctx.stats;
     let subscribed_ns = unix_nanos();
-    let resp = super::send(ctx, target, deadline, &label, |t| {
-        ctx.http
-            .get(format!("{t}/v1/streams/{id}/events"))
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-    })
+    let resp = super::send(
+        ctx,
+        target,
+        deadline,
+        &label,
+        reqwest::StatusCode::OK,
+        |t| {
+            ctx.http
+                .get(format!("{t}/v1/streams/{id}/events"))
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+        },
+    )
     .await?;
-    if resp.status() != reqwest::StatusCode::OK {
-        status_error(stats, resp).await;
-        return None;
-    }
     let mut reader = Reader::new(
         stats.clone(),
         Kind::Watch,
@@ -253,19 +259,22 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let deadline = Instant::now() + ctx.stream_timeout;
     let body = ctx.chat_body(seed);
     let sent_ns = unix_nanos();
-    let Some(mut resp) = super::send(ctx, target, deadline, &label, |t| {
-        ctx.http
-            .post(format!("{t}/v1/chat/completions"))
-            .json(&body)
-    })
+    let Some(mut resp) = super::send(
+        ctx,
+        target,
+        deadline,
+        &label,
+        reqwest::StatusCode::OK,
+        |t| {
+            ctx.http
+                .post(format!("{t}/v1/chat/completions"))
+                .json(&body)
+        },
+    )
     .await
     else {
         return Ended::default();
     };
-    if resp.status() != reqwest::StatusCode::OK {
-        status_error(stats, resp).await;
-        return Ended::default();
-    }
     let mut reader = Reader::new(
         stats.clone(),
         Kind::Chat,

@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -99,6 +99,8 @@ pub struct StreamState {
     max_seq: u64,
     /// Whether this replica runs the stream's owner task (else it mirrors another replica's).
     owned: AtomicBool,
+    /// The highest ownership epoch this replica owned the stream at (0: never owned here).
+    epoch: AtomicU64,
     /// When a poll last showed interest without attaching (a mirror relays it to the owner).
     touched_at: Mutex<Option<Instant>>,
     /// The tenant that created the stream; every other tenant is told it does not exist.
@@ -139,6 +141,7 @@ impl StreamState {
             limits,
             max_seq,
             owned: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             touched_at: Mutex::new(None),
             tenant: Arc::from(crate::auth::DEFAULT_TENANT),
             traceparent: Mutex::new(None),
@@ -179,6 +182,16 @@ impl StreamState {
     /// Marks this replica as the stream's owner, or not.
     pub fn set_owned(&self, owned: bool) {
         self.owned.store(owned, Ordering::Release);
+    }
+
+    /// The highest ownership epoch this replica owned the stream at (0: never).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Records that this replica owns the stream at `epoch`.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
     }
 
     /// Subscribers attached on this replica now.

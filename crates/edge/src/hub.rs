@@ -33,6 +33,9 @@ use crate::{
 /// How often finished streams past their history TTL are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the store is asked whether it restarted.
+const STORE_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a stop waits for the stream's terminal event before answering with the status
 /// it has (202 `running`): the stop stays recorded and the owner, current or next, ends the
 /// stream.
@@ -166,7 +169,8 @@ impl Hub {
         let max_seq = u64::from(spec.max_tokens) + 1;
         let state = Arc::new(
             StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
-                .with_tenant(&spec.tenant),
+                .with_tenant(&spec.tenant)
+                .with_spec_json(spec.to_json()),
         );
         {
             let mut map = self.map();
@@ -340,7 +344,8 @@ impl Hub {
         let max_seq = u64::from(spec.max_tokens) + 1;
         let state = Arc::new(
             StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
-                .with_tenant(&spec.tenant),
+                .with_tenant(&spec.tenant)
+                .with_spec_json(spec.to_json()),
         );
         // Fill the history before anyone subscribes, so a finished stream answers at once.
         match self.store.read(&id, 0).await {
@@ -458,6 +463,74 @@ impl Hub {
                     .take(room)
                     .map(|(id, tenant)| (id, (now + ttl, tenant))),
             );
+        }
+    }
+
+    /// Watches the store for a restart (a new [`Store::incarnation`]) once a second, until
+    /// `shutdown`. A store that restarted may have come back with older data (an append-only
+    /// file a second behind, a snapshot): every stream this replica holds that no owner here
+    /// is writing is written back, so an ended stream stays ended and a history stays whole.
+    /// Running streams owned here heal through their owner's next write.
+    pub async fn watch_store(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(STORE_WATCH_INTERVAL);
+        let mut known: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let Some(now) = self.store.incarnation().await else {
+                continue;
+            };
+            if known.as_ref().is_some_and(|k| *k != now) {
+                self.heal_store().await;
+            }
+            known = Some(now);
+        }
+    }
+
+    async fn heal_store(&self) {
+        let held: Vec<Arc<StreamState>> = self
+            .map()
+            .values()
+            .filter(|s| s.last_seq() > 0 && !(s.is_owned() && s.status() == StreamStatus::Running))
+            .cloned()
+            .collect();
+        tracing::warn!(
+            streams = held.len(),
+            "store restarted: writing back held histories"
+        );
+        for state in held {
+            let Ok((status, events)) = state.events_after(0) else {
+                continue;
+            };
+            if status != StreamStatus::Running {
+                // An ended stream the store may have forgotten: record it again (a running one
+                // is recorded again by its owner, who knows its epoch).
+                let meta = StreamMeta {
+                    model: state.model,
+                    owner: self.replica.clone(),
+                    status: StreamStatus::Running,
+                    spec_json: state.spec_json().to_owned(),
+                    tenant: state.tenant().to_owned(),
+                    epoch: state.epoch().max(1),
+                    stop_requested: false,
+                };
+                let _ = self.store.create(&state.id, meta, self.lease_terms()).await;
+            }
+            match self.store.heal(&state.id, &events).await {
+                Ok(stored) if stored.len < state.last_seq() => {
+                    tracing::warn!(stream_id = %state.id, stored = stored.len,
+                        "store: a history could not be written back whole");
+                }
+                Ok(_) | Err(StoreError::NotFound) => {}
+                Err(err) => tracing::warn!(%err, stream_id = %state.id, "store: healing failed"),
+            }
+            if let Some(ended) = state.ended_at() {
+                let left = self.config.history_ttl().saturating_sub(ended.elapsed());
+                let _ = self.store.expire(&state.id, left).await;
+            }
+            metrics::counter!("tokenfan_edge_store_heals_total").increment(1);
         }
     }
 

@@ -114,6 +114,7 @@ pub async fn start(
     let background = CancellationToken::new();
     tokio::spawn(hub.clone().sweep(background.clone()));
     tokio::spawn(hub.clone().serve_control(background.clone()));
+    tokio::spawn(hub.clone().watch_store(background.clone()));
     tokio::spawn(
         security
             .limits

@@ -105,6 +105,9 @@ pub struct StreamState {
     touched_at: Mutex<Option<Instant>>,
     /// The tenant that created the stream; every other tenant is told it does not exist.
     tenant: Arc<str>,
+    /// The stream's request as stored ([`crate::request::StreamSpec::to_json`]), so this
+    /// replica can record the stream again in a store that lost it.
+    spec_json: Arc<str>,
     /// The W3C `traceparent` of the owner's stream span, when the stream is traced: set by the
     /// owner here, or learnt from the bus by a mirror. Resume, cancel and failover spans on
     /// this replica join the stream's trace through it.
@@ -144,6 +147,7 @@ impl StreamState {
             epoch: AtomicU64::new(0),
             touched_at: Mutex::new(None),
             tenant: Arc::from(crate::auth::DEFAULT_TENANT),
+            spec_json: Arc::from(""),
             traceparent: Mutex::new(None),
         }
     }
@@ -167,6 +171,17 @@ impl StreamState {
     pub fn with_tenant(mut self, tenant: &str) -> Self {
         self.tenant = Arc::from(tenant);
         self
+    }
+
+    /// The same stream, with its stored request.
+    pub fn with_spec_json(mut self, spec_json: String) -> Self {
+        self.spec_json = Arc::from(spec_json);
+        self
+    }
+
+    /// The stream's request as stored.
+    pub fn spec_json(&self) -> &str {
+        &self.spec_json
     }
 
     /// The tenant that created the stream.

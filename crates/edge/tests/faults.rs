@@ -93,7 +93,10 @@ async fn read_stream(
     let mut connections = 0u32;
     while !t.ended() {
         if Instant::now() >= deadline {
-            t.gave_up = Some(format!("no terminal event by the deadline (seq {})", t.last_seq()));
+            t.gave_up = Some(format!(
+                "no terminal event by the deadline (seq {})",
+                t.last_seq()
+            ));
             break;
         }
         connections += 1;
@@ -182,7 +185,9 @@ async fn check_stream(
                 break;
             }
             if event["type"] != "token" && n + 1 != t.events.len() {
-                violations.push(format!("{id} reader {i}: events after the terminal seq {seq}"));
+                violations.push(format!(
+                    "{id} reader {i}: events after the terminal seq {seq}"
+                ));
             }
             match by_seq.get(&seq) {
                 Some(seen) if seen != event => violations.push(format!(
@@ -212,7 +217,7 @@ async fn check_stream(
         Ok(stored) => {
             let stored: Vec<Value> = stored
                 .iter()
-                .map(|e| serde_json::from_slice(&e.json()).unwrap_or(Value::Null))
+                .map(|e| serde_json::from_slice(e.json()).unwrap_or(Value::Null))
                 .collect();
             if stored.len() < all.len() || stored[..all.len()] != all[..] {
                 violations.push(format!(
@@ -274,7 +279,15 @@ async fn create_on(cluster: &TestCluster, edge: usize, body: Value) -> String {
 async fn finished_on(cluster: &TestCluster, edge: usize, id: &str) -> Vec<Value> {
     let url = cluster.edge(edge).url(&format!("/v1/streams/{id}?after=0"));
     wait_until(Duration::from_secs(30), || async {
-        let v: Value = cluster.http.get(&url).send().await.ok()?.json().await.ok()?;
+        let v: Value = cluster
+            .http
+            .get(&url)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
         (v["status"] != "running").then(|| v["events"].as_array().cloned().unwrap_or_default())
     })
     .await
@@ -284,10 +297,7 @@ fn reader(
     cluster: &TestCluster,
     id: &str,
     edge: usize,
-) -> (
-    Arc<Mutex<Transcript>>,
-    tokio::task::JoinHandle<Transcript>,
-) {
+) -> (Arc<Mutex<Transcript>>, tokio::task::JoinHandle<Transcript>) {
     let edges: Edges = Arc::new(Mutex::new(vec![cluster.edge(edge).url("")]));
     let progress = Arc::new(Mutex::new(Transcript::default()));
     let task = tokio::spawn(read_stream(
@@ -303,7 +313,10 @@ fn reader(
 }
 
 fn seen(progress: &Arc<Mutex<Transcript>>) -> u64 {
-    progress.lock().unwrap_or_else(|e| e.into_inner()).last_seq()
+    progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_seq()
 }
 
 async fn stored_meta(cluster: &TestCluster, id: &str) -> (RedisStore, StreamMeta) {
@@ -422,7 +435,10 @@ async fn a_redis_restored_from_an_older_snapshot_is_healed_without_a_second_owne
         "the whole answer, once"
     );
     let (store, meta) = stored_meta(&cluster, &id).await;
-    assert_eq!(meta.epoch, 1, "the owner healed the store; nobody took over");
+    assert_eq!(
+        meta.epoch, 1,
+        "the owner healed the store; nobody took over"
+    );
     assert_eq!(
         cluster.generators[0].stats.tokens(),
         300,
@@ -507,7 +523,11 @@ const SOAK_PROMPT: &str = "fault soak";
 
 /// Starts streams on random edges for `until`, each read by two resuming clients, a quarter
 /// of them stopped from a random edge while they run.
-async fn soak_clients(http: reqwest::Client, edges: Edges, until: Instant) -> (Vec<SoakStream>, u64) {
+async fn soak_clients(
+    http: reqwest::Client,
+    edges: Edges,
+    until: Instant,
+) -> (Vec<SoakStream>, u64) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut failed_creates = 0u64;
     let mut n: u64 = 0;
@@ -556,7 +576,7 @@ async fn soak_clients(http: reqwest::Client, edges: Edges, until: Instant) -> (V
                 ))
             })
             .collect();
-        if n % 4 == 0 {
+        if n.is_multiple_of(4) {
             let (http, edges, id) = (http.clone(), edges.clone(), id.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(200 + n * 131 % 1500)).await;
@@ -682,16 +702,25 @@ async fn fault_soak_every_token_exactly_once() {
     let (mut tokens, mut resumes, mut cancelled) = (0usize, 0u32, 0usize);
     for s in &streams {
         violations.extend(
-            check_stream(&store, &s.id, SOAK_PROMPT, s.seed, s.max_tokens, &s.transcripts).await,
+            check_stream(
+                &store,
+                &s.id,
+                SOAK_PROMPT,
+                s.seed,
+                s.max_tokens,
+                &s.transcripts,
+            )
+            .await,
         );
         for t in &s.transcripts {
             tokens += t.events.len().saturating_sub(1);
             resumes += t.resumes;
         }
-        if s.transcripts
-            .iter()
-            .any(|t| t.events.last().is_some_and(|e| e["finish_reason"] == "cancelled"))
-        {
+        if s.transcripts.iter().any(|t| {
+            t.events
+                .last()
+                .is_some_and(|e| e["finish_reason"] == "cancelled")
+        }) {
             cancelled += 1;
         }
     }
@@ -702,6 +731,10 @@ async fn fault_soak_every_token_exactly_once() {
         streams.len(),
         violations.len()
     );
-    assert!(streams.len() >= 10, "the soak ran streams: {}", streams.len());
+    assert!(
+        streams.len() >= 10,
+        "the soak ran streams: {}",
+        streams.len()
+    );
     assert!(violations.is_empty(), "{violations:#?}");
 }

@@ -29,6 +29,33 @@ impl Entry {
             .map(|(owner, _)| owner.as_str())
     }
 
+    /// Appends the events that follow the stored end, up to a terminal event, logged as one
+    /// batch at the current epoch.
+    fn append(&mut self, events: &[Arc<Event>]) -> Appended {
+        let first = self.events.len() as u64 + 1;
+        for event in events {
+            if self.meta.status != StreamStatus::Running {
+                break;
+            }
+            if event.seq == self.events.len() as u64 + 1 {
+                self.events.push(event.clone());
+                self.meta.status = StreamStatus::of(event);
+            }
+        }
+        let len = self.events.len() as u64;
+        if len >= first {
+            self.batches.push(StoredBatch {
+                epoch: self.meta.epoch,
+                first,
+                last: len,
+            });
+        }
+        Appended {
+            len,
+            stop_requested: self.meta.stop_requested,
+        }
+    }
+
     fn check_epoch(&self, epoch: u64) -> Result<(), StoreError> {
         if self.meta.epoch == epoch {
             Ok(())
@@ -111,29 +138,12 @@ impl Store for MemoryStore {
     ) -> Result<Appended, StoreError> {
         self.with(id, |e| {
             e.check_epoch(epoch)?;
-            let first = e.events.len() as u64 + 1;
-            for event in events {
-                if e.meta.status != StreamStatus::Running {
-                    break;
-                }
-                if event.seq == e.events.len() as u64 + 1 {
-                    e.events.push(event.clone());
-                    e.meta.status = StreamStatus::of(event);
-                }
-            }
-            let len = e.events.len() as u64;
-            if len >= first {
-                e.batches.push(StoredBatch {
-                    epoch,
-                    first,
-                    last: len,
-                });
-            }
-            Ok(Appended {
-                len,
-                stop_requested: e.meta.stop_requested,
-            })
+            Ok(e.append(events))
         })
+    }
+
+    async fn heal(&self, id: &StreamId, events: &[Arc<Event>]) -> Result<Appended, StoreError> {
+        self.with(id, |e| Ok(e.append(events)))
     }
 
     async fn read(&self, id: &StreamId, after: u64) -> Result<Vec<Arc<Event>>, StoreError> {

@@ -171,9 +171,20 @@ pub trait Store: Send + Sync + 'static {
     async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError>;
     /// The stored batches with their writers' epochs, in order.
     async fn batches(&self, id: &StreamId) -> Result<Vec<StoredBatch>, StoreError>;
+    /// Writes back events this replica delivered (so they were stored once) into a store that
+    /// lost them: appends those past the stored end, never past a recorded end, without
+    /// fencing (they are the stream's history whoever owns it now). The batch is logged at the
+    /// stream's current epoch.
+    async fn heal(&self, id: &StreamId, events: &[Arc<Event>]) -> Result<Appended, StoreError>;
     /// Whether the backend answers (readiness).
     async fn healthy(&self) -> bool {
         true
+    }
+    /// An id of the backend's current run, which changes when it restarted (and may have come
+    /// back with older data); `None` when unknown or when the backend cannot restart apart from
+    /// this process.
+    async fn incarnation(&self) -> Option<String> {
+        None
     }
 }
 
@@ -294,6 +305,11 @@ pub mod conformance {
             .await
             .expect("after the end");
         assert_eq!(after_end.len, 4, "nothing is stored after a terminal event");
+        let healed = store
+            .heal(&id, &[token(5)])
+            .await
+            .expect("heal after the end");
+        assert_eq!(healed.len, 4, "not even by a heal");
         assert_eq!(
             store
                 .batches(&id)
@@ -304,6 +320,22 @@ pub mod conformance {
                 .collect::<Vec<_>>(),
             [(1, 1, 2), (1, 3, 3), (1, 4, 4)]
         );
+
+        // A store that lost the end of a history gets it back from a replica that delivered it.
+        let lost = StreamId::random();
+        assert!(store.create(&lost, meta(), TERMS).await.expect("create"));
+        store.append(&lost, 1, &[token(1)]).await.expect("append");
+        let healed = store
+            .heal(&lost, &[token(1), token(2), done(3, FinishReason::Stop)])
+            .await
+            .expect("heal");
+        assert_eq!(healed.len, 3);
+        assert_eq!(seqs(store.read(&lost, 0).await.expect("read")), [1, 2, 3]);
+        assert_eq!(
+            store.meta(&lost).await.expect("meta").status,
+            StreamStatus::Done
+        );
+        store.expire(&lost, Duration::ZERO).await.expect("expire");
 
         store.expire(&id, Duration::ZERO).await.expect("expire");
         assert!(matches!(store.meta(&id).await, Err(StoreError::NotFound)));

@@ -87,8 +87,8 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// `KEYS`: meta, events, batches. `ARGV`: epoch, then triples (seq, status after it or `''`,
-/// json).
+/// `KEYS`: meta, events, batches. `ARGV`: epoch (`''`: not fenced, a heal), then triples (seq,
+/// status after it or `''`, json).
 ///
 /// `{-1}` when `meta` does not exist, `{-2}` when `epoch` is not `meta.epoch` (fenced); else
 /// appends, in the order given, each event whose seq is the one after the last stored (so
@@ -101,7 +101,8 @@ local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'stop')
 if not m[1] then
   return {-1, 0}
 end
-if tonumber(m[2] or '0') ~= tonumber(ARGV[1]) then
+local epoch = m[2] or '0'
+if ARGV[1] ~= '' and tonumber(epoch) ~= tonumber(ARGV[1]) then
   return {-2, 0}
 end
 local stop = 0
@@ -131,7 +132,7 @@ end
 for i = 1, #batch, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(batch, i, math.min(i + 999, #batch)))
 end
-redis.call('RPUSH', KEYS[3], ARGV[1] .. ' ' .. (len + 1) .. ' ' .. (len + #batch))
+redis.call('RPUSH', KEYS[3], epoch .. ' ' .. (len + 1) .. ' ' .. (len + #batch))
 len = len + #batch
 if status then
   redis.call('HSET', KEYS[1], 'len', len, 'status', status)
@@ -322,6 +323,42 @@ impl RedisStore {
         }
     }
 
+    /// [`Store::append`] fenced at `epoch`, or a [`Store::heal`] (`None`).
+    async fn append_as(
+        &self,
+        id: &StreamId,
+        epoch: Option<u64>,
+        events: &[Arc<Event>],
+    ) -> Result<Appended, StoreError> {
+        let mut invocation = APPEND.prepare_invoke();
+        invocation
+            .key(keys::meta(id))
+            .key(keys::events(id))
+            .key(keys::batches(id))
+            .arg(epoch.map(|e| e.to_string()).unwrap_or_default());
+        for event in events {
+            let status = if event.is_terminal() {
+                StreamStatus::of(event).as_str()
+            } else {
+                ""
+            };
+            invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
+        }
+        let invocation = &invocation;
+        let (len, stop): (i64, i64) = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        match len {
+            -1 => Err(StoreError::NotFound),
+            -2 => Err(StoreError::Fenced),
+            len => Ok(Appended {
+                len: u64::try_from(len)
+                    .map_err(|_| backend_msg(format!("stream {id}: length {len}")))?,
+                stop_requested: stop == 1,
+            }),
+        }
+    }
+
     /// Whether Redis answers `PING` (within two seconds), for readiness.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();
@@ -438,33 +475,22 @@ impl Store for RedisStore {
         epoch: u64,
         events: &[Arc<Event>],
     ) -> Result<Appended, StoreError> {
-        let mut invocation = APPEND.prepare_invoke();
-        invocation
-            .key(keys::meta(id))
-            .key(keys::events(id))
-            .key(keys::batches(id))
-            .arg(epoch);
-        for event in events {
-            let status = if event.is_terminal() {
-                StreamStatus::of(event).as_str()
-            } else {
-                ""
-            };
-            invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
-        }
-        let invocation = &invocation;
-        let (len, stop): (i64, i64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        match len {
-            -1 => Err(StoreError::NotFound),
-            -2 => Err(StoreError::Fenced),
-            len => Ok(Appended {
-                len: u64::try_from(len)
-                    .map_err(|_| backend_msg(format!("stream {id}: length {len}")))?,
-                stop_requested: stop == 1,
-            }),
-        }
+        self.append_as(id, Some(epoch), events).await
+    }
+
+    async fn heal(&self, id: &StreamId, events: &[Arc<Event>]) -> Result<Appended, StoreError> {
+        self.append_as(id, None, events).await
+    }
+
+    /// The server's `run_id` (`INFO server`): new on every restart.
+    async fn incarnation(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = ::redis::cmd("INFO");
+        let info = cmd.arg("server").query_async::<String>(&mut conn);
+        let info = tokio::time::timeout(PING_TIMEOUT, info).await.ok()?.ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
     }
 
     /// The events after `after`, in order.

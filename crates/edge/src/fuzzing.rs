@@ -145,8 +145,9 @@ impl Fixture {
                 store.append(&id, 1, events).await.expect("memory store");
             }
             // Connects lazily: never, since no stream can be created.
-            let generators =
-                GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool");
+            let generators = Arc::new(
+                GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool"),
+            );
             let bus = Arc::new(MemoryBus::default());
             let hub = Hub::new(config.clone(), "fuzz".into(), generators, store, bus, true);
             for id in streams.keys() {

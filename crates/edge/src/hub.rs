@@ -27,7 +27,7 @@ use crate::{
     request::StreamSpec,
     store::{LeaseTerms, Store, StoreError, StreamMeta},
     stream::{StreamState, StreamStatus, SubscriberLimits},
-    upstream::GeneratorPool,
+    upstream::Generators,
 };
 
 /// How often finished streams past their history TTL are forgotten.
@@ -45,7 +45,7 @@ pub const STOP_WAIT: Duration = Duration::from_secs(5);
 pub struct Hub {
     config: Arc<EdgeConfig>,
     replica: String,
-    generators: GeneratorPool,
+    generators: Arc<dyn Generators>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) bus: Arc<dyn Bus>,
     /// Whether other replicas share the store and bus (streams may live elsewhere).
@@ -74,7 +74,7 @@ impl Hub {
     pub fn new(
         config: Arc<EdgeConfig>,
         replica: String,
-        generators: GeneratorPool,
+        generators: Arc<dyn Generators>,
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         cluster: bool,
@@ -99,8 +99,8 @@ impl Hub {
     }
 
     /// The generators.
-    pub fn generators(&self) -> &GeneratorPool {
-        &self.generators
+    pub fn generators(&self) -> &dyn Generators {
+        &*self.generators
     }
 
     /// This replica's id (in leases and logs).

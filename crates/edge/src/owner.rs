@@ -12,13 +12,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use tokenfan_proto::v1::{
     ChatMessage, FinishReason as WireFinish, GenerateRequest, GenerateResponse, Timing,
     generate_response::Event as WireEvent,
 };
 use tokio::{sync::watch, time::Instant};
-use tonic::Streaming;
 
 use crate::{
     event::{Event, EventKind, FinishReason, Usage},
@@ -26,7 +25,7 @@ use crate::{
     request::StreamSpec,
     store::StoreError,
     stream::StreamState,
-    upstream::retryable,
+    upstream::{Generation, retryable},
 };
 
 /// Most messages taken from the generator call into one batch.
@@ -241,9 +240,9 @@ impl Owner {
             )))
         };
         let call = hub.generators().generate(self.request(), turn, &self.span);
-        let mut call: Streaming<GenerateResponse> = tokio::select! {
+        let mut call: Generation = tokio::select! {
             r = call => match r {
-                Ok((_, stream)) => stream,
+                Ok(stream) => stream,
                 Err(status) => return Attempt::Failed(status),
             },
             () = self.state.cancel.cancelled() => return Attempt::Cancelled,
@@ -270,14 +269,14 @@ impl Owner {
                     continue;
                 }
                 // Before the stall timer: a message that is already there is no stall.
-                m = call.message() => match m {
-                    Ok(Some(m)) => m,
-                    Ok(None) => {
+                m = call.next() => match m {
+                    Some(Ok(m)) => m,
+                    None => {
                         return Attempt::Failed(tonic::Status::unavailable(
                             "the generator ended the call without finishing",
                         ));
                     }
-                    Err(status) => return Attempt::Failed(status),
+                    Some(Err(status)) => return Attempt::Failed(status),
                 },
                 () = &mut stall => return stalled(),
             };
@@ -306,7 +305,7 @@ impl Owner {
     fn take_batch(
         &self,
         first: GenerateResponse,
-        call: &mut Streaming<GenerateResponse>,
+        call: &mut Generation,
     ) -> (Vec<Arc<Event>>, Option<Attempt>) {
         let mut batch = Vec::new();
         let mut next = Some(first);
@@ -339,10 +338,10 @@ impl Owner {
             if batch.len() >= MAX_BATCH {
                 break;
             }
-            match call.message().now_or_never() {
-                Some(Ok(Some(m))) => next = Some(m),
-                Some(Ok(None)) | None => {}
-                Some(Err(status)) => end = Some(Attempt::Failed(status)),
+            match call.next().now_or_never() {
+                Some(Some(Ok(m))) => next = Some(m),
+                Some(None) | None => {}
+                Some(Some(Err(status))) => end = Some(Attempt::Failed(status)),
             }
         }
         (batch, end)

@@ -511,6 +511,32 @@ async fn a_stalled_generator_with_no_retry_left_ends_the_stream_with_an_error() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_shutting_down_never_takes_a_stream_over() {
+    let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
+    let id = create_on(&cluster, 0, slow("draining follower", 200, 20)).await;
+    let (on_b, b_reader) = reader(&cluster, &id, 1);
+    wait_until(Duration::from_secs(10), || async {
+        (seen(&on_b) >= 10).then_some(())
+    })
+    .await;
+    // The owner stalls while the only other replica drains: the lease lapses during the drain,
+    // and the draining replica must leave the stream alone.
+    cluster.edge(0).pause();
+    assert!(cluster.edges[1].terminate().success());
+    drop(b_reader);
+    cluster.edge(0).resume();
+    let events = finished_on(&cluster, 0, &id).await;
+    assert_contiguous(&events, 1);
+    assert_eq!(events.last().expect("end")["finish_reason"], "length");
+    assert_eq!(
+        text_of(&events),
+        expected_text("draining follower", 11, 200)
+    );
+    let (_, meta) = stored_meta(&cluster, &id).await;
+    assert_eq!(meta.epoch, 1, "nobody claimed the stream: {meta:?}");
+}
+
 /// One stream of the soak, as its clients saw it.
 struct SoakStream {
     id: String,

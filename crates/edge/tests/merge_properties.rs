@@ -452,8 +452,10 @@ async fn mirror_case(
     let config = Arc::new(config);
     let store = Arc::new(MemoryStore::default());
     let bus = Arc::new(ScriptedBus::default());
-    let generators = GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let generators = Arc::new(
+        GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?,
+    );
     let hub = Hub::new(
         config.clone(),
         "edge-mirror".into(),

@@ -123,6 +123,12 @@ impl Edge {
     pub fn resume(&self) {
         tokenfan_edge::testkit::signal(self.child.id(), "CONT");
     }
+
+    /// `kill -TERM` (a graceful shutdown) and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        tokenfan_edge::testkit::signal(self.child.id(), "TERM");
+        self.child.wait().expect("wait")
+    }
 }
 
 impl Drop for Edge {

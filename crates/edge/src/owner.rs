@@ -524,7 +524,124 @@ async fn detached(mut attached: watch::Receiver<usize>, grace: Duration) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokenfan_proto::v1::Token;
+
     use super::*;
+    use crate::{
+        bus::memory::MemoryBus,
+        config::EdgeConfig,
+        request::StreamRequest,
+        store::memory::MemoryStore,
+        upstream::{Generation, Generators},
+    };
+
+    /// A generator that sends `tokens` tokens (from the requested index on), then nothing:
+    /// a stall with the call left open.
+    struct Stalling {
+        tokens: u32,
+        calls: Mutex<Vec<u32>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Generators for Stalling {
+        fn next_turn(&self) -> usize {
+            0
+        }
+
+        async fn generate(
+            &self,
+            req: GenerateRequest,
+            _turn: usize,
+            _span: &tracing::Span,
+        ) -> Result<Generation, tonic::Status> {
+            self.calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(req.start_index);
+            let tokens = (req.start_index..self.tokens).map(|index| {
+                Ok(GenerateResponse {
+                    event: Some(WireEvent::Token(Token {
+                        index,
+                        text: format!("t{index} "),
+                        token_id: index,
+                        emitted_at_unix_nanos: 0,
+                    })),
+                })
+            });
+            Ok(Box::pin(
+                futures::stream::iter(tokens.collect::<Vec<_>>()).chain(futures::stream::pending()),
+            ))
+        }
+
+        fn len(&self) -> usize {
+            1
+        }
+
+        async fn serving(&self) -> usize {
+            1
+        }
+    }
+
+    /// The idle timeout counts from the last message even though the lease is renewed (and
+    /// the loop woken) far more often than that; the stall is retried from the next token,
+    /// then the stream ends with an error.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_generator_is_retried_then_given_up_despite_lease_ticks() {
+        let mut config = EdgeConfig::defaults();
+        config.streams.lease_ttl_ms = 300;
+        config.streams.generator_idle_timeout_secs = 2;
+        config.streams.generator_retries = 1;
+        let config = Arc::new(config);
+        let generator = Arc::new(Stalling {
+            tokens: 3,
+            calls: Mutex::default(),
+        });
+        let hub = Hub::new(
+            config.clone(),
+            "edge-a".into(),
+            generator.clone(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryBus::default()),
+            false,
+        );
+        let spec = StreamRequest {
+            prompt: Some("p".into()),
+            max_tokens: Some(10),
+            seed: Some(1),
+            ..StreamRequest::default()
+        }
+        .validate(&config.streams)
+        .expect("valid");
+        let state = hub
+            .create(spec, &tracing::Span::none(), "test")
+            .await
+            .expect("created");
+        let mut sub = state.subscribe(0).expect("subscribe");
+        let mut events = Vec::new();
+        while let Ok(batch) = sub.next_batch().await {
+            events.extend(batch);
+        }
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "3 tokens once, then the terminal event");
+        assert!(
+            matches!(
+                &events[3].kind,
+                EventKind::Error {
+                    code: "generator_unavailable",
+                    ..
+                }
+            ),
+            "{:?}",
+            events[3].kind
+        );
+        assert_eq!(
+            *generator.calls.lock().unwrap_or_else(|e| e.into_inner()),
+            [0, 3],
+            "the retry resumed at the next token"
+        );
+    }
 
     #[test]
     fn every_finish_reason_maps_to_its_terminal_event() {

@@ -193,7 +193,7 @@ async fn healthz() -> Response {
 
 async fn readyz(State(app): State<AppState>) -> Response {
     let generators = app.hub.generators();
-    let generator = generators.serving().await == generators.len();
+    let generator = generators.serving().await == generators.count();
     let (store, bus) = app.hub.backends_healthy().await;
     let shutting_down = app.shutdown.is_cancelled();
     let ready = generator && store && bus && !shutting_down;

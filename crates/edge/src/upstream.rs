@@ -39,7 +39,7 @@ pub trait Generators: Send + Sync + 'static {
         span: &tracing::Span,
     ) -> Result<Generation, Status>;
     /// How many generators there are.
-    fn len(&self) -> usize;
+    fn count(&self) -> usize;
     /// How many generators answer their health check as serving.
     async fn serving(&self) -> usize;
 }
@@ -76,7 +76,7 @@ impl Generators for InProcess {
         Ok(Box::pin(response.into_inner()))
     }
 
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         1
     }
 
@@ -151,7 +151,7 @@ impl Generators for GeneratorPool {
         Ok(Box::pin(response.into_inner()))
     }
 
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.endpoints.len()
     }
 

@@ -575,7 +575,7 @@ mod tests {
             ))
         }
 
-        fn len(&self) -> usize {
+        fn count(&self) -> usize {
             1
         }
 

@@ -31,6 +31,9 @@ use crate::{
 /// Most messages taken from the generator call into one batch.
 const MAX_BATCH: usize = 128;
 
+/// Most repairs (history written back, stream recorded again) one write may need.
+const MAX_REPAIRS: u32 = 3;
+
 /// Longest pause between two tries of a store write that failed.
 const MAX_WRITE_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -393,7 +396,14 @@ impl Owner {
         };
         let mut send = batch.clone();
         let mut backoff = Duration::from_millis(10);
+        // Write-backs of a short history, and re-recordings of a forgotten stream: each should
+        // succeed at once; a store that keeps refusing them is not one this owner can trust.
+        let mut repairs = 0u32;
         loop {
+            if repairs > MAX_REPAIRS {
+                tracing::error!(repairs, "store: repairs did not take; handing the stream over");
+                return Err(Release::Unproven);
+            }
             let sent = Instant::now();
             match hub.store.append(&self.state.id, self.epoch, &send).await {
                 Ok(stored) if stored.len >= last => {
@@ -412,6 +422,7 @@ impl Owner {
                         "store: history shorter than delivered; writing it again"
                     );
                     metrics::counter!("tokenfan_edge_store_heals_total").increment(1);
+                    repairs += 1;
                     send = self.history_after(stored.len);
                     send.extend(batch.iter().cloned());
                     continue;
@@ -428,6 +439,7 @@ impl Owner {
                 }
                 Err(StoreError::Fenced) => return Err(Release::Fenced),
                 Err(StoreError::NotFound) => {
+                    repairs += 1;
                     if !self.restore().await {
                         self.check_proven()?;
                         tokio::time::sleep(backoff).await;

@@ -9,12 +9,14 @@
 pub mod chart;
 pub mod cli;
 pub mod event;
+pub mod merge;
 pub mod metrics;
 pub mod procfs;
 pub mod progress;
 pub mod report;
 pub mod scenarios;
 pub mod stats;
+pub mod tls;
 pub mod transports;
 pub mod verify;
 
@@ -43,6 +45,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 report: None,
             })
         }
+        Command::Merge(args) => merge::run(args),
         Command::Idle(args) => scenarios::idle::run(args.clone()).await,
         other => {
             let plan = Plan::from_command(other)?.context("not a streaming scenario")?;

@@ -21,9 +21,10 @@ use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 
 use crate::{
     Outcome,
-    cli::{Plan, Scenario},
+    cli::{HttpVersion, LoadArgs, Plan, Scenario},
     metrics, procfs, progress, report,
-    stats::{Kind, Stats},
+    stats::{Kind, Stats, unix_nanos},
+    tls,
     transports::{grpc::GrpcPool, poll, sse, ws::WsPool},
     verify::CheckOptions,
 };
@@ -126,22 +127,76 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-/// The HTTP client of a run: HTTP/1.1, one connection per request in flight, kept for reuse.
-pub fn http_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// The HTTP client of a run. HTTP/1.1: one connection per request in flight, kept for reuse.
+/// HTTP/2 (`--http 2`, or `auto` when the server picks h2): the streams of a target share its
+/// connection, as a browser's do. https:// targets use [`tls::client_config`].
+pub fn http_client(load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .no_proxy()
-        .http1_only()
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(usize::MAX)
-        .build()
-        .context("building the HTTP client")
+        .pool_max_idle_per_host(usize::MAX);
+    builder = match load.http {
+        HttpVersion::Http1 => builder.http1_only(),
+        // Large windows: many streams share one connection.
+        HttpVersion::Http2 => builder.http2_prior_knowledge().http2_adaptive_window(true),
+        HttpVersion::Auto => builder.http2_adaptive_window(true),
+    };
+    let alpn: &[&[u8]] = match load.http {
+        HttpVersion::Http1 => &[tls::ALPN_HTTP11],
+        HttpVersion::Http2 => &[tls::ALPN_H2],
+        HttpVersion::Auto => &[tls::ALPN_H2, tls::ALPN_HTTP11],
+    };
+    if load
+        .targets
+        .iter()
+        .any(|t| t.trim().starts_with("https://"))
+    {
+        let config = tls::client_config(load.ca_file.as_deref(), load.insecure, alpn)?;
+        builder = builder.tls_backend_preconfigured(config);
+    }
+    builder.build().context("building the HTTP client")
+}
+
+/// When the run's clock starts: now, or at `--start-at` (waiting for it, or joining late if
+/// the window has not begun). Returns the start as an instant and as Unix ns.
+async fn start_clock(plan: &Plan) -> anyhow::Result<(Instant, i64)> {
+    let Some(at) = plan.start_at_ns else {
+        return Ok((Instant::now(), unix_nanos()));
+    };
+    let l = &plan.load;
+    let now = unix_nanos();
+    if at > now {
+        let wait = Duration::from_nanos(u64::try_from(at - now).unwrap_or(0));
+        if !plan.report.quiet {
+            eprintln!(
+                "tokenfan-loadgen: waiting {:.1} s for --start-at",
+                wait.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(wait).await;
+        return Ok((Instant::now(), at));
+    }
+    let late = Duration::from_nanos(u64::try_from(now - at).unwrap_or(0));
+    if late.as_secs_f64() >= l.ramp + l.warmup {
+        anyhow::bail!(
+            "--start-at was {:.1} s ago: the measured window (after the {} s ramp and {} s \
+             warm-up) has already begun, so this run could not share it; give a later time",
+            late.as_secs_f64(),
+            l.ramp,
+            l.warmup
+        );
+    }
+    let t0 = Instant::now()
+        .checked_sub(late)
+        .unwrap_or_else(Instant::now);
+    Ok((t0, at))
 }
 
 /// Runs one streaming scenario to its end and reports it.
 pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     let l = &plan.load;
-    let http = http_client()?;
+    let http = http_client(&plan.load)?;
     let stream_timeout = plan.stream_timeout();
     let metrics_before = if plan.report.metrics {
         Some(metrics::fetch_all(&http, &plan.targets).await)
@@ -155,7 +210,8 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         None
     };
     // The clock of the run starts once the connections are set up.
-    let stats = Arc::new(Stats::new(l.ramp + l.warmup, l.duration));
+    let (t0, t0_unix) = start_clock(&plan).await?;
+    let stats = Arc::new(Stats::starting(t0, t0_unix, l.ramp + l.warmup, l.duration));
     let ws = if uses(Kind::Ws) {
         // Closed loop: slot i runs on socket i % sockets. Open loop: enough sockets for the
         // cap, each arrival on the least busy one. Sockets connect on their first stream.
@@ -175,6 +231,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
             stats.clone(),
             opts,
             stream_timeout,
+            ws_tls(&plan.load)?,
         )?)
     } else {
         None
@@ -246,7 +303,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         None => None,
     };
     let report = report::build(&plan, threads, &stats, run_secs, cpu, counters);
-    print!("{}", report::text(&plan, &report));
+    print!("{}", report::text(&report));
     if let Some(path) = &plan.report.json {
         report::write_json(path, &report)?;
     }
@@ -254,6 +311,19 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         ok: report.ok,
         report: Some(report),
     })
+}
+
+/// TLS of `wss://` sockets (https:// targets): ALPN http/1.1, the Upgrade needs it.
+fn ws_tls(load: &LoadArgs) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !load
+        .targets
+        .iter()
+        .any(|t| t.trim().starts_with("https://"))
+    {
+        return Ok(None);
+    }
+    let config = tls::client_config(load.ca_file.as_deref(), load.insecure, &[tls::ALPN_HTTP11])?;
+    Ok(Some(Arc::new(config)))
 }
 
 /// Starts streams until the end of the window, then waits for those in flight.

@@ -49,8 +49,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// OpenAI `POST /v1/chat/completions` with `stream: true` (added delay: n/a, the OpenAI
-    /// chunks carry no emit time).
+    /// OpenAI `POST /v1/chat/completions` with `stream: true` (added delay from the tokenfan
+    /// extension `emit_times`: token chunks carry `emitted_at_unix_nanos`).
     Chat(ChatCmd),
     /// Native POST-SSE: `POST /v1/streams` with `Accept: text/event-stream`.
     Native(NativeCmd),

@@ -20,8 +20,6 @@ use crate::{
 };
 
 /// Why a transport has no added-delay figure.
-const NO_EMIT_TIME_CHAT: &str =
-    "n/a: OpenAI chat completion chunks carry no emit time (the edge ignores emit_times there)";
 const NO_EMIT_TIME_ASKED: &str = "n/a: emit times were not asked for (--no-emit-times)";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,15 +285,7 @@ pub fn build(
     server_counters: Option<BTreeMap<String, f64>>,
 ) -> Report {
     let l = &plan.load;
-    let note = |k: Kind| {
-        if !plan.emit_times() {
-            Some(NO_EMIT_TIME_ASKED)
-        } else if k == Kind::Chat {
-            Some(NO_EMIT_TIME_CHAT)
-        } else {
-            None
-        }
-    };
+    let note = |_: Kind| (!plan.emit_times()).then_some(NO_EMIT_TIME_ASKED);
     let mut by_transport = BTreeMap::new();
     let used = stats.used_kinds();
     for k in &used {

@@ -64,12 +64,11 @@ impl Ctx {
         &self.plan.targets[i % self.plan.targets.len()]
     }
 
-    /// What the checker of a reader of `kind` expects.
-    pub fn check_options(&self, kind: Kind) -> CheckOptions {
+    /// What the checker of a reader expects (the same on every transport).
+    pub fn check_options(&self) -> CheckOptions {
         CheckOptions {
             allow_coalescing: self.plan.load.allow_coalescing,
-            // The OpenAI chunks have no field for it.
-            require_emit_times: self.plan.emit_times() && kind != Kind::Chat,
+            require_emit_times: self.plan.emit_times(),
         }
     }
 
@@ -101,9 +100,11 @@ impl Ctx {
     }
 
     /// The body of `POST /v1/chat/completions`.
+    /// With emit times, the tokenfan extension `"emit_times": true` (token chunks then carry
+    /// `emitted_at_unix_nanos`; OpenAI servers ignore the field).
     pub fn chat_body(&self, seed: u64) -> Value {
         let l = &self.plan.load;
-        json!({
+        let mut body = json!({
             "model": l.model.as_deref().unwrap_or("tokenfan-mock"),
             "messages": [{"role": "user", "content": self.prompt(seed)}],
             "stream": true,
@@ -111,7 +112,11 @@ impl Ctx {
             "max_tokens": l.max_tokens,
             "seed": seed,
             "timing": self.timing(),
-        })
+        });
+        if self.plan.emit_times() {
+            body["emit_times"] = json!(true);
+        }
+        body
     }
 }
 

@@ -68,7 +68,7 @@ pub async fn run(ctx: &Ctx, kind: Kind, label: String, seed: u64) -> Ended {
         stats.clone(),
         kind,
         label.clone(),
-        ctx.check_options(kind),
+        ctx.check_options(),
         sent_ns,
         sent_ns,
     );

@@ -196,7 +196,11 @@ async fn chat_completions() {
     assert_clean(&report, &value, &["chat"]);
     // `"emit_times": true` on the request: every token chunk carried `emitted_at_unix_nanos`
     // (a missing one is the violation `missing_emitted_at`), so the added delay is measured.
-    assert!(added_delay_p99(&value, "chat").is_some(), "{}", value["by_transport"]["chat"]);
+    assert!(
+        added_delay_p99(&value, "chat").is_some(),
+        "{}",
+        value["by_transport"]["chat"]
+    );
 
     // Without it the chunks are plain OpenAI ones: no delay figure, and the report says why.
     let json = json_path("chat-plain");

@@ -132,6 +132,11 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
+/// HTTP/2 receive window of the connection (64 MiB: room for ~160,000 unread token frames).
+const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+/// HTTP/2 receive window of each stream.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+
 /// The HTTP client of a run. HTTP/1.1: one connection per request in flight, kept for reuse.
 /// HTTP/2 (`--http 2`, or `auto` when the server picks h2): the streams of a target share its
 /// connection, as a browser's do. https:// targets use [`tls::client_config`].
@@ -143,10 +148,18 @@ pub fn http_client(load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
         .pool_max_idle_per_host(usize::MAX);
     builder = match load.http {
         HttpVersion::Http1 => builder.http1_only(),
-        // Large windows: many streams share one connection.
-        HttpVersion::Http2 => builder.http2_prior_knowledge().http2_adaptive_window(true),
-        HttpVersion::Auto => builder.http2_adaptive_window(true),
+        HttpVersion::Http2 => builder.http2_prior_knowledge(),
+        HttpVersion::Auto => builder,
     };
+    if load.http != HttpVersion::Http1 {
+        // Large receive windows: every stream of a target shares one connection, and h2
+        // closes a connection (ENHANCE_YOUR_CALM, "too_many_data_frames") once its unread
+        // small DATA frames (one per token) use up half the connection window (see
+        // docs/benchmarks.md, "HTTP/2 finding").
+        builder = builder
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW);
+    }
     let alpn: &[&[u8]] = match load.http {
         HttpVersion::Http1 => &[tls::ALPN_HTTP11],
         HttpVersion::Http2 => &[tls::ALPN_H2],
@@ -158,7 +171,7 @@ pub fn http_client(load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
         .any(|t| t.trim().starts_with("https://"))
     {
         let config = tls::client_config(load.ca_file.as_deref(), load.insecure, alpn)?;
-        builder = builder.tls_backend_preconfigured(config);
+        builder = builder.use_preconfigured_tls(config);
     }
     builder.build().context("building the HTTP client")
 }

@@ -39,10 +39,10 @@ RUNS=${RUNS:-"one three fanout"}
 LOADGENS=${LOADGENS:-2}              # load generator processes per scale run (merged)
 FANOUT_LOADGENS=${FANOUT_LOADGENS:-1} # ... of the fan-out run: each makes its own stream,
                                      # with VIEWERS / FANOUT_LOADGENS viewers
-START_LEAD_SECS=${START_LEAD_SECS:-3} # from launch to the shared --start-at
+START_LEAD_SECS=${START_LEAD_SECS:-5} # from launch to the shared --start-at
 
 run_dir=.run/cluster
-loadgen=target/release/tokenfan-loadgen
+loadgen=${LOADGEN:-target/release/tokenfan-loadgen}  # LOADGEN: another build of it
 if [[ "$CLUSTER_UP" == 1 ]]; then
   scripts/cluster.sh up
 fi
@@ -129,7 +129,9 @@ for run in $RUNS; do
   f="$OUT/$run.json"
   [[ -s "$f" ]] || continue
   # Server CPU comes from part 0, which alone read the servers.
-  jq -r --slurpfile p0 "$OUT/$run/part-0.json" '
+  p0="$OUT/$run/part-0.json"
+  [[ -s "$p0" ]] || p0=/dev/null
+  jq -r --slurpfile p0 "$p0" '
     def r: . * 10 | round / 10;
     "| \(.label) | \(.parts | length) | \(.config.concurrency) × \(if .scenario == "watch" then .config.viewers * (.parts | length) else 1 end) | \(.total.tokens_per_sec | round) | \(.total.added_delay_ms.p50 | r) / \(.total.added_delay_ms.p99 | r) / \(.total.added_delay_ms.max | r) | \(.error_total) | \(.violation_total) | \([.parts[].loadgen_pct_of_core // 0] | add | round) % | \([$p0[0].cpu.servers[]?.pct_of_core] | add // 0 | round) % |"
   ' "$f"

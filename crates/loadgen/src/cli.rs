@@ -740,7 +740,7 @@ pub fn parse_start_at(text: &str) -> anyhow::Result<i64> {
         )
     };
     if let Ok(secs) = t.parse::<f64>() {
-        if !(secs.is_finite() && secs >= 0.0 && secs < 1e11) {
+        if !(0.0..1e11).contains(&secs) {
             return Err(bad());
         }
         return Ok((secs * 1e9).round() as i64);

@@ -387,34 +387,32 @@ async fn a_start_time_past_the_window_is_refused() {
     assert!(stderr.contains("--start-at"), "{stderr}");
 }
 
+/// A short, fast run; an option in `extra` replaces the default one.
 fn fast(scenario: &str, target: &str, json: &Path, extra: &[&str]) -> Vec<String> {
-    [
-        "tokenfan-loadgen",
-        scenario,
-        "--target",
-        target,
-        "--concurrency",
-        "4",
-        "--ramp",
-        "0.1",
-        "--warmup",
-        "0.1",
-        "--duration",
-        "0.8",
-        "--max-tokens",
-        "15",
-        "--ttft-ms",
-        "10",
-        "--inter-token-ms",
-        "2",
-        "--quiet",
-        "--json",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain([json.display().to_string()])
-    .chain(extra.iter().map(|s| (*s).to_owned()))
-    .collect()
+    let json = json.display().to_string();
+    let defaults = [
+        ("--target", target),
+        ("--concurrency", "4"),
+        ("--ramp", "0.1"),
+        ("--warmup", "0.1"),
+        ("--duration", "0.8"),
+        ("--max-tokens", "15"),
+        ("--ttft-ms", "10"),
+        ("--inter-token-ms", "2"),
+        ("--json", json.as_str()),
+    ];
+    let mut args = vec![
+        "tokenfan-loadgen".to_owned(),
+        scenario.to_owned(),
+        "--quiet".to_owned(),
+    ];
+    for (name, value) in defaults {
+        if !extra.contains(&name) {
+            args.extend([name.to_owned(), value.to_owned()]);
+        }
+    }
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
 }
 
 async fn run_in_process(args: Vec<String>) -> Report {
@@ -455,7 +453,7 @@ async fn http2_and_tls_targets() {
         "native",
         &format!("http://{}", plain.addr),
         &json,
-        &["--http", "2"],
+        &["--http", "2", "--inter-token-ms", "10"],
     ))
     .await;
     only_version(&r, "HTTP/2.0");
@@ -483,7 +481,7 @@ async fn http2_and_tls_targets() {
         "chat",
         &https,
         &json,
-        &["--http", "auto", "--ca-file", &ca],
+        &["--http", "auto", "--ca-file", &ca, "--inter-token-ms", "10"],
     ))
     .await;
     only_version(&r, "HTTP/2.0");

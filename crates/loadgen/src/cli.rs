@@ -232,6 +232,15 @@ pub struct ReportArgs {
     /// counters (coalesced events, slow consumers, refused connections, generator retries).
     #[arg(long, env = "TOKENFAN_LOADGEN_METRICS")]
     pub metrics: bool,
+    /// With `--metrics`: read `/metrics` from these base URLs instead of the targets (the
+    /// edges' admin listeners, e.g. http://127.0.0.1:9465, when `/metrics` is not served on
+    /// the public port). Repeat it or give a comma list.
+    #[arg(
+        long = "metrics-url",
+        value_delimiter = ',',
+        env = "TOKENFAN_LOADGEN_METRICS_URL"
+    )]
+    pub metrics_urls: Vec<String>,
     /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100, env = "TOKENFAN_LOADGEN_CLK_TCK")]
     pub clk_tck: u64,
@@ -516,6 +525,8 @@ pub struct Plan {
     pub mix: Vec<(Kind, u32)>,
     /// `--start-at`, Unix ns.
     pub start_at_ns: Option<i64>,
+    /// Where `--metrics` reads `/metrics`: `--metrics-url`, else the targets.
+    pub metrics_urls: Vec<String>,
 }
 
 impl Plan {
@@ -572,6 +583,11 @@ impl Plan {
             bail!("the grpc scenario supports http:// targets only");
         }
         let start_at_ns = load.start_at.as_deref().map(parse_start_at).transpose()?;
+        let metrics_urls = if report.metrics_urls.is_empty() {
+            targets.clone()
+        } else {
+            normalise_targets(&report.metrics_urls, default_target).context("--metrics-url")?
+        };
         let l = load;
         if l.concurrency == 0 {
             bail!("--concurrency must be at least 1");
@@ -610,6 +626,9 @@ impl Plan {
         if report.clk_tck == 0 {
             bail!("--clk-tck must be at least 1");
         }
+        if !report.metrics_urls.is_empty() && !report.metrics {
+            bail!("--metrics-url needs --metrics");
+        }
         if watch.viewers == 0 {
             bail!("--viewers must be at least 1");
         }
@@ -637,6 +656,7 @@ impl Plan {
             grpc_window_kib,
             mix,
             start_at_ns,
+            metrics_urls,
         }))
     }
 
@@ -903,6 +923,9 @@ mod tests {
         assert!(parse(&["x", "native", "--rate=-1"]).is_err());
         assert!(parse(&["x", "native", "--duration", "0"]).is_err());
         assert!(parse(&["x", "watch", "--viewers", "0"]).is_err());
+        assert!(parse(&["x", "native", "--metrics-url", "http://a:1"]).is_err());
+        assert!(parse(&["x", "native", "--start-at", "soon"]).is_err());
+        assert!(parse(&["x", "grpc", "--target", "https://a:1"]).is_err());
         let plan = parse(&[
             "x",
             "native",

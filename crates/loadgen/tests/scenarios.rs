@@ -172,7 +172,12 @@ async fn native_post_sse() {
     let edge = Edge::start().await;
     let json = json_path("native");
     let mut args = fast_args("native", &edge.url(), &json);
-    args.extend(["--metrics".to_owned(), "--server-pid".to_owned()]);
+    args.extend([
+        "--metrics".to_owned(),
+        "--metrics-url".to_owned(),
+        edge.url(),
+        "--server-pid".to_owned(),
+    ]);
     args.push(std::process::id().to_string());
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["native"]);

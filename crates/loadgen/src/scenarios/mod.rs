@@ -217,7 +217,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     let http = http_client(&plan.load)?;
     let stream_timeout = plan.stream_timeout();
     let metrics_before = if plan.report.metrics {
-        Some(metrics::fetch_all(&http, &plan.targets).await)
+        Some(metrics::fetch_all(&http, &plan.metrics_urls).await)
     } else {
         None
     };
@@ -303,7 +303,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     stalled_diagnostics(&ctx).await;
     let counters = match metrics_before {
         Some((before, failed)) => {
-            let (after, failed_after) = metrics::fetch_all(&http, &plan.targets).await;
+            let (after, failed_after) = metrics::fetch_all(&http, &plan.metrics_urls).await;
             for f in failed.iter().chain(&failed_after) {
                 stats.note(format!("/metrics not read: {f}"));
             }

@@ -157,9 +157,6 @@ impl Fixture {
                 security: Arc::new(security),
                 config,
                 shutdown: CancellationToken::new(),
-                metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .build_recorder()
-                    .handle(),
             }
         });
         let router = crate::app::router(app.clone());

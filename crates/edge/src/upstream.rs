@@ -89,20 +89,36 @@ impl GeneratorPool {
         Ok((url.clone(), response.into_inner()))
     }
 
-    /// Whether every generator answers its health check (readiness).
-    pub async fn ready(&self) -> bool {
-        for (_, channels) in &self.endpoints {
+    /// How many generators answer their health check as serving (checked at once, each
+    /// within 1 s).
+    pub async fn serving(&self) -> usize {
+        let checks = self.endpoints.iter().map(|(url, channels)| async move {
             let mut health =
                 tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
             let check = health.check(tonic_health::pb::HealthCheckRequest {
                 service: "tokenfan.v1.Generator".into(),
             });
             match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
-                Ok(Ok(r)) if r.get_ref().status == 1 => {}
-                _ => return false,
+                Ok(Ok(r)) if r.get_ref().status == 1 => true,
+                Ok(Ok(r)) => {
+                    tracing::debug!(%url, status = r.get_ref().status, "generator not serving");
+                    false
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%url, %err, "generator health check failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::debug!(%url, "generator health check timed out");
+                    false
+                }
             }
-        }
-        true
+        });
+        futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count()
     }
 }
 

@@ -2,9 +2,17 @@
 //!
 //! One task per socket runs [`serve`], generic over the socket's `Sink`/`Stream` halves; each
 //! subscription gets a forwarding task that turns its batches into frames on a bounded
-//! outgoing channel. The socket task feeds everything queued to the sink and flushes once, so
-//! a burst of events costs one write. A full outgoing channel holds the forwarders back, and
-//! their subscriptions then lag (and coalesce) inside the hub instead of here.
+//! outgoing channel. Inside the socket task a reader (client messages, pings, shutdown) and a
+//! writer run side by side: the writer feeds everything queued to the sink and flushes once,
+//! so a burst of events costs one write. A full outgoing channel holds the forwarders back,
+//! and their subscriptions then lag (and coalesce) inside the hub instead of here.
+//!
+//! Limits of one socket, each answered the same way (an `error` message; close 1008 when it
+//! goes on): a write that makes no progress for `--write-timeout-secs` closes the socket with
+//! 1008 (the reader keeps counting unanswered pings meanwhile); more than
+//! `--ws-messages-per-sec` messages (bursts of twice that) get `rate_limited`; more than
+//! `--ws-max-pending-cancels` cancels in flight get `too_many_cancels`; [`WS_STRIKES`]
+//! refusals in a row close the socket with 1008.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -21,7 +29,10 @@ use axum::{
 use futures::{Sink, SinkExt as _, Stream, StreamExt as _};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
 
 use crate::{
     app::{AppState, TransportGuard, request_span},
@@ -43,8 +54,19 @@ const READ_BUFFER: usize = 4096;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server restarts: reconnect elsewhere.
 const CLOSE_RESTART: u16 = 1012;
-/// Close code for a peer that stopped answering pings.
+/// Close code for a peer that stopped answering pings, does not read, or keeps breaking a
+/// limit.
 const CLOSE_POLICY: u16 = 1008;
+
+/// Replies, pongs and pings waiting to be written; a client that leaves this many unread is
+/// closed (it is not reading).
+const CONTROL: usize = 128;
+
+/// Refusals in a row (rate limit, too many cancels) after which the socket is closed.
+pub const WS_STRIKES: u32 = 10;
+
+/// How long a close frame may take to write.
+const CLOSE_WRITE: Duration = Duration::from_secs(1);
 
 /// `GET /v1/ws` (HTTP/1.1 Upgrade) and `CONNECT /v1/ws` (HTTP/2, RFC 8441).
 pub async fn upgrade(
@@ -52,6 +74,7 @@ pub async fn upgrade(
     caller: Caller,
     headers: HeaderMap,
     uri: Uri,
+    slot: Option<axum::Extension<crate::server::ConnectionSlot>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -74,9 +97,15 @@ pub async fn upgrade(
     ws.read_buffer_size(READ_BUFFER)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| {
+        .on_upgrade(move |socket| async move {
+            // The connection's slot of the caps stays taken until the socket closes.
+            let slot = slot.map(|axum::Extension(slot)| slot);
+            if let Some(slot) = &slot {
+                slot.upgraded();
+            }
             let (sink, stream) = socket.split();
-            serve(app, caller, sink, stream)
+            serve(app, caller, sink, stream).await;
+            drop(slot);
         })
 }
 
@@ -128,8 +157,8 @@ struct Subscribed {
     forwarder: JoinHandle<()>,
 }
 
-/// Serves one socket for `caller` until the peer leaves, stops answering pings, or the server
-/// shuts down.
+/// Serves one socket for `caller` until the peer leaves, stops answering pings, stops reading,
+/// keeps breaking a limit, or the server shuts down.
 pub async fn serve<S, R>(app: AppState, caller: Caller, mut sink: S, mut incoming: R)
 where
     S: Sink<Message> + Unpin + Send,
@@ -137,59 +166,114 @@ where
 {
     let guard = Arc::new(TransportGuard::new("ws"));
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING);
+    let (control, mut control_rx) = mpsc::channel::<Message>(CONTROL);
     let mut subs: HashMap<StreamId, Subscribed> = HashMap::new();
-    let ping_every = Duration::from_secs(app.config.http.ws_ping_secs);
+    let http = &app.config.http;
+    let ping_every = Duration::from_secs(http.ws_ping_secs);
+    let write_timeout = Duration::from_secs(http.write_timeout_secs);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    // After a long write to a slow client, do not fire the missed pings back to back.
+    // After a long stall, do not fire the missed pings back to back.
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut unanswered = 0u32;
-    let close = loop {
-        tokio::select! {
-            msg = incoming.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    // Replies go straight to the socket: this task is the only reader of the
-                    // outgoing queue, so it must never wait for room in it.
-                    unanswered = 0;
-                    let reply = handle_text(&app, &caller, &text, &mut subs, &tx, &guard).await;
-                    if let Some(reply) = reply
-                        && sink.send(reply).await.is_err()
-                    {
-                        break None;
+    let mut socket = SocketLimits::new(
+        http.ws_messages_per_sec,
+        Arc::new(Semaphore::new(http.ws_max_pending_cancels)),
+    );
+    let reader = async {
+        let mut unanswered = 0u32;
+        loop {
+            let reply = tokio::select! {
+                msg = incoming.next() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        unanswered = 0;
+                        if !socket.admit() {
+                            if socket.strikes > WS_STRIKES {
+                                return Some((CLOSE_POLICY, "message rate limit exceeded"));
+                            }
+                            Some(rate_limited(http.ws_messages_per_sec))
+                        } else {
+                            handle_text(&app, &caller, &text, &mut subs, &tx, &guard, &mut socket)
+                                .await
+                        }
                     }
+                    Some(Ok(Message::Binary(_))) => {
+                        unanswered = 0;
+                        if socket.admit() {
+                            let e = json!({"type": "error", "code": "unsupported_frame",
+                                "message": "binary frames are not supported; send JSON text"});
+                            Some(text_msg(&e))
+                        } else if socket.strikes > WS_STRIKES {
+                            return Some((CLOSE_POLICY, "message rate limit exceeded"));
+                        } else {
+                            Some(rate_limited(http.ws_messages_per_sec))
+                        }
+                    }
+                    Some(Ok(Message::Pong(_))) => {
+                        unanswered = 0;
+                        None
+                    }
+                    Some(Ok(Message::Ping(_))) => None, // the library answers pings itself
+                    Some(Ok(Message::Close(_))) | None => return None,
+                    Some(Err(err)) => {
+                        let text = err.to_string().to_ascii_lowercase();
+                        let too_big = text.contains("too long") || text.contains("capacity");
+                        return too_big.then_some((CLOSE_TOO_BIG, "message too big"));
+                    }
+                },
+                // Never waits for the writer: a stuck write cannot hold the ping check back.
+                _ = ping.tick() => {
+                    if unanswered >= 2 {
+                        return Some((CLOSE_POLICY, "ping timeout"));
+                    }
+                    unanswered += 1;
+                    Some(Message::Ping(Default::default()))
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    unanswered = 0;
-                    let e = json!({"type": "error", "code": "unsupported_frame",
-                        "message": "binary frames are not supported; send JSON text"});
-                    if sink.send(text_msg(&e)).await.is_err() { break None; }
+                () = app.shutdown.cancelled() => {
+                    return Some((CLOSE_RESTART, "server restarting; reconnect"));
                 }
-                Some(Ok(Message::Pong(_))) => unanswered = 0,
-                Some(Ok(Message::Ping(_))) => {} // the library answers pings itself
-                Some(Ok(Message::Close(_))) | None => break None,
-                Some(Err(err)) => {
-                    let too_big = err.to_string().to_ascii_lowercase().contains("too long")
-                        || err.to_string().to_ascii_lowercase().contains("capacity");
-                    break too_big.then_some((CLOSE_TOO_BIG, "message too big"));
-                }
-            },
-            Some(out) = rx.recv() => {
-                if sink.feed(out).await.is_err() { break None; }
-                // Write everything else already queued, then flush once.
-                let mut failed = false;
-                while let Ok(more) = rx.try_recv() {
-                    if sink.feed(more).await.is_err() { failed = true; break; }
-                }
-                if failed || sink.flush().await.is_err() { break None; }
+            };
+            if socket.strikes > WS_STRIKES {
+                return Some((CLOSE_POLICY, "too many refused messages"));
             }
-            _ = ping.tick() => {
-                if unanswered >= 2 {
-                    break Some((CLOSE_POLICY, "ping timeout"));
-                }
-                unanswered += 1;
-                if sink.send(Message::Ping(Default::default())).await.is_err() { break None; }
+            if let Some(reply) = reply
+                && control.try_send(reply).is_err()
+            {
+                return Some((CLOSE_POLICY, "the client does not read its replies"));
             }
-            () = app.shutdown.cancelled() => break Some((CLOSE_RESTART, "server restarting; reconnect")),
         }
+    };
+    let writer = async {
+        loop {
+            // Replies first: the client waits for them; events can lag.
+            let first = tokio::select! {
+                biased;
+                Some(m) = control_rx.recv() => m,
+                Some(m) = rx.recv() => m,
+                else => return None,
+            };
+            let started = tokio::time::Instant::now();
+            let write = async {
+                sink.feed(first).await.map_err(|_| ())?;
+                // Write everything else already queued, then flush once.
+                while let Some(more) = control_rx.try_recv().ok().or_else(|| rx.try_recv().ok()) {
+                    sink.feed(more).await.map_err(|_| ())?;
+                }
+                sink.flush().await.map_err(|_| ())
+            };
+            match tokio::time::timeout(write_timeout, write).await {
+                Ok(Ok(())) => {}
+                // The socket's own write deadline (the same timeout) may fire first: both mean
+                // the client stopped reading. Other errors mean it is gone.
+                Ok(Err(())) if started.elapsed() + Duration::from_millis(500) >= write_timeout => {
+                    return Some(write_timed_out());
+                }
+                Ok(Err(())) => return None,
+                Err(_) => return Some(write_timed_out()),
+            }
+        }
+    };
+    let close = tokio::select! {
+        close = reader => close,
+        close = writer => close,
     };
     for (_, s) in subs.drain() {
         s.forwarder.abort();
@@ -199,9 +283,68 @@ where
             code,
             reason: Utf8Bytes::from_static(reason),
         };
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        // Written if the client still reads at all.
+        let _ = tokio::time::timeout(CLOSE_WRITE, sink.send(Message::Close(Some(frame)))).await;
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(CLOSE_WRITE, sink.close()).await;
+}
+
+fn write_timed_out() -> (u16, &'static str) {
+    metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => "ws").increment(1);
+    (CLOSE_POLICY, "write timeout: the client does not read")
+}
+
+/// One socket's message rate (a token bucket of `2 × rate`) and its cancels in flight.
+struct SocketLimits {
+    rate: f64,
+    tokens: f64,
+    refilled: tokio::time::Instant,
+    /// Refusals in a row.
+    strikes: u32,
+    /// One permit per cancel in flight, held by its task.
+    cancels: Arc<Semaphore>,
+}
+
+impl SocketLimits {
+    fn new(per_sec: u32, cancels: Arc<Semaphore>) -> Self {
+        let rate = f64::from(per_sec);
+        Self {
+            rate,
+            tokens: 2.0 * rate,
+            refilled: tokio::time::Instant::now(),
+            strikes: 0,
+            cancels,
+        }
+    }
+
+    /// Takes a token for one message; false (and a strike) when there is none.
+    fn admit(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
+fn rate_limited(per_sec: u32) -> Message {
+    metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "ws_messages").increment(1);
+    error_msg(
+        "rate_limited",
+        &format!(
+            "a socket may send {per_sec} messages per second; this one was not handled (the \
+             socket is closed if it goes on)"
+        ),
+        None,
+        None,
+    )
 }
 
 fn text_msg(value: &Value) -> Message {
@@ -231,6 +374,7 @@ async fn handle_text(
     subs: &mut HashMap<StreamId, Subscribed>,
     tx: &mpsc::Sender<Message>,
     guard: &Arc<TransportGuard>,
+    limits: &mut SocketLimits,
 ) -> Option<Message> {
     subs.retain(|_, s| !s.forwarder.is_finished());
     let value: Value = match serde_json::from_str(text) {
@@ -291,10 +435,9 @@ async fn handle_text(
             if let Some(ticket) = app.security.ticket_for(&stream) {
                 started["ticket"] = json!(ticket.token);
             }
-            // `started` is written by the socket task as soon as this returns, before it reads
-            // the outgoing queue where the forwarder puts the stream's events.
-            match subscribe(subs, &stream, 0, tx, guard, rid) {
-                Ok(_) => Some(text_msg(&started)),
+            // The forwarder queues `started` before the stream's events, on the same queue.
+            match subscribe(subs, &stream, 0, tx, guard, rid, Some(text_msg(&started))) {
+                Ok(_) => None,
                 Err(error) => Some(error),
             }
         }
@@ -338,7 +481,7 @@ async fn handle_text(
                     if subs.len() >= app.config.http.ws_max_subscriptions {
                         return Some(too_many(app, Some(stream.id.as_str()), rid));
                     }
-                    let subscribed = subscribe(subs, &stream, msg.after, tx, guard, rid);
+                    let subscribed = subscribe(subs, &stream, msg.after, tx, guard, rid, None);
                     if msg.after > 0 {
                         let (replayed, result) = match &subscribed {
                             Ok(backlog) => (
@@ -352,6 +495,19 @@ async fn handle_text(
                     subscribed.err()
                 }
                 "cancel" => {
+                    let Ok(permit) = limits.cancels.clone().try_acquire_owned() else {
+                        limits.strikes += 1;
+                        return Some(error_msg(
+                            "too_many_cancels",
+                            &format!(
+                                "a socket may have {} cancels in flight; wait for their \
+                                 answers (the socket is closed if this goes on)",
+                                app.config.http.ws_max_pending_cancels
+                            ),
+                            Some(stream.id.as_str()),
+                            rid,
+                        ));
+                    };
                     let subscribed = subs.contains_key(&stream.id);
                     let hub = app.hub.clone();
                     let tx = tx.clone();
@@ -359,6 +515,7 @@ async fn handle_text(
                     // The terminal event answers the cancel: through the subscription when
                     // there is one, else sent here once the owner wrote it.
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(e) = hub.cancel(&stream).await {
                             let id = Some(stream.id.as_str());
                             let _ = tx
@@ -430,6 +587,7 @@ fn subscribe(
     tx: &mpsc::Sender<Message>,
     guard: &Arc<TransportGuard>,
     request_id: Option<&str>,
+    first: Option<Message>,
 ) -> Result<u64, Message> {
     let mut sub = stream
         .subscribe(after)
@@ -440,6 +598,11 @@ fn subscribe(
     let id = stream.id.clone();
     let forwarder = tokio::spawn(async move {
         let mut gaps = GapMeter::new("ws");
+        if let Some(first) = first
+            && tx.send(first).await.is_err()
+        {
+            return;
+        }
         loop {
             match sub.next_batch().await {
                 Ok(batch) => {

@@ -74,6 +74,8 @@ impl Drop for Generator {
 /// An edge replica process.
 pub struct Edge {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/readyz`).
+    pub admin_addr: SocketAddr,
     pub replica: String,
     child: Child,
 }
@@ -81,6 +83,11 @@ pub struct Edge {
 impl Edge {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
     }
 
     /// `kill -9`.
@@ -143,7 +150,7 @@ impl TestCluster {
             http: reqwest::Client::new(),
         };
         for edge in &cluster.edges {
-            let url = edge.url("/readyz");
+            let url = edge.admin_url("/readyz");
             super::wait_until(Duration::from_secs(20), || async {
                 let r = cluster.http.get(&url).send().await.ok()?;
                 (r.status() == 200).then_some(())
@@ -174,6 +181,8 @@ fn spawn_edge(
         .args([
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--log-format",
             "json",
             "--log-filter",
@@ -197,7 +206,7 @@ fn spawn_edge(
         .spawn()
         .expect("spawn edge");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = loop {
+    let (addr, admin_addr) = loop {
         let line = lines
             .next()
             .unwrap_or_else(|| panic!("{replica} exited before listening"))
@@ -206,11 +215,14 @@ fn spawn_edge(
             continue;
         };
         if v["fields"]["message"] == "tokenfan-edge listening" {
-            break v["fields"]["addr"]
-                .as_str()
-                .expect("addr")
-                .parse()
-                .expect("socket address");
+            let field = |name: &str| -> SocketAddr {
+                v["fields"][name]
+                    .as_str()
+                    .expect("address field")
+                    .parse()
+                    .expect("socket address")
+            };
+            break (field("addr"), field("admin_addr"));
         }
     };
     let name = replica.to_string();
@@ -223,6 +235,7 @@ fn spawn_edge(
     });
     Edge {
         addr,
+        admin_addr,
         replica: replica.to_string(),
         child,
     }

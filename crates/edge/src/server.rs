@@ -804,3 +804,81 @@ async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    /// Context switches of this thread so far (each wait of the runtime that sleeps is one).
+    fn voluntary_switches() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_partial_preface_is_waited_for_not_polled() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PR").await.expect("write");
+        // The bytes are there before sniffing starts, so a peek would succeed every time.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = voluntary_switches();
+        let sniffed = sniff(&mut server, Duration::from_millis(500)).await;
+        let wakeups = voluntary_switches() - before;
+        assert!(sniffed.is_none(), "nothing decided without a third byte");
+        // Waiting on the socket costs a handful of wake-ups; re-peeking every 1 ms ~500.
+        assert!(wakeups < 50, "{wakeups} wake-ups while waiting 500 ms");
+    }
+
+    #[tokio::test]
+    async fn a_preface_sent_byte_by_byte_is_replayed_to_the_server() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut client, mut server) = pair().await;
+        let sender = tokio::spawn(async move {
+            for b in b"PRI * HTTP/2.0" {
+                client.write_all(&[*b]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            client
+        });
+        let (protocol, prefix) = sniff(&mut server, Duration::from_secs(5))
+            .await
+            .expect("decided");
+        assert_eq!(protocol, Protocol::Http2);
+        let mut replayed = Prefixed::new(prefix, server);
+        let _client = sender.await.expect("sender");
+        let mut got = vec![0u8; 14];
+        replayed.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"PRI * HTTP/2.0");
+
+        let (mut client, mut server) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let (protocol, prefix) = sniff(&mut server, Duration::from_secs(5))
+            .await
+            .expect("decided");
+        assert_eq!(
+            (protocol, prefix.len()),
+            (Protocol::Http1, 0),
+            "peeked only"
+        );
+    }
+}

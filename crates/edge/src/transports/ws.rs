@@ -271,10 +271,20 @@ where
             }
         }
     };
-    let close = tokio::select! {
-        close = reader => close,
-        close = writer => close,
+    let (close, by_reader) = tokio::select! {
+        close = reader => (close, true),
+        close = writer => (close, false),
     };
+    if by_reader && close.is_some() {
+        // Replies the reader queued (the refusals that led to the close) go out first.
+        let flush = async {
+            while let Ok(m) = control_rx.try_recv() {
+                sink.feed(m).await.map_err(|_| ())?;
+            }
+            sink.flush().await.map_err(|_| ())
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE, flush).await;
+    }
     for (_, s) in subs.drain() {
         s.forwarder.abort();
     }

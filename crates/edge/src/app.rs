@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::auth::authenticate,
         ))
+        .layer(axum::middleware::from_fn(echo_request_id))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -101,10 +102,32 @@ fn cors_layer(config: &EdgeConfig) -> Option<CorsLayer> {
             ])
             .expose_headers([
                 header::HeaderName::from_static("x-stream-id"),
+                header::HeaderName::from_static(REQUEST_ID),
                 header::HeaderName::from_static(crate::auth::TICKET_HEADER),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )
+}
+
+/// The request id header clients (the OpenAI SDKs among them) log and send to support.
+const REQUEST_ID: &str = "x-request-id";
+
+/// Answers with the request's `x-request-id` (up to 200 bytes), on every response, errors
+/// included.
+async fn echo_request_id(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID, id);
+    }
+    response
 }
 
 async fn not_found() -> Response {

@@ -239,7 +239,7 @@ fn openai_error(status: StatusCode, body: &Value) -> &str {
     );
     let kind = nonempty_str(error, "type");
     let expected = match status.as_u16() {
-        429 => "rate_limit_exceeded",
+        429 => "requests",
         s if s >= 500 => "server_error",
         _ => "invalid_request_error",
     };

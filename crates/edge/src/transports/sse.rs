@@ -37,6 +37,9 @@ pub trait Framer: Send + 'static {
     fn event(&mut self, event: &Event, out: &mut BytesMut);
     /// The subscription ended.
     fn closed(&mut self, reason: Closed, out: &mut BytesMut);
+    /// The response ends before the stream did (server shutdown): what tells the client so.
+    /// Native SSE says nothing (EventSource reconnects and resumes by itself).
+    fn interrupted(&mut self, _out: &mut BytesMut) {}
 }
 
 /// Native framing: `retry:` then `id:`/`event:`/`data:` frames.
@@ -142,7 +145,11 @@ async fn next_chunk<F: Framer>(
                 out.extend_from_slice(b": heartbeat\n\n");
                 return Some((Ok(out.freeze()), s));
             }
-            () = s.shutdown.cancelled() => return None,
+            () = s.shutdown.cancelled() => {
+                s.framer.interrupted(&mut out);
+                s.done = true;
+                return (!out.is_empty()).then(|| (Ok(out.freeze()), s));
+            }
         },
     };
     match result {

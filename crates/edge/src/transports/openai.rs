@@ -197,6 +197,7 @@ pub async fn chat_completions(
     State(app): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    expires: Option<axum::Extension<auth::CredentialExpiry>>,
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let chat: ChatRequest =
@@ -208,7 +209,8 @@ pub async fn chat_completions(
     let sub = stream.subscribe(0)?;
     if streaming {
         let framer = OpenAiFramer::new(&stream, true, false, include_usage);
-        let mut response = sse::response(&app, sub, framer, "openai");
+        let expires = expires.map(|axum::Extension(e)| e);
+        let mut response = sse::response_until(&app, sub, framer, "openai", expires);
         let ticket = app.security.ticket_for(&stream);
         let out = response.headers_mut();
         app.security
@@ -415,6 +417,14 @@ impl Framer for OpenAiFramer {
                 self.id.trim_start_matches("chatcmpl-"),
                 self.last_seq
             ),
+        ));
+        write_data(out, None, &error.body());
+    }
+
+    fn credentials_expired(&mut self, out: &mut BytesMut) {
+        let error = OpenAiError(ApiError::unauthorized(
+            "credentials_expired",
+            "the credential this stream was opened with has expired",
         ));
         write_data(out, None, &error.body());
     }

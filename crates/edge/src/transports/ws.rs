@@ -75,8 +75,10 @@ pub async fn upgrade(
     headers: HeaderMap,
     uri: Uri,
     slot: Option<axum::Extension<crate::server::ConnectionSlot>>,
+    expires: Option<axum::Extension<auth::CredentialExpiry>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let expires = expires.map(|axum::Extension(e)| e);
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
@@ -104,7 +106,7 @@ pub async fn upgrade(
                 slot.upgraded();
             }
             let (sink, stream) = socket.split();
-            serve(app, caller, sink, stream).await;
+            serve_until(app, caller, expires, sink, stream).await;
             drop(slot);
         })
 }
@@ -159,11 +161,32 @@ struct Subscribed {
 
 /// Serves one socket for `caller` until the peer leaves, stops answering pings, stops reading,
 /// keeps breaking a limit, or the server shuts down.
-pub async fn serve<S, R>(app: AppState, caller: Caller, mut sink: S, mut incoming: R)
+pub async fn serve<S, R>(app: AppState, caller: Caller, sink: S, incoming: R)
 where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
 {
+    serve_until(app, caller, None, sink, incoming).await;
+}
+
+/// [`serve`], closing the socket (1008, after an `error` message `credentials_expired`) when
+/// the credential or ticket it was opened with expires.
+pub async fn serve_until<S, R>(
+    app: AppState,
+    caller: Caller,
+    expires: Option<auth::CredentialExpiry>,
+    mut sink: S,
+    mut incoming: R,
+) where
+    S: Sink<Message> + Unpin + Send,
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+{
+    let expired = async move {
+        match expires {
+            Some(e) => tokio::time::sleep_until(e.deadline()).await,
+            None => std::future::pending().await,
+        }
+    };
     let guard = Arc::new(TransportGuard::new("ws"));
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING);
     let (control, mut control_rx) = mpsc::channel::<Message>(CONTROL);
@@ -180,6 +203,7 @@ where
     );
     let reader = async {
         let mut unanswered = 0u32;
+        let mut expired = std::pin::pin!(expired);
         loop {
             let reply = tokio::select! {
                 msg = incoming.next() => match msg {
@@ -229,6 +253,18 @@ where
                 }
                 () = app.shutdown.cancelled() => {
                     return Some((CLOSE_RESTART, "server restarting; reconnect"));
+                }
+                () = expired.as_mut() => {
+                    metrics::counter!("tokenfan_edge_credentials_expired_total", "transport" => "ws")
+                        .increment(1);
+                    let _ = control.try_send(error_msg(
+                        "credentials_expired",
+                        "the credential or ticket this socket was opened with has expired; \
+                         reconnect with a fresh one",
+                        None,
+                        None,
+                    ));
+                    return Some((CLOSE_POLICY, "credentials expired"));
                 }
             };
             if socket.strikes > WS_STRIKES {

@@ -240,6 +240,6 @@ async fn a_websocket_client_over_the_message_rate_is_refused_then_closed() {
     .await
     .expect("the socket closes");
     assert_eq!(close, Some(CloseCode::Policy));
-    assert!(pongs >= 1 && pongs <= 3, "the burst is answered: {pongs}");
+    assert!((1..=3).contains(&pongs), "the burst is answered: {pongs}");
     assert!(refused >= 5, "refusals before the close: {refused}");
 }

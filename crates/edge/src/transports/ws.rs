@@ -482,10 +482,7 @@ async fn handle_text(
                 started["ticket"] = json!(ticket.token);
             }
             // The forwarder queues `started` before the stream's events, on the same queue.
-            match subscribe(subs, &stream, 0, tx, guard, rid, Some(text_msg(&started))) {
-                Ok(_) => None,
-                Err(error) => Some(error),
-            }
+            subscribe(subs, &stream, 0, tx, guard, rid, Some(text_msg(&started))).err()
         }
         "subscribe" | "cancel" | "unsubscribe" => {
             let msg: StreamMsg = match serde_json::from_value(value) {

@@ -45,7 +45,8 @@ pin=()
 [[ -n "$LOADGEN_CPU" ]] && pin=(taskset -c "$LOADGEN_CPU")
 
 common=(--max-tokens "$MAX_TOKENS" --inter-token-ms "$INTER_TOKEN_MS" --ttft-ms 100
-  --ramp "$RAMP_SECS" --warmup "$WARMUP_SECS" --duration "$MEASURE_SECS" --metrics -q)
+  --ramp "$RAMP_SECS" --warmup "$WARMUP_SECS" --duration "$MEASURE_SECS" --metrics -q
+  --metrics-target http://127.0.0.1:9481,http://127.0.0.1:9482,http://127.0.0.1:9483)
 
 for run in $RUNS; do
   case "$run" in
@@ -68,6 +69,7 @@ for run in $RUNS; do
         --concurrency 1 --viewers "$VIEWERS" --ttft-ms "$FANOUT_TTFT_MS" \
         --max-tokens "$FANOUT_TOKENS" --inter-token-ms "$INTER_TOKEN_MS" \
         --ramp 0 --warmup 0 --duration "$MEASURE_SECS" --metrics -q \
+        --metrics-target http://127.0.0.1:9481,http://127.0.0.1:9482,http://127.0.0.1:9483 \
         --server-pid "$edge_pids" --label "fan-out 1x$VIEWERS" --json "$OUT/fanout.json"
       ;;
     *) echo "unknown run $run" >&2; exit 2 ;;

@@ -116,7 +116,8 @@ run() {
   local rc=0
   timeout --signal=INT --kill-after=10 "$RUN_TIMEOUT" \
     "${nice[@]}" taskset -c "$CLIENT_CPU" "$CLIENT_BIN" "$@" \
-      --target "http://$edge_addr" --server-pid "$edge_pid" "${out[@]}" || rc=$?
+      --target "http://$edge_addr" --metrics-target "http://$edge_admin" \
+      --server-pid "$edge_pid" "${out[@]}" || rc=$?
   # 1 = the run counted errors or violations (see its RESULT line), 2 = it could not run.
   (( rc == 0 )) || echo "# tokenfan-loadgen exited with status $rc"
   local warns

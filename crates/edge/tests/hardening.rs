@@ -181,9 +181,10 @@ async fn a_websocket_client_that_stops_reading_is_closed_and_counted() {
     // Each pong echoes a 60 KB id: far more than the socket buffers hold.
     let id = "x".repeat(60_000);
     for _ in 0..200 {
-        ws.send(Message::text(json!({"type": "ping", "id": id}).to_string()))
-            .await
-            .expect("send");
+        let ping = Message::text(json!({"type": "ping", "id": id}).to_string());
+        if ws.send(ping).await.is_err() {
+            break; // the edge already gave up on this client
+        }
     }
     wait_until(Duration::from_secs(20), || async {
         (series(&edge.metrics().await, metric) > before).then_some(())

@@ -188,6 +188,15 @@ pub struct ReportArgs {
     /// counters (coalesced events, slow consumers, refused connections, generator retries).
     #[arg(long, env = "TOKENFAN_LOADGEN_METRICS")]
     pub metrics: bool,
+    /// Base URLs `--metrics` reads `/metrics` from, comma-separated: the edges' admin
+    /// listeners (`--admin-listen`; tokenfan serves `/metrics` only there). Default: each
+    /// target.
+    #[arg(
+        long = "metrics-target",
+        env = "TOKENFAN_LOADGEN_METRICS_TARGET",
+        value_delimiter = ','
+    )]
+    pub metrics_targets: Vec<String>,
     /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100, env = "TOKENFAN_LOADGEN_CLK_TCK")]
     pub clk_tck: u64,
@@ -350,6 +359,10 @@ pub struct IdleArgs {
     /// Base URL of the server (one).
     #[arg(long, default_value = DEFAULT_HTTP_TARGET, env = "TOKENFAN_LOADGEN_TARGET")]
     pub target: String,
+    /// Base URL of the server's `/metrics` (tokenfan: the edge's admin listener). Default: the
+    /// target.
+    #[arg(long = "metrics-target", env = "TOKENFAN_LOADGEN_METRICS_TARGET")]
+    pub metrics_target: Option<String>,
     /// Idle connections to open.
     #[arg(long, default_value_t = 10_000, env = "TOKENFAN_LOADGEN_CONNECTIONS")]
     pub connections: usize,

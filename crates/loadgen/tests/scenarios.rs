@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// A running edge (embedded generator); stops when dropped.
 struct Edge {
     addr: SocketAddr,
+    admin_addr: SocketAddr,
     shutdown: CancellationToken,
 }
 
@@ -36,6 +37,7 @@ impl Edge {
             .expect("edge starts");
         Self {
             addr: running.addr,
+            admin_addr: running.admin_addr,
             shutdown,
         }
     }
@@ -172,7 +174,12 @@ async fn native_post_sse() {
     let edge = Edge::start().await;
     let json = json_path("native");
     let mut args = fast_args("native", &edge.url(), &json);
-    args.extend(["--metrics".to_owned(), "--server-pid".to_owned()]);
+    args.extend([
+        "--metrics".to_owned(),
+        "--metrics-target".to_owned(),
+        format!("http://{}", edge.admin_addr),
+        "--server-pid".to_owned(),
+    ]);
     args.push(std::process::id().to_string());
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["native"]);

@@ -144,7 +144,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     let http = http_client()?;
     let stream_timeout = plan.stream_timeout();
     let metrics_before = if plan.report.metrics {
-        Some(metrics::fetch_all(&http, &plan.targets).await)
+        Some(metrics::fetch_all(&http, metrics_targets(&plan)).await)
     } else {
         None
     };
@@ -228,7 +228,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     stalled_diagnostics(&ctx).await;
     let counters = match metrics_before {
         Some((before, failed)) => {
-            let (after, failed_after) = metrics::fetch_all(&http, &plan.targets).await;
+            let (after, failed_after) = metrics::fetch_all(&http, metrics_targets(&plan)).await;
             for f in failed.iter().chain(&failed_after) {
                 stats.note(format!("/metrics not read: {f}"));
             }
@@ -386,5 +386,14 @@ mod tests {
         assert!(arrival_secs(5, 10.0, 2.0) > arrival_secs(4, 10.0, 2.0));
         // No ramp: evenly spaced from 0.
         assert!((arrival_secs(3, 4.0, 0.0) - 0.75).abs() < 1e-9);
+    }
+}
+
+/// Where `--metrics` reads `/metrics`: `--metrics-target`, else the targets.
+fn metrics_targets(plan: &Plan) -> &[String] {
+    if plan.report.metrics_targets.is_empty() {
+        &plan.targets
+    } else {
+        &plan.report.metrics_targets
     }
 }

@@ -185,8 +185,8 @@ pub struct HttpLimits {
     pub max_connections: usize,
 
     /// Seconds a write to a client may make no progress (the client stopped reading) before
-    /// the connection is closed: SSE with a final `slow_consumer` event when it can still be
-    /// written, WebSocket with close 1008. Counted in `tokenfan_edge_write_timeouts_total`.
+    /// the connection is closed (WebSocket: close 1008 if it can still be written). Counted in
+    /// `tokenfan_edge_write_timeouts_total`.
     #[arg(long, env = "TOKENFAN_EDGE_WRITE_TIMEOUT_SECS", default_value_t = 30)]
     pub write_timeout_secs: u64,
 

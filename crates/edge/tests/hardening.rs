@@ -244,3 +244,38 @@ async fn a_websocket_client_over_the_message_rate_is_refused_then_closed() {
     assert!((1..=3).contains(&pongs), "the burst is answered: {pongs}");
     assert!(refused >= 5, "refusals before the close: {refused}");
 }
+
+#[tokio::test]
+async fn an_http2_response_stalled_by_flow_control_closes_its_connection() {
+    let edge = TestEdge::with(|c| c.http.write_timeout_secs = 1).await;
+    let metric = r#"tokenfan_edge_write_timeouts_total{transport="http"}"#;
+    let id = edge.create(common::fast("a long answer", 4096, 3)).await;
+    edge.wait_finished(&id).await;
+    let before = series(&edge.metrics().await, metric);
+    // A client that stops reading one HTTP/2 response: its stream window (64 KiB) fills and
+    // the edge can send no more on it, while the socket itself stays writable.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_adaptive_window(false)
+        .http2_initial_stream_window_size(65_535)
+        .build()
+        .expect("client");
+    let r = h2
+        .get(edge.url(&format!("/v1/streams/{id}/events?format=openai")))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    wait_until(Duration::from_secs(30), || async {
+        (series(&edge.metrics().await, metric) > before).then_some(())
+    })
+    .await;
+    // Reading now: what was sent, then the end of a closed connection (no `[DONE]`).
+    let body = tokio::time::timeout(Duration::from_secs(30), r.text())
+        .await
+        .expect("the body ends");
+    if let Ok(text) = body {
+        assert!(!text.contains("[DONE]"), "the response was cut");
+    }
+}

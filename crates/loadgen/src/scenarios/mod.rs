@@ -371,6 +371,15 @@ async fn stalled_diagnostics(ctx: &Ctx) {
     }
 }
 
+/// Where `--metrics` reads `/metrics`: `--metrics-target`, else the targets.
+fn metrics_targets(plan: &Plan) -> &[String] {
+    if plan.report.metrics_targets.is_empty() {
+        &plan.targets
+    } else {
+        &plan.report.metrics_targets
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,14 +395,5 @@ mod tests {
         assert!(arrival_secs(5, 10.0, 2.0) > arrival_secs(4, 10.0, 2.0));
         // No ramp: evenly spaced from 0.
         assert!((arrival_secs(3, 4.0, 0.0) - 0.75).abs() < 1e-9);
-    }
-}
-
-/// Where `--metrics` reads `/metrics`: `--metrics-target`, else the targets.
-fn metrics_targets(plan: &Plan) -> &[String] {
-    if plan.report.metrics_targets.is_empty() {
-        &plan.targets
-    } else {
-        &plan.report.metrics_targets
     }
 }

@@ -88,6 +88,13 @@ fn fixture() -> &'static Fixture {
     FIXTURE.with(|f| *f)
 }
 
+/// The fixture's runtime and application state (unit tests of the transports).
+#[cfg(test)]
+pub(crate) fn fixture_app() -> (&'static tokio::runtime::Runtime, AppState) {
+    let fx = fixture();
+    (&fx.rt, fx.app.clone())
+}
+
 fn token(seq: u64, text: &str) -> Arc<Event> {
     Arc::new(Event::new(seq, EventKind::Token { text: text.into() }))
 }

@@ -681,3 +681,57 @@ fn subscribe(
     subs.insert(stream.id.clone(), Subscribed { forwarder });
     Ok(backlog)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancels_past_the_in_flight_bound_are_refused_and_count_as_strikes() {
+        let (rt, app) = crate::fuzzing::fixture_app();
+        rt.block_on(async {
+            let (tx, _rx) = mpsc::channel(OUTGOING);
+            let guard = Arc::new(TransportGuard::new("ws"));
+            let mut subs = HashMap::new();
+            let cancel =
+                json!({"type": "cancel", "stream_id": crate::fuzzing::DONE_STREAM}).to_string();
+            let caller = Caller::anonymous();
+            // Every permit held by cancels still in flight.
+            let mut limits = SocketLimits::new(50, Arc::new(Semaphore::new(0)));
+            for strikes in 1..=3 {
+                let reply =
+                    handle_text(&app, &caller, &cancel, &mut subs, &tx, &guard, &mut limits)
+                        .await
+                        .expect("a refusal");
+                let Message::Text(text) = reply else {
+                    panic!("a text reply")
+                };
+                let v: Value = serde_json::from_str(&text).expect("json");
+                assert_eq!(v["code"], "too_many_cancels", "{v}");
+                assert_eq!(v["stream_id"], crate::fuzzing::DONE_STREAM);
+                assert_eq!(limits.strikes, strikes);
+            }
+            // With room, the cancel goes ahead (answered later by the terminal event).
+            let mut limits = SocketLimits::new(50, Arc::new(Semaphore::new(1)));
+            let reply =
+                handle_text(&app, &caller, &cancel, &mut subs, &tx, &guard, &mut limits).await;
+            assert!(reply.is_none(), "{reply:?}");
+            assert_eq!(limits.strikes, 0);
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_message_rate_is_a_bucket_of_twice_the_rate() {
+        let mut limits = SocketLimits::new(2, Arc::new(Semaphore::new(1)));
+        for _ in 0..4 {
+            assert!(limits.admit());
+        }
+        assert!(!limits.admit());
+        assert!(!limits.admit());
+        assert_eq!(limits.strikes, 2);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(limits.admit(), "one token back after half a second");
+        assert_eq!(limits.strikes, 0, "an accepted message resets the strikes");
+        assert!(!limits.admit());
+    }
+}

@@ -720,6 +720,69 @@ mod tests {
         });
     }
 
+    /// A socket whose writes never complete (a client that stopped reading).
+    struct StuckSink;
+
+    impl Sink<Message> for StuckSink {
+        type Error = ();
+
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), ()>> {
+            std::task::Poll::Pending
+        }
+
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), ()> {
+            Ok(())
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), ()>> {
+            std::task::Poll::Pending
+        }
+
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), ()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_stuck_write_does_not_hold_the_ping_check_back() {
+        let (_, mut app) = crate::fuzzing::fixture_app();
+        let mut config = (*app.config).clone();
+        config.http.ws_ping_secs = 20;
+        config.http.write_timeout_secs = 1000;
+        app.config = Arc::new(config);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let incoming = futures::stream::pending::<Result<Message, axum::Error>>();
+            let started = tokio::time::Instant::now();
+            // The first ping's write never completes; two unanswered pings still close the
+            // socket on the third tick (~60 s), long before the write timeout (1000 s).
+            tokio::time::timeout(
+                Duration::from_secs(200),
+                serve(app, Caller::anonymous(), StuckSink, incoming),
+            )
+            .await
+            .expect("closed by the ping check");
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_secs(60) && took < Duration::from_secs(70),
+                "{took:?}"
+            );
+        });
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_message_rate_is_a_bucket_of_twice_the_rate() {
         let mut limits = SocketLimits::new(2, Arc::new(Semaphore::new(1)));

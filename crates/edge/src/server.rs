@@ -161,6 +161,7 @@ pub async fn serve(
             },
             open: Mutex::new((0, Vec::new())),
             upgraded: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
             kill: CancellationToken::new(),
             caps: caps.clone(),
             ip: peer.ip(),
@@ -343,9 +344,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 }
 
 /// A socket whose writes fail with `TimedOut` once one makes no progress for the connection's
-/// write timeout (counted in `tokenfan_edge_write_timeouts_total{transport="http"}`; an
-/// upgraded WebSocket counts its own under `transport="ws"`). The timer is armed only while
-/// a write waits, so an idle connection costs nothing.
+/// write timeout (counted once per connection in `tokenfan_edge_write_timeouts_total`,
+/// `transport="ws"` once upgraded, else `"http"`). The timer is armed only while a write
+/// waits, so an idle connection costs nothing.
 struct Deadline<I> {
     inner: I,
     connection: Arc<Connection>,
@@ -383,10 +384,7 @@ impl<I> Deadline<I> {
         }
         if !self.expired {
             self.expired = true;
-            if !self.connection.upgraded.load(Ordering::Relaxed) {
-                metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => "http")
-                    .increment(1);
-            }
+            self.connection.count_write_timeout();
         }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -462,6 +460,8 @@ struct Connection {
     open: Mutex<(usize, Vec<Permits>)>,
     /// Set when a request upgraded the connection to a WebSocket.
     upgraded: AtomicBool,
+    /// Set when a write timed out (counted once).
+    timed_out: AtomicBool,
     /// Cancelled to close the connection at once (a stalled HTTP/2 response).
     kill: CancellationToken,
     caps: Caps,
@@ -470,6 +470,20 @@ struct Connection {
 }
 
 impl Connection {
+    /// Counts the connection's write timeout, once, under its transport.
+    fn count_write_timeout(&self) {
+        if self.timed_out.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let transport = if self.upgraded.load(Ordering::Relaxed) {
+            "ws"
+        } else {
+            "http"
+        };
+        metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => transport)
+            .increment(1);
+    }
+
     /// Counts a new request; past the first in flight it needs a slot of its own.
     fn open_request(self: &Arc<Self>) -> Result<ConnectionSlot, (&'static str, &'static str)> {
         let mut open = lock(&self.open);
@@ -502,9 +516,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ConnectionSlot(Arc<SlotGuard>);
 
 impl ConnectionSlot {
-    /// Marks the connection upgraded (its write timeouts are then the WebSocket's to count).
+    /// Marks the connection upgraded (its write timeouts then count as `ws`).
     pub fn upgraded(&self) {
         self.0.0.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a write timeout of this connection (once per connection, whoever notices first:
+    /// the socket's deadline or the WebSocket's own).
+    pub fn count_write_timeout(&self) {
+        self.0.0.count_write_timeout();
+    }
+
+    /// Whether a write on this connection timed out.
+    pub fn write_timed_out(&self) -> bool {
+        self.0.0.timed_out.load(Ordering::Relaxed)
     }
 }
 
@@ -637,6 +662,7 @@ impl Watchdog {
         let stop = CancellationToken::new();
         let timeout = connection.write_timeout;
         let kill = connection.kill.clone();
+        let connection = Arc::downgrade(connection);
         let watched = since.clone();
         let stopped = stop.clone();
         tokio::spawn(async move {
@@ -653,8 +679,9 @@ impl Watchdog {
                 }
                 let stalled_since = base + Duration::from_millis(at - 1);
                 if stalled_since + timeout <= tokio::time::Instant::now() {
-                    metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => "http")
-                        .increment(1);
+                    if let Some(connection) = connection.upgrade() {
+                        connection.count_write_timeout();
+                    }
                     kill.cancel();
                     return;
                 }

@@ -19,6 +19,10 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, protocol::frame::coding::CloseCode},
 };
 
+/// Held by the tests that wait for `tokenfan_edge_write_timeouts_total` to move: the counter
+/// is shared by every edge of this test process, so only one of them may make it move at once.
+static WRITE_TIMEOUT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The value of one Prometheus series (0 when absent).
 fn series(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
@@ -131,6 +135,7 @@ async fn tight_socket(edge: &TestEdge) -> TcpStream {
 
 #[tokio::test]
 async fn an_sse_client_that_stops_reading_is_closed_and_counted() {
+    let _serial = WRITE_TIMEOUT_TESTS.lock().await;
     let edge = TestEdge::with(|c| c.http.write_timeout_secs = 1).await;
     let metric = r#"tokenfan_edge_write_timeouts_total{transport="http"}"#;
     let before = series(&edge.metrics().await, metric);
@@ -167,6 +172,7 @@ async fn an_sse_client_that_stops_reading_is_closed_and_counted() {
 
 #[tokio::test]
 async fn a_websocket_client_that_stops_reading_is_closed_and_counted() {
+    let _serial = WRITE_TIMEOUT_TESTS.lock().await;
     let edge = TestEdge::with(|c| {
         c.http.write_timeout_secs = 1;
         c.http.ws_messages_per_sec = 10_000;
@@ -247,6 +253,7 @@ async fn a_websocket_client_over_the_message_rate_is_refused_then_closed() {
 
 #[tokio::test]
 async fn an_http2_response_stalled_by_flow_control_closes_its_connection() {
+    let _serial = WRITE_TIMEOUT_TESTS.lock().await;
     let edge = TestEdge::with(|c| c.http.write_timeout_secs = 1).await;
     let metric = r#"tokenfan_edge_write_timeouts_total{transport="http"}"#;
     let id = edge.create(common::fast("a long answer", 4096, 3)).await;

@@ -106,8 +106,7 @@ pub async fn upgrade(
                 slot.upgraded();
             }
             let (sink, stream) = socket.split();
-            serve_until(app, caller, expires, sink, stream).await;
-            drop(slot);
+            serve_until(app, caller, expires, slot, sink, stream).await;
         })
 }
 
@@ -166,15 +165,17 @@ where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
 {
-    serve_until(app, caller, None, sink, incoming).await;
+    serve_until(app, caller, None, None, sink, incoming).await;
 }
 
 /// [`serve`], closing the socket (1008, after an `error` message `credentials_expired`) when
-/// the credential or ticket it was opened with expires.
+/// the credential or ticket it was opened with expires. `slot` is the connection's share of
+/// the connection caps (held until the socket closes) and where write timeouts are counted.
 pub async fn serve_until<S, R>(
     app: AppState,
     caller: Caller,
     expires: Option<auth::CredentialExpiry>,
+    slot: Option<crate::server::ConnectionSlot>,
     mut sink: S,
     mut incoming: R,
 ) where
@@ -286,24 +287,39 @@ pub async fn serve_until<S, R>(
                 Some(m) = rx.recv() => m,
                 else => return None,
             };
-            let started = tokio::time::Instant::now();
-            let write = async {
-                sink.feed(first).await.map_err(|_| ())?;
-                // Write everything else already queued, then flush once.
-                while let Some(more) = control_rx.try_recv().ok().or_else(|| rx.try_recv().ok()) {
-                    sink.feed(more).await.map_err(|_| ())?;
+            // Each step (one message, the flush) gets the whole timeout: a slow client that
+            // still takes bytes is not closed for the size of a burst. The socket's own write
+            // deadline (the same timeout) may fire first and fail the step: both mean the
+            // client stopped reading; other errors mean it is gone.
+            let step = |result: Result<Result<(), S::Error>, _>| match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) if slot.as_ref().is_some_and(|s| s.write_timed_out()) => {
+                    Err(Some(WRITE_TIMEOUT))
                 }
-                sink.flush().await.map_err(|_| ())
+                Ok(Err(_)) => Err(None),
+                Err(_) => {
+                    match &slot {
+                        Some(slot) => slot.count_write_timeout(),
+                        None => metrics::counter!(
+                            "tokenfan_edge_write_timeouts_total", "transport" => "ws"
+                        )
+                        .increment(1),
+                    }
+                    Err(Some(WRITE_TIMEOUT))
+                }
             };
-            match tokio::time::timeout(write_timeout, write).await {
-                Ok(Ok(())) => {}
-                // The socket's own write deadline (the same timeout) may fire first: both mean
-                // the client stopped reading. Other errors mean it is gone.
-                Ok(Err(())) if started.elapsed() + Duration::from_millis(500) >= write_timeout => {
-                    return Some(write_timed_out());
+            let mut next = Some(first);
+            while let Some(message) = next {
+                let fed = tokio::time::timeout(write_timeout, sink.feed(message)).await;
+                if let Err(close) = step(fed) {
+                    return close;
                 }
-                Ok(Err(())) => return None,
-                Err(_) => return Some(write_timed_out()),
+                // Write everything else already queued, then flush once.
+                next = control_rx.try_recv().ok().or_else(|| rx.try_recv().ok());
+            }
+            let flushed = tokio::time::timeout(write_timeout, sink.flush()).await;
+            if let Err(close) = step(flushed) {
+                return close;
             }
         }
     };
@@ -335,10 +351,8 @@ pub async fn serve_until<S, R>(
     let _ = tokio::time::timeout(CLOSE_WRITE, sink.close()).await;
 }
 
-fn write_timed_out() -> (u16, &'static str) {
-    metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => "ws").increment(1);
-    (CLOSE_POLICY, "write timeout: the client does not read")
-}
+/// The close for a client that stopped reading.
+const WRITE_TIMEOUT: (u16, &str) = (CLOSE_POLICY, "write timeout: the client does not read");
 
 /// One socket's message rate (a token bucket of `2 × rate`) and its cancels in flight.
 struct SocketLimits {

@@ -219,16 +219,17 @@ def scrape(edge_bin: str, generator_bin: str) -> tuple[str, str]:
         edge_log = work / "edge.log"
         with open(edge_log, "wb") as out:
             edge = subprocess.Popen(
-                [edge_bin, "--listen", "127.0.0.1:0", "--generator", f"http://{grpc}",
-                 "--log-format", "json"],
+                [edge_bin, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                 "--generator", f"http://{grpc}", "--log-format", "json"],
                 stdout=subprocess.DEVNULL, stderr=out, env=env)
         procs.append(edge)
         fields = wait_log_fields(edge_log, edge, "tokenfan-edge listening", 30)
         edge_url = f"http://{fields['addr']}"
-        wait_ready(f"{edge_url}/readyz", edge, 30)
+        admin_url = f"http://{fields['admin_addr']}"
+        wait_ready(f"{admin_url}/readyz", edge, 30)
 
         exercise(edge_url)
-        edge_text = http(f"{edge_url}/metrics")[2].decode()
+        edge_text = http(f"{admin_url}/metrics")[2].decode()
         gen_text = http(f"http://{gen_metrics}/metrics")[2].decode()
         return edge_text, gen_text
     except Exception:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Container health check of the tokenfan image (the image's HEALTHCHECK).
 # Finds which tokenfan binary the container runs and asks it over plain HTTP on loopback:
-#   tokenfan-edge       GET /healthz on the port of TOKENFAN_EDGE_LISTEN (default 8080)
+#   tokenfan-edge       GET /healthz on the admin port (TOKENFAN_EDGE_ADMIN_LISTEN, default 9465)
 #   tokenfan-generator  GET /metrics on the port of TOKENFAN_GENERATOR_METRICS_LISTEN (9464)
 #   anything else       healthy (tokenfan-loadgen is a batch job)
 # Uses bash's /dev/tcp: the runtime image has no curl or wget.
@@ -17,7 +17,7 @@ done
 
 case "$running" in
   tokenfan-edge)
-    listen=${TOKENFAN_EDGE_LISTEN:-0.0.0.0:8080}
+    listen=${TOKENFAN_EDGE_ADMIN_LISTEN:-127.0.0.1:9465}
     port=${listen##*:}; path=/healthz ;;
   tokenfan-generator)
     listen=${TOKENFAN_GENERATOR_METRICS_LISTEN:-0.0.0.0:9464}

@@ -55,6 +55,8 @@ edge_pids="$(pid_of edge-1),$(pid_of edge-2),$(pid_of edge-3)"
 pin=()
 [[ -n "$LOADGEN_CPU" ]] && pin=(taskset -c "$LOADGEN_CPU")
 
+# /metrics is served on the edges' admin listeners (scripts/cluster.sh: 9481-9483).
+ADMIN_URLS=http://127.0.0.1:9481,http://127.0.0.1:9482,http://127.0.0.1:9483
 common=(--max-tokens "$MAX_TOKENS" --inter-token-ms "$INTER_TOKEN_MS" --ttft-ms 100
   --ramp "$RAMP_SECS" --warmup "$WARMUP_SECS" --duration "$MEASURE_SECS" -q)
 
@@ -73,7 +75,7 @@ horizontal() {
     local args=()
     for a in "$@"; do
       if [[ "$a" == @SERVER@ ]]; then
-        ((i == 0)) && args+=(--server-pid "$server_pids" --metrics)
+        ((i == 0)) && args+=(--server-pid "$server_pids" --metrics --metrics-url "$ADMIN_URLS")
       else
         args+=("$a")
       fi

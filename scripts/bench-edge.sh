@@ -78,13 +78,15 @@ start_edge() {
   local log=$1
   # shellcheck disable=SC2086
   NO_COLOR=1 "${nice[@]}" taskset -c "$SERVER_CPU" "$SERVER_BIN" \
-    --listen 127.0.0.1:0 --log-format json --log-filter warn,tokenfan_edge=info \
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json --log-filter warn,tokenfan_edge=info \
     --shutdown-grace-secs 1 $EDGE_ARGS 2>"$log" &
   edge_pid=$!
   edge_addr=
   for _ in $(seq 200); do
     edge_addr=$(grep -F '"tokenfan-edge listening"' "$log" 2>/dev/null \
       | grep -o '"addr":"[0-9.]*:[0-9]*"' | head -n1 | cut -d'"' -f4 || true)
+    edge_admin=$(grep -F '"tokenfan-edge listening"' "$log" 2>/dev/null \
+      | grep -o '"admin_addr":"[0-9.]*:[0-9]*"' | head -n1 | cut -d'"' -f4 || true)
     [[ -n "$edge_addr" ]] && break
     kill -0 "$edge_pid" 2>/dev/null || { cat "$log" >&2; echo "the edge exited" >&2; exit 1; }
     sleep 0.1
@@ -92,7 +94,7 @@ start_edge() {
   [[ -n "$edge_addr" ]] || { cat "$log" >&2; echo "the edge did not start" >&2; exit 1; }
   for _ in $(seq 200); do
     [[ "$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' --max-time 1 \
-      "http://$edge_addr/readyz" || true)" == 200 ]] && return 0
+      "http://$edge_admin/readyz" || true)" == 200 ]] && return 0
     sleep 0.1
   done
   cat "$log" >&2
@@ -114,7 +116,8 @@ run() {
   local rc=0
   timeout --signal=INT --kill-after=10 "$RUN_TIMEOUT" \
     "${nice[@]}" taskset -c "$CLIENT_CPU" "$CLIENT_BIN" "$@" \
-      --target "http://$edge_addr" --server-pid "$edge_pid" "${out[@]}" || rc=$?
+      --target "http://$edge_addr" --metrics-url "http://$edge_admin" \
+      --server-pid "$edge_pid" "${out[@]}" || rc=$?
   # 1 = the run counted errors or violations (see its RESULT line), 2 = it could not run.
   (( rc == 0 )) || echo "# tokenfan-loadgen exited with status $rc"
   local warns

@@ -174,9 +174,12 @@ start_server() {
   case "$system" in
     tokenfan)
       NO_COLOR=1 setsid taskset -c "$SERVER_CPU" "$EDGE" --listen 127.0.0.1:0 --log-format json \
+        --admin-listen 127.0.0.1:0 \
         --log-filter warn,tokenfan_edge=info --shutdown-grace-secs 1 >"$log" 2>&1 &
       srv_root=$!
       addr=$(wait_line "$log" '"addr":"[0-9.]+:[0-9]+"' 30 | cut -d'"' -f4) || { tail -n 20 "$log" >&2; return 1; }
+      # /metrics is on the admin listener only.
+      srv_admin=$(wait_line "$log" '"admin_addr":"[0-9.]+:[0-9]+"' 30 | cut -d'"' -f4) || { tail -n 20 "$log" >&2; return 1; }
       ;;
     express)
       setsid taskset -c "$SERVER_CPU" node bench/peers/express/server.js --listen 127.0.0.1:0 >"$log" 2>&1 &
@@ -261,7 +264,7 @@ run_step() {
       longpoll) cmd+=(--poll-timeout-ms "$POLL_TIMEOUT_MS") ;;
       shortpoll) cmd+=(--poll-interval-ms "$POLL_INTERVAL_MS") ;;
     esac
-    [[ "$system" == tokenfan ]] && cmd+=(--metrics)
+    [[ "$system" == tokenfan ]] && cmd+=(--metrics --metrics-url "http://$srv_admin")
   fi
   log "$name: $system at $srv_url (pids ${pids[*]}, cpus $(taskset -pc "$srv_root" | sed 's/.*: //'))"
   echo "taskset -c $CLIENT_CPU $LOADGEN ${cmd[*]}" >"$RESULTS/$name.cmd"

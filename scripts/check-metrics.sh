@@ -46,10 +46,11 @@ pids+=($!)
 grpc=$(log_field "$work/generator.log" grpc "tokenfan-generator listening")
 gen_metrics=$(log_field "$work/generator.log" metrics "tokenfan-generator listening")
 
-"$bin/tokenfan-edge" --listen 127.0.0.1:0 --generator "http://$grpc" \
+"$bin/tokenfan-edge" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --generator "http://$grpc" \
   --log-format json >"$work/edge.log" 2>&1 &
 pids+=($!)
 edge=$(log_field "$work/edge.log" addr "tokenfan-edge listening")
+edge_admin=$(log_field "$work/edge.log" admin_addr "tokenfan-edge listening")
 
 # One stream, read live over POST-SSE, then resumed from seq 2 over GET …/events.
 curl -sSf -N --max-time 30 -D "$work/headers" -o "$work/stream" \
@@ -61,7 +62,7 @@ id=$(tr -d '\r' <"$work/headers" | sed -n 's/^x-stream-id: //Ip')
 curl -sSf --max-time 30 -o /dev/null -H 'last-event-id: 2' "http://$edge/v1/streams/$id/events"
 
 status=0
-for target in "edge http://$edge/metrics" "generator http://$gen_metrics/metrics"; do
+for target in "edge http://$edge_admin/metrics" "generator http://$gen_metrics/metrics"; do
   name=${target%% *}
   url=${target#* }
   curl -sSf --max-time 10 "$url" >"$work/$name.prom"

@@ -5,8 +5,8 @@
 #   scripts/cluster.sh status show what runs
 #   scripts/cluster.sh kill NAME     kill -9 one process (edge-2, generator-1, nats, redis, …)
 #   scripts/cluster.sh start NAME    start it again with the same command, and wait until ready
-# Ports: nginx 8080 (the entry point), edges 8081-8083, generators 50061-50062
-# (metrics 9471-9472), NATS 14222, Redis 16379. Logs and pid files: .run/cluster/.
+# Ports: nginx 8080 (the entry point), edges 8081-8083 (admin: /metrics, /readyz on
+# 9481-9483), generators 50061-50062 (metrics 9471-9472), NATS 14222, Redis 16379. Logs and pid files: .run/cluster/.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,7 +55,7 @@ up() {
 
   sed "s|@RUN_DIR@|$run|g" "$root/deploy/nginx-local.conf" >"$run/nginx.conf"
   start nginx nginx -p "$run" -c "$run/nginx.conf" -g 'daemon off;'
-  wait_http http://127.0.0.1:8080/readyz nginx
+  wait_http http://127.0.0.1:8080/healthz nginx
   echo "tokenfan cluster up: http://127.0.0.1:8080/ (edges 8081-8083; logs in $run)"
 }
 
@@ -80,9 +80,10 @@ launch() {
     edge-[123])
       local i=${1#edge-}
       start "$1" "$bin/tokenfan-edge" --listen "127.0.0.1:808$i" --replica-id "$1" \
+        --admin-listen "127.0.0.1:948$i" \
         --generator http://127.0.0.1:50061,http://127.0.0.1:50062 \
         --nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT"
-      wait_http "http://127.0.0.1:808$i/readyz" "$1"
+      wait_http "http://127.0.0.1:948$i/readyz" "$1"
       ;;
     *) echo "unknown process $1 (nats, redis, generator-1..2, edge-1..3)" >&2; return 2 ;;
   esac

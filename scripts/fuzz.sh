@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 SECS="${FUZZ_SECS:-180}"
 TIMEOUT="${FUZZ_TIMEOUT:-10}"
 SANITIZER="${FUZZ_SANITIZER:-address}"
-ALL=(ws_message stream_request cursor)
+ALL=(ws_message stream_request cursor jwt credentials)
 if [ "$#" -gt 0 ]; then targets=("$@"); else targets=("${ALL[@]}"); fi
 
 # libfuzzer-sys compiles libFuzzer (C++): `make fuzz` installs g++ first when it is missing.

@@ -6,7 +6,8 @@
 //   TOKENFAN_EDGE_BIN  edge binary, relative to the repository root (default target/debug/tokenfan-edge)
 //   CHROMIUM_PATH      browser executable (default /usr/bin/chromium)
 //
-// The edge is started with `--listen 127.0.0.1:0 --log-format json`; the port comes from its JSON
+// The edge is started with `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json`
+// (a free admin port, so runs in parallel do not collide); the port comes from its JSON
 // log line {"fields":{"message":"tokenfan-edge listening","addr":"127.0.0.1:PORT"}} on stderr.
 // Nothing here sleeps for synchronisation: every wait is on a DOM state or a network event, with
 // a timeout.
@@ -40,7 +41,7 @@ function startEdge() {
   if (!existsSync(bin)) {
     throw new Error(`edge binary not found: ${bin} (build it with \`cargo build -p tokenfan-edge\` or set TOKENFAN_EDGE_BIN)`);
   }
-  const child = spawn(bin, ['--listen', '127.0.0.1:0', '--log-format', 'json'], {
+  const child = spawn(bin, ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--log-format', 'json'], {
     cwd: repoRoot,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -3,7 +3,7 @@
 The edge under test is the one at TOKENFAN_EDGE_URL (run.sh starts it and sets this). When the
 variable is absent, the session starts its own: TOKENFAN_EDGE_BIN (default
 target/debug/tokenfan-edge, relative to the repository root) with
-`--listen 127.0.0.1:0 --log-format json`, and reads the port from the JSON log line
+`--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json`, and reads the port from the JSON log line
 {"fields":{"message":"tokenfan-edge listening","addr":"127.0.0.1:PORT"}} on stderr.
 """
 
@@ -27,7 +27,7 @@ def start_edge(*extra: str, env: dict[str, str] | None = None) -> tuple[subproce
     if not bin_path.exists():
         raise RuntimeError(f"edge binary not found: {bin_path} (cargo build -p tokenfan-edge)")
     child = subprocess.Popen(
-        [str(bin_path), "--listen", "127.0.0.1:0", "--log-format", "json", *extra],
+        [str(bin_path), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json", *extra],
         env={**os.environ, **(env or {})},
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,

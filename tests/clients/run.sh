@@ -84,10 +84,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$edge_bin" --listen 127.0.0.1:0 --log-format json >/dev/null 2>"$work/edge.log" &
+"$edge_bin" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log-format json >/dev/null 2>"$work/edge.log" &
 edge_pid=$!
 
-# Waits for the "listening" log line, then for /readyz 200 (the embedded generator is up).
+# Waits for the "listening" log line, then for /readyz 200 on the admin listener (the embedded
+# generator is up).
 if ! edge_url="$("$venv/bin/python" - "$work/edge.log" "$edge_pid" <<'PY'
 import json, os, sys, time, urllib.request
 log, pid = sys.argv[1], int(sys.argv[2])
@@ -108,13 +109,14 @@ while addr is None:
                 continue
             if fields.get("message") == "tokenfan-edge listening":
                 addr = fields["addr"]
+                admin = fields["admin_addr"]
                 break
     if addr is None:
         time.sleep(0.05)
 url = f"http://{addr}"
 while True:
     try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{admin}/readyz", timeout=5) as r:
             if r.status == 200:
                 break
     except OSError:

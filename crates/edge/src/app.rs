@@ -1,5 +1,5 @@
 //! The HTTP application: shared state, the router, and the small endpoints (models, health,
-//! readiness, metrics, the demo page).
+//! the demo page). `/metrics` and `/readyz` are on the admin listener ([`crate::admin`]).
 
 use std::sync::Arc;
 
@@ -10,7 +10,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{any, get, post},
 };
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -30,8 +29,6 @@ pub struct AppState {
     pub config: Arc<EdgeConfig>,
     /// Cancelled at shutdown: streaming responses end so clients reconnect elsewhere.
     pub shutdown: CancellationToken,
-    /// Renders `/metrics`.
-    pub metrics: PrometheusHandle,
     /// Authentication, tickets and tenant limits.
     pub security: Arc<crate::auth::Security>,
 }
@@ -44,9 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/app.js", get(app_js))
         .route("/style.css", get(style_css))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/healthz", get(crate::admin::healthz))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -72,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::auth::authenticate,
         ))
+        .layer(axum::middleware::from_fn(echo_request_id))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),
@@ -106,10 +102,32 @@ fn cors_layer(config: &EdgeConfig) -> Option<CorsLayer> {
             ])
             .expose_headers([
                 header::HeaderName::from_static("x-stream-id"),
+                header::HeaderName::from_static(REQUEST_ID),
                 header::HeaderName::from_static(crate::auth::TICKET_HEADER),
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )
+}
+
+/// The request id header clients (the OpenAI SDKs among them) log and send to support.
+const REQUEST_ID: &str = "x-request-id";
+
+/// Answers with the request's `x-request-id` (up to 200 bytes), on every response, errors
+/// included.
+async fn echo_request_id(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID, id);
+    }
+    response
 }
 
 async fn not_found() -> Response {
@@ -185,44 +203,6 @@ async fn app_js() -> Response {
 
 async fn style_css() -> Response {
     static_file(STYLE_CSS, "text/css; charset=utf-8")
-}
-
-async fn healthz() -> Response {
-    Json(serde_json::json!({"status": "ok"})).into_response()
-}
-
-async fn readyz(State(app): State<AppState>) -> Response {
-    let generators = app.hub.generators();
-    let generator = generators.serving().await == generators.count();
-    let (store, bus) = app.hub.backends_healthy().await;
-    let shutting_down = app.shutdown.is_cancelled();
-    let ready = generator && store && bus && !shutting_down;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": {
-            "generator": if generator { "ok" } else { "down" },
-            "store": if store { "ok" } else { "down" },
-            "bus": if bus { "ok" } else { "down" },
-            "shutdown": if shutting_down { "draining" } else { "no" },
-        },
-    });
-    (status, Json(body)).into_response()
-}
-
-async fn metrics(State(app): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
-        .into_response()
 }
 
 fn model_json(id: &str) -> serde_json::Value {

@@ -29,9 +29,19 @@ pub struct EdgeConfig {
     #[arg(long, env = "TOKENFAN_EDGE_REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// This replica's name in logs, metrics and leases (default: `edge-<listen port>`).
+    /// This replica's name in logs, metrics and leases (default: the host name, which is the
+    /// pod name on Kubernetes; without one, `edge-<listen port>`).
     #[arg(long, env = "TOKENFAN_EDGE_REPLICA_ID")]
     pub replica_id: Option<String>,
+
+    /// Address of the admin listener: `/metrics`, `/readyz` and `/healthz`, never served on the
+    /// public port. Keep it private (loopback, or a pod port no Ingress routes).
+    #[arg(
+        long,
+        env = "TOKENFAN_EDGE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub admin_listen: SocketAddr,
 
     /// Allowed CORS origins, comma-separated; `*` allows any. Empty: no CORS headers.
     #[arg(long, env = "TOKENFAN_EDGE_CORS_ORIGINS", value_delimiter = ',')]
@@ -169,9 +179,31 @@ pub struct HttpLimits {
     #[arg(long, env = "TOKENFAN_EDGE_LONGPOLL_MAX_MS", default_value_t = 55_000)]
     pub longpoll_max_ms: u64,
 
-    /// Most open connections; past it new connections are refused with 503.
+    /// Most open connections; past it new connections are refused with 503. A WebSocket
+    /// counts until it closes; an HTTP/2 connection counts once per request in flight.
     #[arg(long, env = "TOKENFAN_EDGE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+
+    /// Seconds a write to a client may make no progress (the client stopped reading) before
+    /// the connection is closed (WebSocket: close 1008 if it can still be written). Counted in
+    /// `tokenfan_edge_write_timeouts_total`.
+    #[arg(long, env = "TOKENFAN_EDGE_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
+
+    /// Messages per second a WebSocket client may send, on average (bursts of twice this).
+    /// Past it the message is refused with error `rate_limited`; a client still over it after
+    /// `WS_STRIKES` refusals in a row is closed with 1008.
+    #[arg(long, env = "TOKENFAN_EDGE_WS_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub ws_messages_per_sec: u32,
+
+    /// `cancel`s one WebSocket may have in flight; past it the cancel is refused with error
+    /// `too_many_cancels` (and counts as a strike, like `rate_limited`).
+    #[arg(
+        long,
+        env = "TOKENFAN_EDGE_WS_MAX_PENDING_CANCELS",
+        default_value_t = 16
+    )]
+    pub ws_max_pending_cancels: usize,
 }
 
 /// Settings of the in-process generator (used when `--generator` is absent).
@@ -235,6 +267,18 @@ impl EdgeConfig {
             self.http.sse_heartbeat_secs >= 1,
             "--sse-heartbeat-secs must be at least 1"
         );
+        ensure!(
+            self.http.write_timeout_secs >= 1,
+            "--write-timeout-secs must be at least 1"
+        );
+        ensure!(
+            self.http.ws_messages_per_sec >= 1,
+            "--ws-messages-per-sec must be at least 1"
+        );
+        ensure!(
+            self.http.ws_max_pending_cancels >= 1,
+            "--ws-max-pending-cancels must be at least 1"
+        );
         for origin in self
             .cors_origins
             .iter()
@@ -272,8 +316,10 @@ impl EdgeConfig {
         self.ws_origins.as_deref().unwrap_or(&self.cors_origins)
     }
 
-    /// A configuration with every default, for tests and embedding.
+    /// A configuration with every default, for tests and embedding, except that the admin
+    /// listener takes a free loopback port (see [`crate::Running::admin_addr`]), so that
+    /// several embedded edges can run in one process.
     pub fn defaults() -> Self {
-        <Self as clap::Parser>::parse_from(["tokenfan-edge"])
+        <Self as clap::Parser>::parse_from(["tokenfan-edge", "--admin-listen", "127.0.0.1:0"])
     }
 }

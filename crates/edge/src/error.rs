@@ -203,15 +203,25 @@ impl OpenAiError {
     /// The OpenAI error object (also sent as `data: {"error":…}` mid-stream).
     pub fn body(&self) -> serde_json::Value {
         let e = &self.0;
-        let kind = match e.status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 => "invalid_request_error",
-            429 => "rate_limit_exceeded",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
+        // As the real API answers: 401 `invalid_request_error` / `invalid_api_key`, 429
+        // `requests` / `rate_limit_exceeded` (SDKs branch on these); the edge's own tag is
+        // then in the message.
+        let (kind, code, message) = match e.status.as_u16() {
+            401 => (
+                "invalid_request_error",
+                "invalid_api_key",
+                format!("{} ({})", e.message, e.code),
+            ),
+            429 => (
+                "requests",
+                "rate_limit_exceeded",
+                format!("{} ({})", e.message, e.code),
+            ),
+            403 => ("permission_error", e.code, e.message.clone()),
+            s if s >= 500 => ("server_error", e.code, e.message.clone()),
+            _ => ("invalid_request_error", e.code, e.message.clone()),
         };
-        json!({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}})
+        json!({"error": {"message": message, "type": kind, "param": e.param, "code": code}})
     }
 }
 

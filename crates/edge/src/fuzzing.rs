@@ -14,6 +14,13 @@
 //! - [`cursor`]: `Last-Event-ID` bytes and a query string through `GET …/events`, `…/poll`
 //!   and `GET /v1/streams/{id}`, checked against a reference decoder of the query and the
 //!   cursor rules; accepted cursors replay exactly the events after them.
+//! - [`jwt`]: a token's raw text, or a header and claims signed with the edge's HS256 secret,
+//!   through the JWT verifier: forged tokens are refused; an accepted token's tenant, audience,
+//!   issuer and expiry are what the claims say.
+//! - [`credentials`]: `Authorization` and `Cookie` headers and a query string (with
+//!   placeholders for a valid API key, JWT and ticket) through the request authentication of
+//!   both modes: a caller is only ever the one a valid credential or in-scope ticket names,
+//!   with that credential's expiry; every refusal is a 401 or 403 with a tag.
 //!
 //! The fixture is one edge per thread, built once and leaked: a cluster-mode hub over the
 //! in-memory store and bus holding two finished streams (read from the store, so no owner task
@@ -79,6 +86,13 @@ thread_local! {
 
 fn fixture() -> &'static Fixture {
     FIXTURE.with(|f| *f)
+}
+
+/// The fixture's runtime and application state (unit tests of the transports).
+#[cfg(test)]
+pub(crate) fn fixture_app() -> (&'static tokio::runtime::Runtime, AppState) {
+    let fx = fixture();
+    (&fx.rt, fx.app.clone())
 }
 
 fn token(seq: u64, text: &str) -> Arc<Event> {
@@ -162,9 +176,6 @@ impl Fixture {
                 security: Arc::new(security),
                 config,
                 shutdown: CancellationToken::new(),
-                metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .build_recorder()
-                    .handle(),
             }
         });
         let router = crate::app::router(app.clone());
@@ -247,7 +258,7 @@ fn openai_error(status: StatusCode, body: &Value) -> &str {
     );
     let kind = nonempty_str(error, "type");
     let expected = match status.as_u16() {
-        429 => "rate_limit_exceeded",
+        429 => "requests",
         s if s >= 500 => "server_error",
         _ => "invalid_request_error",
     };
@@ -855,6 +866,264 @@ pub fn cursor(data: &[u8]) {
     }
 }
 
+/// The HS256 secret, audience and issuer of the auth targets.
+const FUZZ_JWT_SECRET: &str = "fuzz-hs256-secret-0123456789abcdef0123";
+const FUZZ_AUDIENCE: &str = "tokenfan";
+const FUZZ_ISSUER: &str = "https://issuer.fuzz";
+const FUZZ_TICKET_SECRET: &str = "fuzz-ticket-secret-0123456789abcdef012";
+const FUZZ_API_KEY: &str = "sk-fuzz-0123456789abcdef";
+
+/// Authentication of both modes, and a valid credential of each kind.
+struct AuthFixture {
+    keys: crate::auth::Security,
+    jwt: crate::auth::Security,
+    verifier: crate::auth::jwt::JwtAuth,
+    token: String,
+    token_until: u64,
+    ticket: String,
+    ticket_until: u64,
+}
+
+fn auth_fixture() -> &'static AuthFixture {
+    thread_local! {
+        static AUTH: &'static AuthFixture = Box::leak(Box::new(build_auth_fixture()));
+    }
+    AUTH.with(|f| *f)
+}
+
+fn build_auth_fixture() -> AuthFixture {
+    use crate::auth::{AuthMode, jwt, ticket::TicketKey};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let base = || {
+        let mut c = EdgeConfig::defaults();
+        c.auth.ticket_secret = Some(FUZZ_TICKET_SECRET.parse().expect("secret"));
+        c.auth.auth_cookie = Some("tf".into());
+        c
+    };
+    let mut keys = base();
+    keys.auth.mode = AuthMode::ApiKeys;
+    keys.auth.api_keys = vec![format!("{FUZZ_API_KEY}:alice")];
+    let mut jwts = base();
+    jwts.auth.mode = AuthMode::Jwt;
+    jwts.auth.jwt_hs256_secret = Some(FUZZ_JWT_SECRET.parse().expect("secret"));
+    jwts.auth.jwt_audience = vec![FUZZ_AUDIENCE.into()];
+    jwts.auth.jwt_issuer = Some(FUZZ_ISSUER.into());
+    jwts.auth.jwt_leeway_secs = 0;
+    let verifier = jwt::JwtAuth::from_args(&jwts.auth).expect("a verifier");
+    let (keys, jwt_security) = rt.block_on(async {
+        (
+            crate::auth::Security::from_config(&keys)
+                .await
+                .expect("api keys"),
+            crate::auth::Security::from_config(&jwts)
+                .await
+                .expect("jwt"),
+        )
+    });
+    let now = unix_now();
+    let token_until = now + 3600;
+    let claims: jwt::Claims = [
+        ("tenant", serde_json::json!("acme")),
+        ("aud", serde_json::json!(FUZZ_AUDIENCE)),
+        ("iss", serde_json::json!(FUZZ_ISSUER)),
+        ("exp", serde_json::json!(token_until)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let token = jwt::sign(
+        jwt::SigningAlgorithm::HS256,
+        FUZZ_JWT_SECRET.as_bytes(),
+        None,
+        &claims,
+    )
+    .expect("a token");
+    let ticket_until = now + 3600;
+    let ticket = TicketKey::new(FUZZ_TICKET_SECRET.as_bytes()).sign(
+        &StreamId::parse(DONE_STREAM).expect("an id"),
+        "alice",
+        ticket_until,
+    );
+    AuthFixture {
+        keys,
+        jwt: jwt_security,
+        verifier,
+        token,
+        token_until,
+        ticket,
+        ticket_until,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Byte 0 even: the rest is a token's text, verified as it is; no forged token may pass.
+/// Odd: the rest is a JOSE header, a newline and the claims, signed here with the edge's HS256
+/// secret; an accepted token must carry exactly what the verifier requires. Panics when a
+/// property fails.
+pub fn jwt(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let fx = auth_fixture();
+    let token = if selector % 2 == 0 {
+        let Ok(text) = std::str::from_utf8(rest) else {
+            return;
+        };
+        text.to_owned()
+    } else {
+        let (header, claims) = match rest.iter().position(|b| *b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &[][..]),
+        };
+        let signing_input = format!("{}.{}", b64(header), b64(claims));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, FUZZ_JWT_SECRET.as_bytes());
+        let tag = ring::hmac::sign(&key, signing_input.as_bytes());
+        format!("{signing_input}.{}", b64(tag.as_ref()))
+    };
+    match fx.verifier.verify_until(&token) {
+        Ok((tenant, until)) => {
+            assert!(
+                selector % 2 == 1 || token == fx.token,
+                "a forged token passed: {token:?}"
+            );
+            let claims_text = rest.splitn(2, |b| *b == b'\n').nth(1).unwrap_or(&[]);
+            let claims: serde_json::Map<String, Value> = serde_json::from_slice(claims_text)
+                .unwrap_or_else(|e| panic!("accepted claims that are not an object: {e}"));
+            let named = claims
+                .get("tenant")
+                .or_else(|| claims.get("sub"))
+                .and_then(Value::as_str);
+            assert_eq!(named, Some(tenant.as_str()), "the tenant is the claim's");
+            assert!(crate::auth::check_tenant(&tenant).is_ok(), "{tenant:?}");
+            let aud_ok = match claims.get("aud") {
+                Some(Value::String(a)) => a == FUZZ_AUDIENCE,
+                Some(Value::Array(a)) => a.iter().any(|v| v == FUZZ_AUDIENCE),
+                _ => false,
+            };
+            assert!(aud_ok, "accepted without our audience: {claims:?}");
+            assert_eq!(claims.get("iss").and_then(Value::as_str), Some(FUZZ_ISSUER));
+            assert!(until >= unix_now(), "accepted an expired token: {until}");
+        }
+        Err(e) => {
+            assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{e:?}");
+            assert!(
+                ["invalid_credentials", "expired_credentials"].contains(&e.code),
+                "{e:?}"
+            );
+            assert!(!e.message.is_empty());
+        }
+    }
+}
+
+/// Byte 0 picks the mode (API keys or JWT) and the route; the rest is the `Authorization`
+/// value, a newline, the `Cookie` value, a newline, the query string. `$K`, `$J` and `$T`
+/// stand for a valid API key, JWT and ticket (of stream [`DONE_STREAM`]). Panics when a
+/// property fails.
+pub fn credentials(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let fx = auth_fixture();
+    let mut parts = rest.splitn(3, |b| *b == b'\n');
+    let substitute = |bytes: &[u8]| -> Vec<u8> {
+        let text = String::from_utf8_lossy(bytes)
+            .replace("$K", FUZZ_API_KEY)
+            .replace("$J", &fx.token)
+            .replace("$T", &fx.ticket);
+        if std::str::from_utf8(bytes).is_ok() {
+            text.into_bytes()
+        } else {
+            bytes.to_vec()
+        }
+    };
+    let authorization = parts.next().unwrap_or(&[]);
+    let cookie = parts.next().unwrap_or(&[]);
+    let query = parts.next().unwrap_or(&[]);
+    let routes: [(axum::http::Method, String); 4] = [
+        (
+            axum::http::Method::GET,
+            format!("/v1/streams/{DONE_STREAM}/events"),
+        ),
+        (axum::http::Method::POST, "/v1/streams".to_owned()),
+        (axum::http::Method::GET, "/v1/ws".to_owned()),
+        (
+            axum::http::Method::DELETE,
+            format!("/v1/streams/{DONE_STREAM}"),
+        ),
+    ];
+    let (method, path) = &routes[usize::from(selector >> 1) % routes.len()];
+    let jwt_mode = selector % 2 == 1;
+    let security = if jwt_mode { &fx.jwt } else { &fx.keys };
+    let mut headers = axum::http::HeaderMap::new();
+    if !authorization.is_empty() {
+        match HeaderValue::from_bytes(&substitute(authorization)) {
+            Ok(v) => {
+                headers.insert(header::AUTHORIZATION, v);
+            }
+            Err(_) => return,
+        }
+    }
+    if !cookie.is_empty() {
+        match HeaderValue::from_bytes(&substitute(cookie)) {
+            Ok(v) => {
+                headers.insert(header::COOKIE, v);
+            }
+            Err(_) => return,
+        }
+    }
+    let query = substitute(query);
+    let uri = if query.is_empty() {
+        path.clone()
+    } else {
+        format!("{path}?{}", String::from_utf8_lossy(&query))
+    };
+    let Ok(uri) = uri.parse::<Uri>() else {
+        return;
+    };
+    let mentions = |needle: &[u8]| rest.windows(needle.len()).any(|w| w == needle);
+    match security.identify_until(method, &uri, &headers) {
+        Ok((Caller::Tenant(tenant), until)) => {
+            if jwt_mode {
+                assert!(mentions(b"$J"), "a tenant without the token: {data:?}");
+                assert_eq!((&*tenant, until), ("acme", Some(fx.token_until)));
+            } else {
+                assert!(mentions(b"$K"), "a tenant without the key: {data:?}");
+                assert_eq!((&*tenant, until), ("alice", None));
+            }
+        }
+        Ok((Caller::Ticket { tenant, stream }, until)) => {
+            assert!(
+                mentions(b"$T"),
+                "a ticket caller without the ticket: {data:?}"
+            );
+            assert_eq!((&*tenant, stream.as_str()), ("alice", DONE_STREAM));
+            assert_eq!(until, Some(fx.ticket_until));
+            assert_eq!(*method, axum::http::Method::GET, "tickets only read");
+        }
+        Err(e) => {
+            assert!(
+                e.status == StatusCode::UNAUTHORIZED || e.status == StatusCode::FORBIDDEN,
+                "{e:?}"
+            );
+            assert!(!e.code.is_empty() && !e.message.is_empty(), "{e:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Every committed corpus file through its target: `fuzz/corpus/<target>/`.
@@ -893,6 +1162,16 @@ mod tests {
     #[test]
     fn cursor_corpus() {
         run_corpus("cursor", cursor);
+    }
+
+    #[test]
+    fn jwt_corpus() {
+        run_corpus("jwt", jwt);
+    }
+
+    #[test]
+    fn credentials_corpus() {
+        run_corpus("credentials", credentials);
     }
 
     #[test]

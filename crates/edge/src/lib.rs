@@ -3,11 +3,13 @@
 //! - [`hub`] owns streams and their generator calls; [`stream`] is one stream's shared state
 //!   and the subscriptions to it; [`event`] the events and their wire forms.
 //! - [`transports`] adapt subscriptions to SSE, the OpenAI format, long-poll, short-poll and
-//!   WebSocket; [`app`] is the router; [`server`] the listener (HTTP/1.1, h2c, TLS).
+//!   WebSocket; [`app`] is the router; [`server`] the listener (HTTP/1.1, h2c, TLS);
+//!   [`admin`] the private listener for `/metrics` and `/readyz`.
 //! - [`store`] and [`bus`] are the history and fan-out backends behind small traits.
 //! - [`upstream`] is where token streams come from: gRPC generators, or with no
 //!   `--generator` the mock generator called in this process.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod bus;
@@ -33,6 +35,7 @@ pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
 
+use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +53,8 @@ use crate::{
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the admin listener (`/metrics`, `/readyz`, `/healthz`) listens.
+    pub admin_addr: SocketAddr,
     /// The hub (for tests and embedding).
     pub hub: Arc<Hub>,
     /// Counters of the embedded generator, when there is one.
@@ -68,6 +73,10 @@ pub async fn start(
     config.validate()?;
     let config = Arc::new(config);
     let addr = listener.local_addr()?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", config.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
     // Before anything counts (the embedded generator's series too).
     let metrics = tokenfan_telemetry::metrics::install();
     observability::register_metrics();
@@ -104,12 +113,30 @@ pub async fn start(
         hub: hub.clone(),
         config: config.clone(),
         shutdown: shutdown.clone(),
-        metrics,
         security: security.clone(),
     };
     let router = app::router(state);
 
     let background = CancellationToken::new();
+    let readiness = admin::Readiness::default();
+    tokio::spawn(
+        readiness
+            .clone()
+            .keep_checking(hub.clone(), background.clone()),
+    );
+    let admin_router = admin::router(admin::AdminState {
+        metrics,
+        readiness,
+        shutdown: shutdown.clone(),
+    });
+    let admin_stop = background.clone();
+    tokio::spawn(async move {
+        let serve = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+        if let Err(err) = serve.await {
+            tracing::error!(%err, "the admin listener failed");
+        }
+    });
     tokio::spawn(hub.clone().sweep(background.clone()));
     tokio::spawn(hub.clone().serve_control(background.clone()));
     tokio::spawn(hub.clone().watch_store(background.clone()));
@@ -132,18 +159,36 @@ pub async fn start(
     };
     Ok(Running {
         addr,
+        admin_addr,
         hub,
         embedded_generator,
         task,
     })
 }
 
-/// This replica's id: `--replica-id`, else `edge-<port>` (in leases, logs and traces).
+/// This replica's id (in leases, logs and traces): `--replica-id`, else the host name (the pod
+/// name on Kubernetes, the container id under compose: unique per replica even when every
+/// replica listens on the same port), else `edge-<port>`.
 pub fn replica_id(config: &EdgeConfig, addr: SocketAddr) -> String {
     config
         .replica_id
         .clone()
+        .or_else(hostname)
         .unwrap_or_else(|| format!("edge-{}", addr.port()))
+}
+
+/// `$HOSTNAME`, else the kernel's host name.
+fn hostname() -> Option<String> {
+    let valid = |name: String| {
+        let name = name.trim().to_owned();
+        (!name.is_empty() && name.len() <= 253 && !name.chars().any(char::is_control))
+            .then_some(name)
+    };
+    std::env::var("HOSTNAME").ok().and_then(valid).or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .and_then(valid)
+    })
 }
 
 /// The mock generator in this process, called directly (no socket, no HTTP/2), within the

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let scheme = if tls { "https" } else { "http" };
     tracing::info!(
         addr = %running.addr,
+        admin_addr = %running.admin_addr,
         url = %format!("{scheme}://{}/", running.addr),
         embedded_generator = embedded,
         "tokenfan-edge listening"

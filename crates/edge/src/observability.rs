@@ -139,6 +139,25 @@ pub fn register_metrics() {
     for limit in ["rate", "concurrent"] {
         metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => limit).absolute(0);
     }
+    describe_counter!(
+        "tokenfan_edge_write_timeouts_total",
+        "Connections closed because a write made no progress for --write-timeout-secs, by transport (http, ws)."
+    );
+    describe_counter!(
+        "tokenfan_edge_credentials_expired_total",
+        "Streaming responses and WebSockets ended because their JWT or ticket expired, by transport."
+    );
+    // `increment(0)`: create the series without resetting a count another edge of this
+    // process (tests, embedding) already has.
+    metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "ws_messages").increment(0);
+    for transport in ["http", "ws"] {
+        metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => transport)
+            .increment(0);
+    }
+    for transport in ["sse", "ws"] {
+        metrics::counter!("tokenfan_edge_credentials_expired_total", "transport" => transport)
+            .increment(0);
+    }
     metrics::gauge!("tokenfan_edge_streams_active").increment(0.0);
 }
 

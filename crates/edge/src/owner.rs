@@ -131,7 +131,10 @@ impl Owner {
                         "generator call failed; ending the stream with an error");
                     // The generator's own words stay in the logs and the trace.
                     let (code, message) = if status.code() == tonic::Code::InvalidArgument {
-                        ("invalid_request", status.message().to_string())
+                        (
+                            "invalid_request",
+                            "the generator refused the request".to_owned(),
+                        )
                     } else {
                         (
                             "generator_unavailable",

@@ -1,8 +1,39 @@
 //! The listener: HTTP/1.1 and HTTP/2 (h2c prior knowledge, or TLS with ALPN) on one port,
-//! WebSocket over both (RFC 8441 extended CONNECT on HTTP/2), a connection cap, and a graceful
-//! stop.
+//! WebSocket over both (RFC 8441 extended CONNECT on HTTP/2), connection caps, a write
+//! deadline, and a graceful stop.
+//!
+//! # What the connection caps count
+//!
+//! `--max-connections` and `--max-connections-per-ip` count *sockets a client holds open*,
+//! whatever runs over them: a TCP connection takes one slot when accepted; an HTTP/2
+//! connection with several requests in flight takes one more slot for each beside the first
+//! (until each response body ends); and an HTTP/1.1 connection upgraded to a WebSocket keeps
+//! its slot until the WebSocket closes, although hyper's connection task ends at the upgrade
+//! (each request carries a [`ConnectionSlot`] in its extensions; the WebSocket handler moves
+//! it into the socket's task).
+//!
+//! # The write deadline
+//!
+//! Every connection's socket is wrapped in [`Deadline`]: a write (or flush) that makes no
+//! progress for `--write-timeout-secs` fails with `TimedOut`, which ends the connection (and
+//! every response on it). HTTP/2 flow control can stall one response while the socket is
+//! still writable, so a streaming response on HTTP/2 also has a watchdog: if the body has a
+//! chunk the connection did not take within the deadline, the whole connection is closed.
 
-use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::IpAddr,
+    path::Path,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use axum::Router;
@@ -13,14 +44,15 @@ use hyper_util::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::limits::PerIp;
+use crate::limits::{IpPermit, PerIp};
 
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
@@ -52,6 +84,8 @@ pub struct ConnectionLimits {
     pub per_ip: PerIp,
     /// How long a client may take to send request headers (and finish a TLS handshake).
     pub header_read_timeout: Duration,
+    /// How long a write may make no progress before the connection is closed.
+    pub write_timeout: Duration,
 }
 
 impl ConnectionLimits {
@@ -61,6 +95,7 @@ impl ConnectionLimits {
             max_connections: config.http.max_connections,
             per_ip: PerIp::new(config.limits.max_connections_per_ip),
             header_read_timeout: Duration::from_secs(config.limits.header_read_timeout_secs),
+            write_timeout: Duration::from_secs(config.http.write_timeout_secs),
         }
     }
 }
@@ -77,6 +112,10 @@ pub async fn serve(
     let protocols = Arc::new(Protocols::new(header_read_timeout));
     let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let caps = Caps {
+        global: permits.clone(),
+        per_ip: limits.per_ip.clone(),
+    };
     // Refusals in progress (each takes up to ~3 s); past this many, excess connections are
     // just closed.
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
@@ -115,18 +154,38 @@ pub async fn serve(
             continue;
         };
         let protocols = protocols.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let connection = Arc::new(Connection {
+            _base: Permits {
+                _global: permit,
+                _ip: ip_permit,
+            },
+            open: Mutex::new((0, Vec::new())),
+            upgraded: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            kill: CancellationToken::new(),
+            caps: caps.clone(),
+            ip: peer.ip(),
+            write_timeout: limits.write_timeout,
+        });
+        let service = TowerToHyperService::new(Counted {
+            router: router.clone(),
+            connection: connection.clone(),
+        });
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
-            // Held for the life of the connection.
-            let _permits = (permit, ip_permit);
+            let kill = connection.kill.clone();
             let result = match tls {
                 None => {
-                    let Some(protocol) = sniff(&tcp, header_read_timeout).await else {
+                    let mut tcp = tcp;
+                    let Some((protocol, prefix)) = sniff(&mut tcp, header_read_timeout).await
+                    else {
                         return;
                     };
-                    protocols.serve(tcp, protocol, service, &shutdown).await
+                    let io = Deadline::new(Prefixed::new(prefix, tcp), connection.clone());
+                    protocols
+                        .serve(io, protocol, service, &shutdown, &kill)
+                        .await
                 }
                 Some(acceptor) => {
                     let stream =
@@ -143,12 +202,17 @@ pub async fn serve(
                         Some(b"h2") => Protocol::Http2,
                         _ => Protocol::Http1,
                     };
-                    protocols.serve(stream, protocol, service, &shutdown).await
+                    let io = Deadline::new(stream, connection.clone());
+                    protocols
+                        .serve(io, protocol, service, &shutdown, &kill)
+                        .await
                 }
             };
             if let Err(err) = result {
                 tracing::debug!(%peer, %err, "connection ended with an error");
             }
+            // The permits go with the last holder of `connection`: this task, or an upgraded
+            // WebSocket that still runs.
         });
     }
     drop(listener);
@@ -171,29 +235,474 @@ enum Protocol {
 /// The HTTP/2 client preface begins with the method `PRI`, which no HTTP/1 request uses.
 const H2_PREFACE_START: &[u8] = b"PRI";
 
-/// Tells HTTP/1.1 from h2c (prior knowledge) by the connection's first bytes, without reading
-/// them: hyper then reads the request into its own buffer directly. (Reading the bytes first
-/// and replaying them makes hyper's first read short, and its 8 KiB read buffer grows to
-/// 16 KiB for every connection.) None when the client closed or sent nothing in time.
-async fn sniff(tcp: &TcpStream, timeout: Duration) -> Option<Protocol> {
-    let mut buf = [0u8; H2_PREFACE_START.len()];
-    let peek = async {
+/// Tells HTTP/1.1 from h2c (prior knowledge) by the connection's first bytes. Usually they are
+/// all there at once and are only peeked, so hyper reads the request into its own buffer
+/// directly. (Reading the bytes first and replaying them makes hyper's first read short, and
+/// its 8 KiB read buffer grows to 16 KiB for every connection.) When only one or two bytes of
+/// `PRI` have arrived, a peek would return at once again and again, so those bytes are read
+/// (waiting for the socket like any read) and returned, to be replayed by [`Prefixed`]. None
+/// when the client closed or sent nothing in time.
+async fn sniff(tcp: &mut TcpStream, timeout: Duration) -> Option<(Protocol, Vec<u8>)> {
+    let decide = |seen: &[u8]| {
+        if seen[..] != H2_PREFACE_START[..seen.len()] {
+            Some(Protocol::Http1)
+        } else if seen.len() == H2_PREFACE_START.len() {
+            Some(Protocol::Http2)
+        } else {
+            None
+        }
+    };
+    let look = async {
+        let mut buf = [0u8; H2_PREFACE_START.len()];
+        let n = tcp.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(protocol) = decide(&buf[..n]) {
+            return Some((protocol, Vec::new()));
+        }
+        // A partial preface: read it, then wait for (and read) the rest of the 3 bytes.
+        let mut seen = Vec::with_capacity(H2_PREFACE_START.len());
         loop {
-            let n = tcp.peek(&mut buf).await.ok()?;
+            let want = H2_PREFACE_START.len() - seen.len();
+            let n = tcp.read(&mut buf[..want]).await.ok()?;
             if n == 0 {
                 return None;
             }
-            if buf[..n] != H2_PREFACE_START[..n] {
-                return Some(Protocol::Http1);
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(protocol) = decide(&seen) {
+                return Some((protocol, seen));
             }
-            if n == H2_PREFACE_START.len() {
-                return Some(Protocol::Http2);
-            }
-            // One or two bytes of `PRI` so far (a peek doesn't wait for more): look again.
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
-    tokio::time::timeout(timeout, peek).await.ok().flatten()
+    tokio::time::timeout(timeout, look).await.ok().flatten()
+}
+
+/// A socket with bytes already read from it put back in front.
+struct Prefixed<I> {
+    prefix: Vec<u8>,
+    taken: usize,
+    inner: I,
+}
+
+impl<I> Prefixed<I> {
+    fn new(prefix: Vec<u8>, inner: I) -> Self {
+        Self {
+            prefix,
+            taken: 0,
+            inner,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.taken < this.prefix.len() {
+            let rest = &this.prefix[this.taken..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.taken += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once one makes no progress for the connection's
+/// write timeout (counted once per connection in `tokenfan_edge_write_timeouts_total`,
+/// `transport="ws"` once upgraded, else `"http"`). The timer is armed only while a write
+/// waits, so an idle connection costs nothing.
+struct Deadline<I> {
+    inner: I,
+    connection: Arc<Connection>,
+    timer: Option<Pin<Box<Sleep>>>,
+    expired: bool,
+}
+
+impl<I> Deadline<I> {
+    fn new(inner: I, connection: Arc<Connection>) -> Self {
+        Self {
+            inner,
+            connection,
+            timer: None,
+            expired: false,
+        }
+    }
+
+    /// Passes a write's result through, arming the timer while it waits and failing it once
+    /// the timer fires.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.timer = None;
+            return result;
+        }
+        let timeout = self.connection.write_timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if !self.expired {
+            self.expired = true;
+            self.connection.count_write_timeout();
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not read within --write-timeout-secs",
+        )))
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Deadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Deadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, result)
+    }
+}
+
+/// The caps every connection draws from.
+#[derive(Clone)]
+struct Caps {
+    global: Arc<Semaphore>,
+    per_ip: PerIp,
+}
+
+/// One slot of both caps.
+struct Permits {
+    _global: OwnedSemaphorePermit,
+    _ip: IpPermit,
+}
+
+/// One accepted connection: its slot of the caps and the extra slots of its HTTP/2 streams.
+/// Held by the connection's task and by every request's [`ConnectionSlot`], so it (and its
+/// permits) lives as long as the longest of them.
+struct Connection {
+    /// The connection's own slot.
+    _base: Permits,
+    /// Requests in flight, and the extra slots held for those beside the first.
+    open: Mutex<(usize, Vec<Permits>)>,
+    /// Set when a request upgraded the connection to a WebSocket.
+    upgraded: AtomicBool,
+    /// Set when a write timed out (counted once).
+    timed_out: AtomicBool,
+    /// Cancelled to close the connection at once (a stalled HTTP/2 response).
+    kill: CancellationToken,
+    caps: Caps,
+    ip: IpAddr,
+    write_timeout: Duration,
+}
+
+impl Connection {
+    /// Counts the connection's write timeout, once, under its transport.
+    fn count_write_timeout(&self) {
+        if self.timed_out.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let transport = if self.upgraded.load(Ordering::Relaxed) {
+            "ws"
+        } else {
+            "http"
+        };
+        metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => transport)
+            .increment(1);
+    }
+
+    /// Counts a new request; past the first in flight it needs a slot of its own.
+    fn open_request(self: &Arc<Self>) -> Result<ConnectionSlot, (&'static str, &'static str)> {
+        let mut open = lock(&self.open);
+        if open.0 >= 1 {
+            let Some(ip) = self.caps.per_ip.try_acquire(self.ip) else {
+                metrics::counter!("tokenfan_edge_connections_refused_per_ip_total").increment(1);
+                return Err(PER_IP_REFUSAL);
+            };
+            let Ok(global) = self.caps.global.clone().try_acquire_owned() else {
+                metrics::counter!("tokenfan_edge_connections_refused_total").increment(1);
+                return Err(CAPACITY_REFUSAL);
+            };
+            open.1.push(Permits {
+                _global: global,
+                _ip: ip,
+            });
+        }
+        open.0 += 1;
+        Ok(ConnectionSlot(Arc::new(SlotGuard(self.clone()))))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A request's share of its connection's caps, in the request's extensions: released when the
+/// response body ends, or, for a WebSocket, when the socket task that took it ends.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<SlotGuard>);
+
+impl ConnectionSlot {
+    /// Marks the connection upgraded (its write timeouts then count as `ws`).
+    pub fn upgraded(&self) {
+        self.0.0.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a write timeout of this connection (once per connection, whoever notices first:
+    /// the socket's deadline or the WebSocket's own).
+    pub fn count_write_timeout(&self) {
+        self.0.0.count_write_timeout();
+    }
+
+    /// Whether a write on this connection timed out.
+    pub fn write_timed_out(&self) -> bool {
+        self.0.0.timed_out.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionSlot")
+    }
+}
+
+struct SlotGuard(Arc<Connection>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut open = lock(&self.0.open);
+        open.0 = open.0.saturating_sub(1);
+        let extra = open.0.saturating_sub(1);
+        open.1.truncate(extra);
+    }
+}
+
+/// The router behind the caps: counts each request against its connection's slots (answering
+/// 429/503 itself past a cap) and keeps the slot until the response body ends.
+#[derive(Clone)]
+struct Counted {
+    router: Router,
+    connection: Arc<Connection>,
+}
+
+impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: axum::extract::Request<hyper::body::Incoming>) -> Self::Future {
+        use tower::ServiceExt as _;
+        let slot = match self.connection.open_request() {
+            Ok(slot) => slot,
+            Err(refusal) => return Box::pin(async move { Ok(refusal_response(refusal)) }),
+        };
+        request.extensions_mut().insert(slot.clone());
+        let connection = self.connection.clone();
+        let h2 = request.version() == http::Version::HTTP_2;
+        let call = self.router.clone().oneshot(request);
+        Box::pin(async move {
+            let response = call.await?;
+            let streaming = response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            let watch = (h2 && streaming).then(|| Watchdog::start(&connection));
+            Ok(response.map(|body| {
+                axum::body::Body::new(SlotBody {
+                    inner: body,
+                    _slot: slot,
+                    watch,
+                })
+            }))
+        })
+    }
+}
+
+fn refusal_response((status, body): (&str, &str)) -> axum::response::Response {
+    let status = if status.starts_with("429") {
+        http::StatusCode::TOO_MANY_REQUESTS
+    } else {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = axum::response::Response::new(axum::body::Body::from(body.to_owned()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(1));
+    response
+}
+
+/// A response body holding its request's slot (and, for an HTTP/2 stream, its watchdog).
+struct SlotBody {
+    inner: axum::body::Body,
+    _slot: ConnectionSlot,
+    watch: Option<Watchdog>,
+}
+
+impl hyper::body::Body for SlotBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let result = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(watch) = &self.watch {
+            // Polled again: the connection took the previous chunk.
+            watch.pending(matches!(result, Poll::Ready(Some(_))));
+        }
+        result
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Closes an HTTP/2 connection when a streaming response on it has had a chunk waiting for
+/// longer than the write timeout (flow control stalled it: the client stopped reading). The
+/// task sleeps until the next possible deadline and ends with the body.
+struct Watchdog {
+    /// Milliseconds (since `base`) at which the body last produced a chunk the connection has
+    /// not come back for; 0 = none waiting.
+    since: Arc<AtomicU64>,
+    base: tokio::time::Instant,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Watchdog {
+    fn start(connection: &Arc<Connection>) -> Self {
+        let since = Arc::new(AtomicU64::new(0));
+        let base = tokio::time::Instant::now();
+        let stop = CancellationToken::new();
+        let timeout = connection.write_timeout;
+        let kill = connection.kill.clone();
+        let connection = Arc::downgrade(connection);
+        let watched = since.clone();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let mut wake = tokio::time::Instant::now() + timeout;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => {}
+                    () = stopped.cancelled() => return,
+                }
+                let at = watched.load(Ordering::Relaxed);
+                if at == 0 {
+                    wake = tokio::time::Instant::now() + timeout;
+                    continue;
+                }
+                let stalled_since = base + Duration::from_millis(at - 1);
+                if stalled_since + timeout <= tokio::time::Instant::now() {
+                    if let Some(connection) = connection.upgrade() {
+                        connection.count_write_timeout();
+                    }
+                    kill.cancel();
+                    return;
+                }
+                wake = stalled_since + timeout;
+            }
+        });
+        Self {
+            since,
+            base,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn pending(&self, waiting: bool) {
+        let value = if waiting {
+            self.base.elapsed().as_millis() as u64 + 1
+        } else {
+            0
+        };
+        self.since.store(value, Ordering::Relaxed);
+    }
 }
 
 /// How connections of each protocol are served.
@@ -223,8 +732,9 @@ impl Protocols {
         &self,
         io: I,
         protocol: Protocol,
-        service: TowerToHyperService<Router>,
+        service: TowerToHyperService<Counted>,
         shutdown: &CancellationToken,
+        kill: &CancellationToken,
     ) -> Result<(), hyper::Error>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -233,20 +743,22 @@ impl Protocols {
         match protocol {
             Protocol::Http1 => {
                 let conn = self.http1.serve_connection(io, service).with_upgrades();
-                until_done(conn, shutdown, |c| c.graceful_shutdown()).await
+                until_done(conn, shutdown, kill, |c| c.graceful_shutdown()).await
             }
             Protocol::Http2 => {
                 let conn = self.http2.serve_connection(io, service);
-                until_done(conn, shutdown, |c| c.graceful_shutdown()).await
+                until_done(conn, shutdown, kill, |c| c.graceful_shutdown()).await
             }
         }
     }
 }
 
-/// Drives `conn` to its end, calling `stop` on it once when `shutdown` fires.
+/// Drives `conn` to its end, calling `stop` on it once when `shutdown` fires; drops it (closing
+/// the socket) when `kill` fires.
 async fn until_done<C>(
     conn: C,
     shutdown: &CancellationToken,
+    kill: &CancellationToken,
     stop: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
@@ -254,11 +766,14 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
+        result = conn.as_mut() => return result,
+        () = kill.cancelled() => return Ok(()),
+        () = shutdown.cancelled() => {}
+    }
+    stop(conn.as_mut());
+    tokio::select! {
         result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
-            stop(conn.as_mut());
-            conn.await
-        }
+        () = kill.cancelled() => Ok(()),
     }
 }
 
@@ -315,4 +830,82 @@ async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    /// Context switches of this thread so far (each wait of the runtime that sleeps is one).
+    fn voluntary_switches() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_partial_preface_is_waited_for_not_polled() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PR").await.expect("write");
+        // The bytes are there before sniffing starts, so a peek would succeed every time.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = voluntary_switches();
+        let sniffed = sniff(&mut server, Duration::from_millis(500)).await;
+        let wakeups = voluntary_switches() - before;
+        assert!(sniffed.is_none(), "nothing decided without a third byte");
+        // Waiting on the socket costs a handful of wake-ups; re-peeking every 1 ms ~500.
+        assert!(wakeups < 50, "{wakeups} wake-ups while waiting 500 ms");
+    }
+
+    #[tokio::test]
+    async fn a_preface_sent_byte_by_byte_is_replayed_to_the_server() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut client, mut server) = pair().await;
+        let sender = tokio::spawn(async move {
+            for b in b"PRI * HTTP/2.0" {
+                client.write_all(&[*b]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            client
+        });
+        let (protocol, prefix) = sniff(&mut server, Duration::from_secs(5))
+            .await
+            .expect("decided");
+        assert_eq!(protocol, Protocol::Http2);
+        let mut replayed = Prefixed::new(prefix, server);
+        let _client = sender.await.expect("sender");
+        let mut got = vec![0u8; 14];
+        replayed.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"PRI * HTTP/2.0");
+
+        let (mut client, mut server) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let (protocol, prefix) = sniff(&mut server, Duration::from_secs(5))
+            .await
+            .expect("decided");
+        assert_eq!(
+            (protocol, prefix.len()),
+            (Protocol::Http1, 0),
+            "peeked only"
+        );
+    }
 }

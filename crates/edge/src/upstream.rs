@@ -155,21 +155,35 @@ impl Generators for GeneratorPool {
         self.endpoints.len()
     }
 
+    /// Checked at once, each within 1 s.
     async fn serving(&self) -> usize {
-        let mut serving = 0;
-        for (_, channels) in &self.endpoints {
+        let checks = self.endpoints.iter().map(|(url, channels)| async move {
             let mut health =
                 tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
             let check = health.check(tonic_health::pb::HealthCheckRequest {
                 service: "tokenfan.v1.Generator".into(),
             });
-            if let Ok(Ok(r)) = tokio::time::timeout(std::time::Duration::from_secs(1), check).await
-                && r.get_ref().status == 1
-            {
-                serving += 1;
+            match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
+                Ok(Ok(r)) if r.get_ref().status == 1 => true,
+                Ok(Ok(r)) => {
+                    tracing::debug!(%url, status = r.get_ref().status, "generator not serving");
+                    false
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%url, %err, "generator health check failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::debug!(%url, "generator health check timed out");
+                    false
+                }
             }
-        }
-        serving
+        });
+        futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count()
     }
 }
 

@@ -304,17 +304,16 @@ async fn missing_or_wrong_credentials_are_401_in_each_routes_shape() {
         .expect("send");
     assert_eq!(r.status(), 401);
     assert!(r.headers().contains_key("www-authenticate"));
-    assert_openai_error(
-        &r.json().await.expect("json"),
-        "authentication_error",
-        "invalid_credentials",
-    );
+    let body: Value = r.json().await.expect("json");
+    assert_openai_error(&body, "invalid_request_error", "invalid_api_key");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("invalid_credentials"), "{body}");
     let r = http.get(edge.url("/v1/models")).send().await.expect("send");
     assert_eq!(r.status(), 401);
     assert_openai_error(
         &r.json().await.expect("json"),
-        "authentication_error",
-        "missing_credentials",
+        "invalid_request_error",
+        "invalid_api_key",
     );
 
     // Every stream endpoint checks credentials before looking the stream up.
@@ -346,8 +345,8 @@ async fn missing_or_wrong_credentials_are_401_in_each_routes_shape() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 
-    // The demo page, health and metrics need nothing.
-    for path in ["/", "/healthz", "/metrics"] {
+    // The demo page and health need nothing (metrics are on the admin listener).
+    for path in ["/", "/healthz"] {
         let r = http.get(edge.url(path)).send().await.expect("send");
         assert_eq!(r.status(), 200, "{path}");
     }
@@ -496,6 +495,7 @@ async fn rs256_tokens_verify_against_a_pem_key_or_a_jwks_file() {
     let pem_edge = TestEdge::with(|c| {
         c.auth.mode = AuthMode::Jwt;
         c.auth.jwt_rs256_public_key = Some(fixture("rs256-test-public.pem"));
+        c.auth.jwt_allow_any_audience = true;
     })
     .await;
     let base = pem_edge.url("");
@@ -540,10 +540,10 @@ async fn rs256_tokens_verify_against_a_pem_key_or_a_jwks_file() {
         c.auth.mode = AuthMode::Jwt;
         c.auth.jwt_jwks_file = Some(fixture("rs256-test-jwks.json"));
         c.auth.jwt_audience = vec![AUDIENCE.into()];
+        c.auth.jwt_issuer = Some(ISSUER.into());
     })
     .await;
-    let mut with_aud = claims("acme");
-    with_aud.remove("iss");
+    let with_aud = claims("acme");
     create(
         &client(&rs256(&with_aud, Some("test-key-1"))),
         &jwks_edge.url(""),
@@ -557,7 +557,40 @@ async fn rs256_tokens_verify_against_a_pem_key_or_a_jwks_file() {
         .await
         .expect("send");
     refused(r, 401, "invalid_credentials").await;
+    // A token of the same identity provider meant for another application.
+    let mut other_app = claims("acme");
+    other_app.insert("aud".into(), json!("another-app"));
+    let r = client(&rs256(&other_app, Some("test-key-1")))
+        .post(jwks_edge.url("/v1/streams"))
+        .json(&fast("x", 4, 1))
+        .send()
+        .await
+        .expect("send");
+    refused(r, 401, "invalid_credentials").await;
     bystander.finish().await;
+}
+
+#[test]
+fn rs256_without_audience_and_issuer_is_refused_at_start_unless_allowed() {
+    let mut config = EdgeConfig::defaults();
+    config.auth.mode = AuthMode::Jwt;
+    config.auth.jwt_jwks_file = Some(fixture("rs256-test-jwks.json"));
+    for (audience, issuer) in [(false, false), (true, false), (false, true)] {
+        config.auth.jwt_audience = if audience {
+            vec![AUDIENCE.into()]
+        } else {
+            vec![]
+        };
+        config.auth.jwt_issuer = issuer.then(|| ISSUER.into());
+        let err = config.validate().expect_err("needs aud and iss");
+        assert!(err.to_string().contains("--jwt-audience"), "{err}");
+    }
+    config.auth.jwt_allow_any_audience = true;
+    config.validate().expect("explicitly allowed");
+    config.auth.jwt_allow_any_audience = false;
+    config.auth.jwt_audience = vec![AUDIENCE.into()];
+    config.auth.jwt_issuer = Some(ISSUER.into());
+    config.validate().expect("both given");
 }
 
 #[tokio::test]
@@ -937,8 +970,8 @@ async fn tenant_rate_limits_answer_429_with_retry_after() {
     assert!(r.headers().contains_key("retry-after"));
     assert_openai_error(
         &r.json().await.expect("json"),
+        "requests",
         "rate_limit_exceeded",
-        "rate_limited",
     );
     let mut ws = ws_connect(&base, "", &[("authorization", &format!("Bearer {ALICE}"))])
         .await
@@ -1487,4 +1520,60 @@ async fn tenant_limits_are_shared_by_the_replicas() {
     // Bob's limits are his own.
     create(&client(BOB), &b, fast("bob", 4, 1)).await;
     bystander.finish().await;
+}
+
+#[tokio::test]
+async fn sockets_and_sse_opened_with_a_jwt_end_when_it_expires() {
+    let edge = TestEdge::with(|c| {
+        jwt_hs256(c);
+        c.auth.jwt_leeway_secs = 0;
+    })
+    .await;
+    let base = edge.url("");
+    let mut short = claims("acme");
+    short.insert("exp".into(), json!(now() + 3));
+    let token = hs256(&short);
+
+    // WebSocket: an error message, then close 1008.
+    let mut ws = ws_connect(&base, "", &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .expect("upgrade");
+    let error = ws_next(&mut ws).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "credentials_expired", "{error}");
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("close") {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        close,
+        Some(tungstenite::protocol::frame::coding::CloseCode::Policy)
+    );
+
+    // POST-SSE: the stream outlives the token; the response ends with `credentials_expired`.
+    let mut short = claims("acme");
+    short.insert("exp".into(), json!(now() + 3));
+    let r = client(&hs256(&short))
+        .post(edge.url("/v1/streams"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"prompt": "long", "max_tokens": 500, "timing": {"inter_token_ms": 100}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let text = tokio::time::timeout(WAIT, r.text())
+        .await
+        .expect("the response ends")
+        .expect("body");
+    let last = text
+        .split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .last()
+        .expect("a frame");
+    assert!(last.starts_with("event: error"), "{last}");
+    assert!(last.contains("credentials_expired"), "{last}");
+    assert!(!text.contains("event: done"), "cut before the end: {text}");
 }

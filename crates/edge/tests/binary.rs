@@ -63,7 +63,14 @@ fn invalid_configuration_exits_with_a_message() {
 #[tokio::test]
 async fn embedded_default_serves_a_stream_and_sigterm_drains() {
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");

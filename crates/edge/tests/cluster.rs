@@ -439,7 +439,7 @@ async fn a_redis_restart_mid_stream_keeps_live_streams_going_and_history_whole()
     wait_until(Duration::from_secs(15), || async {
         let r = cluster
             .http
-            .get(cluster.edge(2).url("/readyz"))
+            .get(cluster.edge(2).admin_url("/readyz"))
             .send()
             .await
             .ok()?;

@@ -104,7 +104,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 async fn scrape(edge: &TestEdge) -> Scrape {
     let r = edge
         .http
-        .get(edge.url("/metrics"))
+        .get(edge.admin_url("/metrics"))
         .send()
         .await
         .expect("GET /metrics");

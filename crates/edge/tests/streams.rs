@@ -566,8 +566,15 @@ async fn models_health_ready_and_metrics() {
             .status(),
         200
     );
+    // Metrics and readiness are on the admin listener only; health is on both.
+    for path in ["/metrics", "/readyz"] {
+        let r = edge.http.get(edge.url(path)).send().await.expect("GET");
+        assert_eq!(r.status(), 404, "{path} is not on the public port");
+    }
+    let r = edge.http.get(edge.admin_url("/healthz")).send().await;
+    assert_eq!(r.expect("GET").status(), 200);
     let ready = wait_until(Duration::from_secs(10), || async {
-        let r = edge.http.get(edge.url("/readyz")).send().await.ok()?;
+        let r = edge.http.get(edge.admin_url("/readyz")).send().await.ok()?;
         (r.status() == 200).then_some(r)
     })
     .await;
@@ -576,15 +583,7 @@ async fn models_health_ready_and_metrics() {
 
     let id = edge.create(fast("metrics", 5, 1)).await;
     edge.wait_finished(&id).await;
-    let metrics = edge
-        .http
-        .get(edge.url("/metrics"))
-        .send()
-        .await
-        .expect("GET")
-        .text()
-        .await
-        .expect("text");
+    let metrics = edge.metrics().await;
     assert!(metrics.contains("tokenfan_edge_streams_total"), "{metrics}");
     assert!(
         metrics.contains("tokenfan_edge_time_to_first_token_seconds"),

@@ -403,6 +403,10 @@ pub struct IdleArgs {
     /// Base URL of the server (one).
     #[arg(long, default_value = DEFAULT_HTTP_TARGET, env = "TOKENFAN_LOADGEN_TARGET")]
     pub target: String,
+    /// Base URL of the server's `/metrics` (tokenfan: the edge's admin listener). Default: the
+    /// target.
+    #[arg(long = "metrics-url", env = "TOKENFAN_LOADGEN_METRICS_URL")]
+    pub metrics_target: Option<String>,
     /// Idle connections to open.
     #[arg(long, default_value_t = 10_000, env = "TOKENFAN_LOADGEN_CONNECTIONS")]
     pub connections: usize,

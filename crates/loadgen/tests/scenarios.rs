@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// A running edge (embedded generator); stops when dropped.
 struct Edge {
     addr: SocketAddr,
+    admin_addr: SocketAddr,
     shutdown: CancellationToken,
 }
 
@@ -36,6 +37,7 @@ impl Edge {
             .expect("edge starts");
         Self {
             addr: running.addr,
+            admin_addr: running.admin_addr,
             shutdown,
         }
     }
@@ -175,7 +177,7 @@ async fn native_post_sse() {
     args.extend([
         "--metrics".to_owned(),
         "--metrics-url".to_owned(),
-        edge.url(),
+        format!("http://{}", edge.admin_addr),
         "--server-pid".to_owned(),
     ]);
     args.push(std::process::id().to_string());

@@ -102,6 +102,12 @@ impl JwtAuth {
 
     /// The token's tenant, or a 401 saying what is wrong with it.
     pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        self.verify_until(token).map(|(tenant, _)| tenant)
+    }
+
+    /// The token's tenant and the Unix second until which it is accepted (`exp` plus the
+    /// leeway), or a 401 saying what is wrong with it.
+    pub fn verify_until(&self, token: &str) -> Result<(String, u64), ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| refusal(&e))?;
         let key = match header.alg {
             Algorithm::HS256 => self.hs256.as_ref(),
@@ -134,7 +140,15 @@ impl JwtAuth {
         check_tenant(tenant).map_err(|why| {
             ApiError::unauthorized("invalid_credentials", format!("the token's tenant {why}"))
         })?;
-        Ok(tenant.to_owned())
+        // `exp` is required and checked above; a number in range.
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)))
+            .unwrap_or(0);
+        Ok((
+            tenant.to_owned(),
+            exp.saturating_add(self.validation.leeway),
+        ))
     }
 
     fn rsa_key(&self, kid: Option<&str>) -> Result<Option<&DecodingKey>, ApiError> {

@@ -135,6 +135,13 @@ pub struct AuthArgs {
     #[arg(long, env = "TOKENFAN_EDGE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
 
+    /// `--auth jwt` with RS256 (`--jwt-rs256-public-key`, `--jwt-jwks-file`): accept tokens
+    /// whatever their `aud` and `iss`. UNSAFE with a shared identity provider: every token it
+    /// issues, for any application, then names a tenant here. Without this flag RS256 needs
+    /// both `--jwt-audience` and `--jwt-issuer`.
+    #[arg(long, env = "TOKENFAN_EDGE_JWT_ALLOW_ANY_AUDIENCE")]
+    pub jwt_allow_any_audience: bool,
+
     /// `--auth jwt`: the string claim naming the tenant (falls back to `sub`).
     #[arg(long, env = "TOKENFAN_EDGE_JWT_TENANT_CLAIM", default_value = "tenant")]
     pub jwt_tenant_claim: String,
@@ -192,6 +199,16 @@ impl AuthArgs {
                         "--jwt-hs256-secret must be at least 32 bytes"
                     );
                 }
+                let rs256 = self.jwt_rs256_public_key.is_some() || self.jwt_jwks_file.is_some();
+                anyhow::ensure!(
+                    !rs256
+                        || self.jwt_allow_any_audience
+                        || (!self.jwt_audience.is_empty() && self.jwt_issuer.is_some()),
+                    "RS256 keys (--jwt-rs256-public-key, --jwt-jwks-file) usually belong to an \
+                     identity provider that issues tokens for other applications too: give \
+                     --jwt-audience and --jwt-issuer so only tokens meant for tokenfan are \
+                     accepted (or --jwt-allow-any-audience, unsafe)"
+                );
             }
         }
         if let Some(secret) = &self.ticket_secret {
@@ -358,17 +375,24 @@ impl Security {
         self.mode
     }
 
-    /// A credential (API key or JWT) → its tenant, or a 401.
-    fn verify_credential(&self, credential: &str) -> Result<Caller, ApiError> {
-        let tenant = match &self.verifier {
-            Verifier::None => return Ok(Caller::anonymous()),
-            Verifier::ApiKeys(keys) => keys
-                .tenant(credential)
-                .ok_or_else(|| ApiError::unauthorized("invalid_credentials", "unknown API key"))?
-                .to_owned(),
-            Verifier::Jwt(jwt) => jwt.verify(credential)?,
+    /// A credential (API key or JWT) → its tenant and, for a JWT, when it expires; or a 401.
+    fn verify_credential(&self, credential: &str) -> Result<(Caller, Option<u64>), ApiError> {
+        let (tenant, expires) = match &self.verifier {
+            Verifier::None => return Ok((Caller::anonymous(), None)),
+            Verifier::ApiKeys(keys) => (
+                keys.tenant(credential)
+                    .ok_or_else(|| {
+                        ApiError::unauthorized("invalid_credentials", "unknown API key")
+                    })?
+                    .to_owned(),
+                None,
+            ),
+            Verifier::Jwt(jwt) => {
+                let (tenant, until) = jwt.verify_until(credential)?;
+                (tenant, Some(until))
+            }
         };
-        Ok(Caller::Tenant(Arc::from(tenant)))
+        Ok((Caller::Tenant(Arc::from(tenant)), expires))
     }
 
     fn verify_ticket(&self, ticket: &str) -> Result<ticket::TicketClaims, ApiError> {
@@ -395,8 +419,20 @@ impl Security {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Caller, ApiError> {
+        self.identify_until(method, uri, headers)
+            .map(|(caller, _)| caller)
+    }
+
+    /// [`Security::identify`], with the Unix second the credential or ticket stops being
+    /// accepted (None: API keys and no authentication do not expire).
+    pub fn identify_until(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<(Caller, Option<u64>), ApiError> {
         if self.mode == AuthMode::None {
-            return Ok(Caller::anonymous());
+            return Ok((Caller::anonymous(), None));
         }
         if let Some(value) = headers.get(header::AUTHORIZATION) {
             let credential = value
@@ -444,7 +480,7 @@ impl Security {
         let mut error: Option<ApiError> = None;
         for credential in &credentials {
             match self.verify_credential(credential) {
-                Ok(caller) => return Ok(caller),
+                Ok(identified) => return Ok(identified),
                 Err(e) => {
                     error.get_or_insert(e);
                 }
@@ -457,10 +493,13 @@ impl Security {
                     let in_scope =
                         route.is_some_and(|r| r.stream.is_none_or(|s| s == claims.stream.as_str()));
                     if in_scope {
-                        return Ok(Caller::Ticket {
-                            tenant: Arc::from(claims.tenant),
-                            stream: claims.stream,
-                        });
+                        return Ok((
+                            Caller::Ticket {
+                                tenant: Arc::from(claims.tenant),
+                                stream: claims.stream,
+                            },
+                            Some(claims.expires_at),
+                        ));
                     }
                     out_of_scope = true;
                 }
@@ -598,10 +637,13 @@ pub async fn authenticate(
     }
     match app
         .security
-        .identify(request.method(), request.uri(), request.headers())
+        .identify_until(request.method(), request.uri(), request.headers())
     {
-        Ok(caller) => {
+        Ok((caller, expires)) => {
             request.extensions_mut().insert(caller);
+            if let Some(at) = expires {
+                request.extensions_mut().insert(CredentialExpiry(at));
+            }
             next.run(request).await
         }
         Err(error) => {
@@ -609,6 +651,21 @@ pub async fn authenticate(
                 .increment(1);
             error_response(request.uri().path(), error)
         }
+    }
+}
+
+/// When the credential (JWT) or ticket of a request stops being accepted, in Unix seconds; in
+/// the request's extensions when it has one. A WebSocket or SSE response opened with it ends
+/// then (WebSocket close 1008, SSE `error` event `credentials_expired`): reconnecting with a
+/// fresh credential resumes where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialExpiry(pub u64);
+
+impl CredentialExpiry {
+    /// The same moment on the runtime's clock.
+    pub fn deadline(self) -> tokio::time::Instant {
+        let left = self.0.saturating_sub(unix_now());
+        tokio::time::Instant::now() + Duration::from_secs(left)
     }
 }
 

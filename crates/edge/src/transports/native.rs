@@ -23,6 +23,7 @@ pub async fn create(
     State(app): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    expires: Option<axum::Extension<auth::CredentialExpiry>>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: StreamRequest = read_json(&headers, body, app.config.http.max_body_bytes).await?;
@@ -34,7 +35,8 @@ pub async fn create(
     let ticket = app.security.ticket_for(&stream);
     if sse {
         let sub = stream.subscribe(0)?;
-        let mut response = sse::response(&app, sub, NativeFramer, "post_sse");
+        let expires = expires.map(|axum::Extension(e)| e);
+        let mut response = sse::response_until(&app, sub, NativeFramer, "post_sse", expires);
         let out = response.headers_mut();
         app.security
             .add_ticket_headers(ticket.as_ref(), &stream, &headers, out);

@@ -28,26 +28,47 @@ use crate::{
 };
 
 /// The subset of the Chat Completions request the mock understands; other fields are
-/// accepted and ignored, as SDKs send many.
+/// accepted and ignored, as SDKs send many. Options that cannot change a mock's answer are
+/// accepted like the real API does (`temperature`, `top_p`, `frequency_penalty`,
+/// `presence_penalty`, `logit_bias`, `user`, `stop`, `logprobs: false`, …); options that would
+/// change the answer's shape are refused with OpenAI's 400 (`n > 1`, `tools`/`functions`,
+/// `response_format` other than `text`, `logprobs: true`).
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     model: Option<String>,
     messages: Option<Vec<ChatMessage>>,
-    #[serde(default)]
-    stream: bool,
+    /// `null` counts as absent (false), as in the real API.
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
-    seed: Option<u64>,
+    /// Any integer; see [`seed_of`].
+    seed: Option<serde_json::Number>,
     n: Option<u32>,
     tools: Option<Value>,
     functions: Option<Value>,
+    response_format: Option<ResponseFormat>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
     /// tokenfan extension: generator timing overrides.
     timing: Option<Timing>,
     /// tokenfan extension: token chunks also carry `emitted_at_unix_nanos` (the generator's
     /// emit time), as native token events do, so load tests can measure the added delay.
     /// SDKs ignore the unknown chunk field.
     emit_times: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// OpenAI's `seed` is any integer (the API takes 64-bit signed ones); the generator's is
+/// unsigned. Non-negative seeds are used as they are; a negative one is mapped to its two's
+/// complement bit pattern, which is deterministic and keeps different seeds different.
+pub fn seed_of(seed: &serde_json::Number) -> Option<u64> {
+    seed.as_u64().or_else(|| seed.as_i64().map(|n| n as u64))
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,7 +114,33 @@ impl ChatRequest {
                 "tool calling is not supported by the mock models",
             ));
         }
-        if self.stream_options.is_some() && !self.stream {
+        if let Some(format) = &self.response_format
+            && format.kind != "text"
+        {
+            let mut e = ApiError::invalid_field(
+                "response_format",
+                format!(
+                    "response_format type {:?} is not supported by the mock models (only \"text\")",
+                    format.kind
+                ),
+            );
+            e.param = Some("response_format".into());
+            return Err(e);
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid_field(
+                "logprobs",
+                "logprobs are not supported by the mock models",
+            ));
+        }
+        let seed = match &self.seed {
+            None => None,
+            Some(n) => Some(seed_of(n).ok_or_else(|| {
+                ApiError::invalid_field("seed", format!("{n} is not an integer"))
+            })?),
+        };
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
             return Err(ApiError::invalid_field(
                 "stream_options",
                 "stream_options is only allowed when stream is true",
@@ -122,10 +169,13 @@ impl ChatRequest {
                         text
                     }
                 };
-                Ok(Message {
-                    role: m.role,
-                    content,
-                })
+                // The deprecated `function` role (a function's result) is text, like `tool`.
+                let role = if m.role == "function" {
+                    "tool".to_owned()
+                } else {
+                    m.role
+                };
+                Ok(Message { role, content })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
@@ -133,12 +183,12 @@ impl ChatRequest {
             messages: Some(messages),
             prompt: None,
             max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            seed: self.seed,
+            seed,
             timing: self.timing,
             model: Some(model),
             emit_times: self.emit_times,
         };
-        Ok((native, self.stream, include_usage))
+        Ok((native, stream, include_usage))
     }
 }
 
@@ -151,6 +201,7 @@ pub async fn chat_completions(
     State(app): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    expires: Option<axum::Extension<auth::CredentialExpiry>>,
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let chat: ChatRequest =
@@ -162,7 +213,8 @@ pub async fn chat_completions(
     let sub = stream.subscribe(0)?;
     if streaming {
         let framer = OpenAiFramer::new(&stream, true, false, include_usage);
-        let mut response = sse::response(&app, sub, framer, "openai");
+        let expires = expires.map(|axum::Extension(e)| e);
+        let mut response = sse::response_until(&app, sub, framer, "openai", expires);
         let ticket = app.security.ticket_for(&stream);
         let out = response.headers_mut();
         app.security
@@ -377,6 +429,28 @@ impl Framer for OpenAiFramer {
                 write_data(out, Some(event.seq), &error.body());
             }
         }
+    }
+
+    fn interrupted(&mut self, out: &mut BytesMut) {
+        // Without this the client would see the answer end without `[DONE]` or an error, and
+        // SDKs would take the cut answer as complete.
+        let error = OpenAiError(ApiError::unavailable(
+            "server_shutdown",
+            format!(
+                "the server is restarting and the answer was cut; resume with GET /v1/streams/{}/events?format=openai&after={}",
+                self.id.trim_start_matches("chatcmpl-"),
+                self.last_seq
+            ),
+        ));
+        write_data(out, None, &error.body());
+    }
+
+    fn credentials_expired(&mut self, out: &mut BytesMut) {
+        let error = OpenAiError(ApiError::unauthorized(
+            "credentials_expired",
+            "the credential this stream was opened with has expired",
+        ));
+        write_data(out, None, &error.body());
     }
 
     fn closed(&mut self, reason: Closed, out: &mut BytesMut) {

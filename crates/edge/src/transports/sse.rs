@@ -37,6 +37,21 @@ pub trait Framer: Send + 'static {
     fn event(&mut self, event: &Event, out: &mut BytesMut);
     /// The subscription ended.
     fn closed(&mut self, reason: Closed, out: &mut BytesMut);
+    /// The response ends before the stream did (server shutdown): what tells the client so.
+    /// Native SSE says nothing (EventSource reconnects and resumes by itself).
+    fn interrupted(&mut self, _out: &mut BytesMut) {}
+    /// The credential or ticket the response was opened with expired: the last bytes.
+    fn credentials_expired(&mut self, out: &mut BytesMut) {
+        let body = serde_json::json!({
+            "type": "error",
+            "code": "credentials_expired",
+            "message": "the credential or ticket this stream was opened with has expired; \
+                        reconnect with a fresh one (resume with Last-Event-ID or ?after=)",
+        });
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(body.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
 }
 
 /// Native framing: `retry:` then `id:`/`event:`/`data:` frames.
@@ -72,8 +87,20 @@ impl Framer for NativeFramer {
 pub fn response(
     app: &AppState,
     sub: Subscription,
+    framer: impl Framer,
+    transport: &'static str,
+) -> Response {
+    response_until(app, sub, framer, transport, None)
+}
+
+/// [`response`] that also ends when `expires` (the request's credential expiry) comes, with
+/// the framer's `credentials_expired` bytes.
+pub fn response_until(
+    app: &AppState,
+    sub: Subscription,
     mut framer: impl Framer,
     transport: &'static str,
+    expires: Option<auth::CredentialExpiry>,
 ) -> Response {
     let guard = TransportGuard::new(transport);
     let heartbeat = Duration::from_secs(app.config.http.sse_heartbeat_secs);
@@ -87,6 +114,7 @@ pub fn response(
         heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
         shutdown,
         prelude: Some(prelude.freeze()),
+        expires: expires.map(|e| Box::pin(tokio::time::sleep_until(e.deadline()))),
         done: false,
         guard,
         gaps: GapMeter::new(transport),
@@ -112,6 +140,8 @@ struct SseBody<F> {
     heartbeat: tokio::time::Interval,
     shutdown: CancellationToken,
     prelude: Option<Bytes>,
+    /// Fires when the credential the response was opened with expires.
+    expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     done: bool,
     /// Counts this response in the connections gauge until the body is dropped.
     guard: TransportGuard,
@@ -142,7 +172,18 @@ async fn next_chunk<F: Framer>(
                 out.extend_from_slice(b": heartbeat\n\n");
                 return Some((Ok(out.freeze()), s));
             }
-            () = s.shutdown.cancelled() => return None,
+            () = s.shutdown.cancelled() => {
+                s.framer.interrupted(&mut out);
+                s.done = true;
+                return (!out.is_empty()).then(|| (Ok(out.freeze()), s));
+            }
+            () = expiry(&mut s.expires) => {
+                metrics::counter!("tokenfan_edge_credentials_expired_total", "transport" => "sse")
+                    .increment(1);
+                s.framer.credentials_expired(&mut out);
+                s.done = true;
+                return Some((Ok(out.freeze()), s));
+            }
         },
     };
     match result {
@@ -158,7 +199,18 @@ async fn next_chunk<F: Framer>(
             s.done = true;
         }
     }
-    Some((Ok(out.freeze()), s))
+    // Nothing to say at the end (the terminal event went out already): end the body without
+    // an empty chunk, which HTTP/2 would send as an empty DATA frame (h2 clients count those
+    // against a limit and drop the connection).
+    (!out.is_empty()).then(|| (Ok(out.freeze()), s))
+}
+
+/// Resolves when `expires` fires; never without one.
+async fn expiry(expires: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match expires {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Query of `GET /v1/streams/{id}/events`.
@@ -189,7 +241,9 @@ pub async fn events(
     Path(id): Path<String>,
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
+    expires: Option<axum::Extension<auth::CredentialExpiry>>,
 ) -> Result<Response, ApiError> {
+    let expires = expires.map(|axum::Extension(e)| e);
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     // A request naming a cursor is a resume: counted and traced whatever its result.
     let resume = |after: u64, replayed: u64, result: ResumeResult| Resume {
@@ -265,8 +319,8 @@ pub async fn events(
     Ok(if openai {
         let include_usage = query.include_usage.unwrap_or(false);
         let framer = OpenAiFramer::new(&stream, after == 0, true, include_usage);
-        response(&app, sub, framer, "sse")
+        response_until(&app, sub, framer, "sse", expires)
     } else {
-        response(&app, sub, NativeFramer, "sse")
+        response_until(&app, sub, NativeFramer, "sse", expires)
     })
 }

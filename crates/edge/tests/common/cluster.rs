@@ -99,6 +99,8 @@ impl Drop for Generator {
 /// An edge replica process.
 pub struct Edge {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/readyz`).
+    pub admin_addr: SocketAddr,
     pub replica: String,
     child: Child,
 }
@@ -106,6 +108,11 @@ pub struct Edge {
 impl Edge {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
     }
 
     /// `kill -9`.
@@ -198,7 +205,7 @@ impl TestCluster {
     }
 
     async fn wait_ready(&self, i: usize) {
-        let url = self.edge(i).url("/readyz");
+        let url = self.edge(i).admin_url("/readyz");
         super::wait_until(Duration::from_secs(20), || async {
             let r = self.http.get(&url).send().await.ok()?;
             (r.status() == 200).then_some(())
@@ -242,6 +249,8 @@ fn spawn_edge(
         .args([
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--log-format",
             "json",
             "--log-filter",
@@ -264,7 +273,7 @@ fn spawn_edge(
         .spawn()
         .expect("spawn edge");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = loop {
+    let (addr, admin_addr) = loop {
         let line = lines
             .next()
             .unwrap_or_else(|| panic!("{replica} exited before listening"))
@@ -273,11 +282,14 @@ fn spawn_edge(
             continue;
         };
         if v["fields"]["message"] == "tokenfan-edge listening" {
-            break v["fields"]["addr"]
-                .as_str()
-                .expect("addr")
-                .parse()
-                .expect("socket address");
+            let field = |name: &str| -> SocketAddr {
+                v["fields"][name]
+                    .as_str()
+                    .expect("address field")
+                    .parse()
+                    .expect("socket address")
+            };
+            break (field("addr"), field("admin_addr"));
         }
     };
     let name = replica.to_string();
@@ -290,6 +302,7 @@ fn spawn_edge(
     });
     Edge {
         addr,
+        admin_addr,
         replica: replica.to_string(),
         child,
     }

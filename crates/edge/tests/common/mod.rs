@@ -31,6 +31,7 @@ impl TestEdge {
     pub async fn with(tweak: impl FnOnce(&mut EdgeConfig)) -> Self {
         let mut config = EdgeConfig::defaults();
         config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.admin_listen = "127.0.0.1:0".parse().expect("addr");
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let shutdown = CancellationToken::new();
@@ -47,6 +48,23 @@ impl TestEdge {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener (`/metrics`, `/readyz`, `/healthz`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.admin_addr)
+    }
+
+    /// The Prometheus text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Generations running in the embedded generator.

@@ -98,6 +98,12 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<Outcome> {
         bail!("--connections and --connect-concurrency must be at least 1");
     }
     let target = args.target.trim_end_matches('/').to_owned();
+    let metrics_at = args
+        .metrics_target
+        .as_deref()
+        .unwrap_or(&target)
+        .trim_end_matches('/')
+        .to_owned();
     let host = authority(&target)?;
     if target.starts_with("https://") {
         bail!("idle supports http:// targets only");
@@ -119,7 +125,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<Outcome> {
     let g0 = if args.no_metrics {
         None
     } else {
-        match fetch(&client, &target).await {
+        match fetch(&client, &metrics_at).await {
             Ok(text) => Some(gauge(&text)),
             Err(e) => {
                 println!("server /metrics not readable ({e:#}): not waiting for its gauge");
@@ -183,7 +189,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<Outcome> {
         let want = g0 + args.connections as f64;
         let count_deadline = Instant::now() + secs(args.open_timeout_secs);
         loop {
-            if let Ok(text) = fetch(&client, &target).await {
+            if let Ok(text) = fetch(&client, &metrics_at).await {
                 counted = Some(gauge(&text));
             }
             if counted.is_some_and(|c| c >= want) || Instant::now() >= count_deadline {
@@ -302,7 +308,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<Outcome> {
     if let Some(g0) = g0 {
         let drain_deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(text) = fetch(&client, &target).await {
+            if let Ok(text) = fetch(&client, &metrics_at).await {
                 counted = Some(gauge(&text));
             }
             if counted.is_some_and(|c| c <= g0) || Instant::now() >= drain_deadline {

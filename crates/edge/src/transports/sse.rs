@@ -202,7 +202,10 @@ async fn next_chunk<F: Framer>(
     // Nothing to say at the end (the terminal event went out already): end the body without
     // an empty chunk, which HTTP/2 would send as an empty DATA frame (h2 clients count those
     // against a limit and drop the connection).
-    (!out.is_empty()).then(|| (Ok(out.freeze()), s))
+    if s.done && out.is_empty() {
+        return None;
+    }
+    Some((Ok(out.freeze()), s))
 }
 
 /// Resolves when `expires` fires; never without one.

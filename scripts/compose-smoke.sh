@@ -212,13 +212,36 @@ services_tag nginx 'ENTRYPOINT ["docker-entrypoint.sh"]' 'CMD ["nginx", "-g", "d
 services_tag prometheus 'USER 65534' 'WORKDIR /prometheus' 'ENTRYPOINT ["prometheus"]' \
   'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
 
+# The crates of Cargo.lock, vendored into the build base: cargo inside the build then needs no
+# network (crates.io is reached from here only through a TLS-intercepting proxy whose CA the
+# containers do not trust). The public rust image fetches them into the cache mount instead.
+lock_hash=$(sha256sum Cargo.lock | cut -c1-12)
+CRATES_IMAGE="$REG/rust-crates:$RUST_VERSION-$lock_hash-r$STANDIN_REV"
+if ! has_image "$CRATES_IMAGE"; then
+  step "vendored crates of Cargo.lock ($lock_hash) on top of the build base"
+  crates="$state/crates"
+  rm -rf "$crates"
+  mkdir -p "$crates"
+  cargo vendor --locked -q "$crates/vendor" >/dev/null
+  printf '%s\n' '[source.crates-io]' 'replace-with = "vendored-sources"' '' \
+    '[source.vendored-sources]' 'directory = "/usr/local/cargo/vendor"' >"$crates/config.toml"
+  printf 'FROM %s\nCOPY vendor /usr/local/cargo/vendor\nCOPY config.toml /usr/local/cargo/config.toml\n' \
+    "$BUILD_IMAGE" >"$crates/Containerfile"
+  podman build -q --network none -t "$CRATES_IMAGE" "$crates" >/dev/null
+  rm -rf "$crates"
+  # The crates of older lock files.
+  for old in $(podman images --format '{{.Repository}}:{{.Tag}}' "$REG/rust-crates"); do
+    [ "$old" = "$CRATES_IMAGE" ] || podman rmi "$old" >/dev/null 2>&1 || true
+  done
+fi
+
 # ------------------------------------------------------------------ 2. the tokenfan image
-step "podman build -f deploy/Dockerfile (build base $BUILD_IMAGE)"
+step "podman build -f deploy/Dockerfile (build base $CRATES_IMAGE)"
 build_start=$SECONDS
-# --network host: the build downloads crates (crates.io) and the runtime stage's Debian
-# packages; the containers of the topology run on their own network.
+# --network host: the runtime stage installs ca-certificates from Debian; the containers of
+# the topology run on their own network.
 if ! podman build --network host --layers \
-  --build-arg "BUILD_IMAGE=$BUILD_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
+  --build-arg "BUILD_IMAGE=$CRATES_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
   -f deploy/Dockerfile -t "$TOKENFAN_IMAGE" . >"$state/build.log" 2>&1; then
   tail -n 40 "$state/build.log" >&2
   die "podman build failed (full log: $state/build.log)"

@@ -240,7 +240,8 @@ step "podman build -f deploy/Dockerfile (build base $CRATES_IMAGE)"
 build_start=$SECONDS
 # --network host: the runtime stage installs ca-certificates from Debian; the containers of
 # the topology run on their own network.
-if ! podman build --network host --layers \
+# --format docker: the OCI image format has no HEALTHCHECK (podman drops it with a warning).
+if ! podman build --network host --layers --format docker \
   --build-arg "BUILD_IMAGE=$CRATES_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
   -f deploy/Dockerfile -t "$TOKENFAN_IMAGE" . >"$state/build.log" 2>&1; then
   tail -n 40 "$state/build.log" >&2

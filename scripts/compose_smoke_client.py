@@ -54,9 +54,16 @@ class Api:
         return c.getresponse(), c
 
     def json(self, method, path, body=None, edge=None, want=(200,)):
-        r, c = self.request(method, path, body, edge=edge)
-        data = r.read()
-        c.close()
+        # A GET that meets an edge going away is simply asked again, as a client would.
+        for attempt in range(3 if method == "GET" else 1):
+            try:
+                r, c = self.request(method, path, body, edge=edge)
+                data = r.read()
+                c.close()
+                break
+            except (OSError, http.client.HTTPException) as e:
+                if attempt == 2 or method != "GET":
+                    raise Fail(f"{method} {path} via {edge or 'balancer'}: {e!r}") from e
         check(r.status in want, f"{method} {path} via {edge or 'balancer'}: {r.status} {data[:300]!r}")
         return json.loads(data) if data else None
 
@@ -96,7 +103,8 @@ class Api:
         try:
             if r.status == 204:
                 return
-            check(r.status == 200, f"GET {path} (after {after}): {r.status} {r.read()[:300]!r}")
+            if r.status != 200:
+                raise Fail(f"GET {path} (after {after}): {r.status} {r.read()[:300]!r}")
             yield from parse_sse(r)
         finally:
             c.close()
@@ -208,7 +216,8 @@ def openai(api, _args):
         "max_tokens": 30,
     }
     r, c = api.request("POST", "/v1/chat/completions", body, headers={"accept": "text/event-stream"})
-    check(r.status == 200, f"chat completions: {r.status} {r.read()[:300]!r}")
+    if r.status != 200:
+        raise Fail(f"chat completions: {r.status} {r.read()[:300]!r}")
     check(r.getheader("content-type", "").startswith("text/event-stream"), "not an event stream")
     sid = r.getheader("x-stream-id")
     check(sid, "no x-stream-id header")

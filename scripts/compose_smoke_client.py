@@ -93,6 +93,14 @@ class Api:
         ).stdout.strip()
         return out or None
 
+    def wait_owner(self, sid, timeout=10):
+        """The lease holder, once there is one (the owner takes it as its task starts)."""
+        deadline = time.monotonic() + timeout
+        while (owner := self.owner(sid)) is None:
+            check(time.monotonic() < deadline, f"{sid}: nobody holds the lease after {timeout} s")
+            time.sleep(0.1)
+        return owner
+
     def sse(self, sid, after=0, edge=None, fmt=None):
         """Yields the events of one GET /events response; returns when the body ends."""
         headers = {"accept": "text/event-stream"}
@@ -243,7 +251,7 @@ def openai(api, _args):
 
 def resume(api, _args):
     sid = api.create(edge="edge-1", max_tokens=40, inter_token_ms=30)
-    owner = api.owner(sid)
+    owner = api.wait_owner(sid)
     check(owner == "edge-1", f"stream created on edge-1 is owned by {owner}")
     first = []
     for _id, _t, ev in api.sse(sid, 0, edge="edge-1"):
@@ -287,9 +295,9 @@ def container_of(project, service):
 
 
 def kill(api, args):
-    sid = api.create(edge="edge-3", max_tokens=150, inter_token_ms=40)
-    owner = api.owner(sid)
-    check(owner == "edge-3", f"owner {owner}")
+    sid = api.create(edge="edge-3", max_tokens=300, inter_token_ms=40)
+    owner = api.wait_owner(sid)
+    check(owner == "edge-3", f"stream created on edge-3 is owned by {owner}")
     # The reader starts on the owner itself, so the kill cuts it too; it reconnects through
     # the balancer with Last-Event-ID, like EventSource.
     reader = Reader(api, sid, first_edge=owner, stop_after=10)
@@ -300,6 +308,7 @@ def kill(api, args):
     cmd = args.kill_cmd.format(container=container_of(args.container_of, owner))
     subprocess.run(cmd, shell=True, check=True, capture_output=True)
     at = reader.last_seq()
+    check(reader.events[-1]["type"] not in TERMINAL, "the stream ended before the kill")
     t.join(120)
     check(not t.is_alive() and reader.error is None, f"reader: {reader.error}")
     term = verify(api, sid, reader.events, "kill")
@@ -311,9 +320,11 @@ def kill(api, args):
 
 def drain(api, args):
     # Streams owned by edge-2, half read on edge-2 itself, half through the balancer.
-    sids = [api.create(edge="edge-2", max_tokens=120, inter_token_ms=50, seed=100 + i) for i in range(6)]
+    # 400 tokens at 50 ms: 20 s, far longer than it takes to start them all and stop the edge.
+    sids = [api.create(edge="edge-2", max_tokens=400, inter_token_ms=50, seed=100 + i) for i in range(6)]
     for sid in sids:
-        check(api.owner(sid) == "edge-2", f"{sid} owned by {api.owner(sid)}")
+        owner = api.wait_owner(sid)
+        check(owner == "edge-2", f"{sid} owned by {owner}")
     readers = [Reader(api, sid, first_edge="edge-2" if i % 2 == 0 else None, stop_after=5)
                for i, sid in enumerate(sids)]
     threads = [threading.Thread(target=r.run) for r in readers]
@@ -322,6 +333,9 @@ def drain(api, args):
     for r in readers:
         r.got.wait(30)
         check(r.error is None, f"reader: {r.error}")
+    at_stop = [len(r.events) for r in readers]
+    for r in readers:
+        check(r.events[-1]["type"] not in TERMINAL, f"{r.sid} ended before the stop: nothing to drain")
     container = container_of(args.container_of, "edge-2")
     cmd = args.stop_cmd.format(container=container)
     started = time.monotonic()
@@ -337,9 +351,13 @@ def drain(api, args):
         verify(api, sid, r.events, f"drain {sid}")
         owner = api.owner(sid)
         check(owner != "edge-2", f"{sid} still leased by edge-2")
+    for i, r in enumerate(readers):
+        if i % 2 == 0:
+            check(r.reconnects >= 1, f"{r.sid}: read on edge-2, but the drain did not end its response")
     cut = sum(1 for r in readers if r.reconnects)
     print(f"ok    `{cmd}`: edge-2 drained and exited 0 in {took:.1f}s; its 6 streams finished "
-          f"elsewhere, complete ({cut} readers reconnected through nginx)")
+          f"elsewhere, complete ({cut} readers reconnected through nginx; events before the "
+          f"stop: {[n for n in at_stop]}, reconnects: {[r.reconnects for r in readers]})")
 
 
 def main():

@@ -43,13 +43,16 @@ PROJECT=tokenfan-smoke
 RUST_VERSION=$(sed -n 's/^ARG RUST_VERSION=//p' deploy/Dockerfile)
 DEBIAN_RELEASE=$(sed -n 's/^ARG DEBIAN_RELEASE=//p' deploy/Dockerfile)
 # Bump when the recipe of a stand-in image changes, so it is made again.
-STANDIN_REV=1
+STANDIN_REV=2
 REG=localhost/tokenfan-smoke
 BUILD_IMAGE="$REG/rust:$RUST_VERSION-$DEBIAN_RELEASE-r$STANDIN_REV"
 RUNTIME_IMAGE="$REG/debian:$DEBIAN_RELEASE-slim-r$STANDIN_REV"
 SERVICES_IMAGE="$REG/services:$DEBIAN_RELEASE-r$STANDIN_REV"
 TOKENFAN_IMAGE="$REG/tokenfan:0.1.0"
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# Every image made here carries it (the stand-ins set it, images built on them inherit it), so
+# the script can clean up its own images and none else.
+LABEL=io.tokenfan.compose-smoke=1
 EDGE_ADMIN_PORT=${EDGE_ADMIN_PORT:-8080}
 
 export CONTAINERS_CONF="$state/containers.conf"
@@ -147,9 +150,14 @@ mmdebstrap_image() {
     tail -n 20 "$log" >&2
     return 1
   fi
-  podman import -q "${changes[@]}" "$tar" "$image" >/dev/null
+  podman import -q --change "LABEL $LABEL" "${changes[@]}" "$tar" "$image" >/dev/null
   rm -f "$tar"
 }
+
+# Stand-ins of an older recipe.
+for img in $(podman images --filter "label=$LABEL" --format '{{.Repository}}:{{.Tag}}'); do
+  case "$img" in *-r"$STANDIN_REV" | "$TOKENFAN_IMAGE" | "<none>:<none>") ;; *) podman rmi "$img" >/dev/null 2>&1 || true ;; esac
+done
 
 standins=()
 if ! has_image "$RUNTIME_IMAGE"; then
@@ -249,6 +257,8 @@ if ! podman build --network host --layers --format docker \
   tail -n 40 "$state/build.log" >&2
   die "podman build failed (full log: $state/build.log)"
 fi
+# The build stage's image of the previous build, now untagged.
+podman image prune -f --filter "label=$LABEL" >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$TOKENFAN_IMAGE")
 echo "image $TOKENFAN_IMAGE: $((size / 1000000)) MB ($size bytes), built in $((SECONDS - build_start))s"
 

@@ -156,7 +156,7 @@ mmdebstrap_image() {
 
 # Stand-ins of an older recipe.
 for img in $(podman images --filter "label=$LABEL" --format '{{.Repository}}:{{.Tag}}'); do
-  case "$img" in *-r"$STANDIN_REV" | "$TOKENFAN_IMAGE" | "<none>:<none>") ;; *) podman rmi "$img" >/dev/null 2>&1 || true ;; esac
+  case "$img" in *-r"$STANDIN_REV" | "$TOKENFAN_IMAGE" | "$REG/"*-base:* | "<none>:<none>") ;; *) podman rmi "$img" >/dev/null 2>&1 || true ;; esac
 done
 
 standins=()
@@ -246,13 +246,16 @@ if ! has_image "$CRATES_IMAGE"; then
 fi
 
 # ------------------------------------------------------------------ 2. the tokenfan image
+# The Dockerfile takes the base images' repositories; their tags follow its versions.
+podman tag "$CRATES_IMAGE" "$REG/build-base:$RUST_VERSION-$DEBIAN_RELEASE"
+podman tag "$RUNTIME_IMAGE" "$REG/runtime-base:$DEBIAN_RELEASE-slim"
 step "podman build -f deploy/Dockerfile (build base $CRATES_IMAGE)"
 build_start=$SECONDS
 # --network host: the runtime stage installs ca-certificates from Debian; the containers of
 # the topology run on their own network.
 # --format docker: the OCI image format has no HEALTHCHECK (podman drops it with a warning).
 if ! podman build --network host --layers --format docker \
-  --build-arg "BUILD_IMAGE=$CRATES_IMAGE" --build-arg "RUNTIME_IMAGE=$RUNTIME_IMAGE" \
+  --build-arg "BUILD_IMAGE=$REG/build-base" --build-arg "RUNTIME_IMAGE=$REG/runtime-base" \
   -f deploy/Dockerfile -t "$TOKENFAN_IMAGE" . >"$state/build.log" 2>&1; then
   tail -n 40 "$state/build.log" >&2
   die "podman build failed (full log: $state/build.log)"
@@ -273,14 +276,15 @@ found=$(podman run --rm --entrypoint bash "$TOKENFAN_IMAGE" -c '
   ls -d /usr/local/cargo /usr/local/rustup /root/.cargo 2>/dev/null
   true')
 [ -z "$found" ] || die "the image holds a compiler, toolchain or package cache: $found"
-# Read-only root filesystem, as the Kubernetes manifests run it: the edge serves and its
-# healthcheck passes; same for the generator.
+# Read-only root filesystem with no writable path at all (not even podman's default /tmp
+# tmpfs), as the Kubernetes manifests run it: the edge serves and its healthcheck passes; same
+# for the generator.
 ro_check() { # name, command...
   local name=$1
   shift
   # (podman complains on stderr that it cannot schedule the healthcheck: no systemd; this
   # script runs it.)
-  podman run -d --name "$PROJECT-ro-$name" --read-only --tmpfs /tmp --network none \
+  podman run -d --name "$PROJECT-ro-$name" --read-only --read-only-tmpfs=false --network none \
     --label "com.docker.compose.project=$PROJECT" "$TOKENFAN_IMAGE" "$@" >/dev/null 2>"$state/run.err" ||
     die "podman run $name: $(cat "$state/run.err")"
   local ok=""

@@ -407,7 +407,7 @@ for i in 1 2 3; do
   c=$(podman ps -q --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=edge-$i")
   ready=$(podman exec "$c" bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
     printf "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" >&3
-    IFS= read -r -t 5 status <&3; echo "$status"' _ "$EDGE_ADMIN_PORT" 2>&1 | tr -d '\r')
+    IFS= read -r -t 5 status <&3; echo "$status"' _ "$EDGE_ADMIN_PORT" 2>&1 | tr -d '\r' || true)
   case "$ready" in "HTTP/1.1 200"*) ;; *) die "edge-$i: GET /readyz on port $EDGE_ADMIN_PORT answered: $ready" ;; esac
 done
 echo "ok    edge-1..3 ready (GET /readyz on port $EDGE_ADMIN_PORT: 200)"

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy compose-smoke check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak fuzz clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy compose-smoke check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak soak-faults fuzz clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -89,9 +89,16 @@ bench-generator: release
 bench-cluster:
 	scripts/bench-cluster.sh
 
-## soak: the local cluster under load for SOAK_SECS (300) while edges, generators, NATS and Redis are killed (kill -9) in turn
+## soak: the local cluster under load for SOAK_SECS (300) while edges, generators, NATS and Redis are killed (kill -9) in turn,
+## then the fault soak for as long: pauses (SIGSTOP) past the lease, generator stalls, Redis AOF restarts and rollbacks, stops during failover
+SOAK_SECS ?= 300
 soak:
-	scripts/soak.sh
+	SOAK_SECS=$(SOAK_SECS) scripts/soak.sh
+	$(MAKE) soak-faults
+
+## soak-faults: the fault soak alone (tests/faults.rs) for SOAK_SECS, every transcript and stored epoch checked
+soak-faults:
+	FAULT_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --locked -p tokenfan-edge --test faults fault_soak -- --nocapture
 
 ## bench-edge: added delay at 1,000 streams and RSS per idle SSE/WebSocket connection
 bench-edge:

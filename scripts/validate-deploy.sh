@@ -14,6 +14,11 @@
 #     against the /metrics of a real tokenfan-edge and tokenfan-generator after one stream
 #     (deploy/check_dashboard_metrics.py)
 #   - every checkov check skipped below is named in docs/operations.md
+#   - the horizontal load test: k8s/loadtest/overlays/{dev,prod} (kustomize, kubernetes-validate
+#     --strict, checkov), deploy/compose.loadtest.yaml (docker-compose config over compose.yaml,
+#     compose-spec schema), the Job's pod script run by sh for two indexes against a real
+#     tokenfan-edge, its logs collected and merged by scripts/loadtest-collect.sh, and the
+#     compose profile's commands run the same way as two replicas and the merge
 #
 #   scripts/validate-deploy.sh        (make validate-deploy; part of make test)
 #
@@ -208,6 +213,187 @@ done
 check "nats-server loads the NATS configuration of k8s/base/nats.yaml" nats_config_loads
 check "YAML parses: collector configs of k8s/" \
   yaml_parses k8s/base/otel-collector-config.yaml k8s/overlays/dev/otel-collector-config.yaml
+
+# ------------------------------------------------------------------ horizontal load test
+for overlay in dev prod; do
+  rendered="$work/loadtest-$overlay.yaml"
+  check "kubectl kustomize k8s/loadtest/overlays/$overlay" \
+    bash -c "kubectl kustomize k8s/loadtest/overlays/$overlay >'$rendered'"
+  [ -s "$rendered" ] || continue
+  for version in "${K8S_VERSIONS[@]}"; do
+    check "kubernetes-validate --strict k8s/loadtest/overlays/$overlay (Kubernetes $version)" \
+      kube_validate "$rendered" "$version"
+  done
+  skips=("${SKIP_K8S_COMMON[@]}")
+  [ "$overlay" = dev ] && skips+=("${SKIP_K8S_DEV[@]}")
+  check "checkov k8s/loadtest/overlays/$overlay (skipping ${skips[*]})" \
+    checkov_file "loadtest-$overlay" kubernetes "$rendered" "${skips[@]}"
+done
+
+# The pod script of the load test Job, exactly as rendered, run by sh as two indexes of the
+# Job (JOB_COMPLETION_INDEX 0 and 1, the ConfigMap as environment, a short run against a real
+# tokenfan-edge, each with its own /tmp), then their logs through scripts/loadtest-collect.sh:
+# the merged report must cover both pods.
+loadtest_job_runs() {
+  cargo build -q --locked -p tokenfan-edge -p tokenfan-loadgen --bins
+  "$venv/bin/python" - "$work" "$work/loadtest-dev.yaml" <<'PY'
+import os, re, shutil, socket, subprocess, sys, time, json, yaml
+work, rendered = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+job = next(d for d in docs if d["kind"] == "Job")
+env_cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+container = job["spec"]["template"]["spec"]["containers"][0]
+command = container["command"]
+assert command[:2] == ["/bin/sh", "-c"], command
+script = command[2]
+root = os.getcwd()
+bindir = os.path.join(work, "bin")
+os.makedirs(bindir, exist_ok=True)
+shutil.copy(os.path.join(root, "target/debug/tokenfan-loadgen"), bindir)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+edge_log = open(os.path.join(work, "edge.log"), "w")
+edge = subprocess.Popen([os.path.join(root, "target/debug/tokenfan-edge"), "--listen",
+                         f"127.0.0.1:{port}"], stdout=edge_log, stderr=edge_log)
+try:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or edge.poll() is not None:
+                sys.exit("tokenfan-edge did not start")
+            time.sleep(0.1)
+    env = dict(os.environ, **env_cm)
+    env.update({
+        "PATH": bindir + ":" + os.environ["PATH"],
+        "TOKENFAN_LOADGEN_TARGET": f"http://127.0.0.1:{port}",
+        "TOKENFAN_LOADGEN_CONCURRENCY": "3", "TOKENFAN_LOADGEN_MAX_TOKENS": "20",
+        "TOKENFAN_LOADGEN_TTFT_MS": "10", "TOKENFAN_LOADGEN_INTER_TOKEN_MS": "2",
+        "TOKENFAN_LOADGEN_RAMP": "0.2", "TOKENFAN_LOADGEN_WARMUP": "0.2",
+        "TOKENFAN_LOADGEN_DURATION": "1", "TOKENFAN_LOADGEN_THREADS": "1",
+        "TOKENFAN_LOADGEN_START_AT": "%.3f" % (time.time() + 4.0),
+    })
+    pods, logs = [], []
+    for index in (0, 1):
+        tmp = os.path.join(work, f"pod-{index}-tmp")
+        os.makedirs(tmp, exist_ok=True)
+        log = os.path.join(work, f"pod-{index}.log")
+        logs.append(log)
+        pods.append(subprocess.Popen(
+            ["sh", "-c", script.replace("/tmp/", tmp + "/")],
+            env=dict(env, JOB_COMPLETION_INDEX=str(index)),
+            stdout=open(log, "w"), stderr=subprocess.STDOUT))
+    for p in pods:
+        if p.wait(timeout=120) != 0:
+            sys.exit(f"a pod script ended {p.returncode}")
+    out = os.path.join(work, "loadtest-out")
+    merged = subprocess.run(
+        [os.path.join(root, "scripts/loadtest-collect.sh"), out, *logs],
+        env=dict(os.environ, LOADGEN=os.path.join(bindir, "tokenfan-loadgen")),
+        capture_output=True, text=True)
+    print(merged.stdout[-3000:], merged.stderr[-3000:])
+    if merged.returncode != 0:
+        sys.exit(f"loadtest-collect.sh ended {merged.returncode}")
+    report = json.load(open(os.path.join(out, "merged.json")))
+    if len(report.get("parts", [])) != 2 or not report["ok"]:
+        sys.exit("the merged report does not cover two clean pods")
+    seeds = {p["seed"] for p in report["parts"]}
+    if len(seeds) != 2:
+        sys.exit(f"the pods used the same seed: {seeds}")
+    print(f"note  merged {len(report['parts'])} pods: {report['total']['streams_completed']} streams, "
+          f"{report['total']['tokens_window']} tokens in the window, 0 errors")
+finally:
+    edge.terminate()
+    edge.wait(timeout=30)
+PY
+}
+check "the load test Job's pod script, run as indexes 0 and 1 against a real edge, merges" \
+  loadtest_job_runs
+# The same for compose: the `loadgen` and `loadtest-merge` commands and environments as
+# `docker-compose config` resolves them (with START_AT), run by sh as two replicas (their own
+# hostnames) against a real tokenfan-edge, then the merge, sharing one results directory.
+compose_loadtest_runs() {
+  cargo build -q --locked -p tokenfan-edge -p tokenfan-loadgen --bins
+  START_AT="$(python3 -c 'import time; print("%.3f" % (time.time() + 8))')" \
+    docker-compose -f deploy/compose.yaml -f deploy/compose.loadtest.yaml --profile load \
+    config >"$work/compose-loadtest.yaml"
+  "$venv/bin/python" - "$work" "$work/compose-loadtest.yaml" <<'PY'
+import json, os, shutil, socket, stat, subprocess, sys, time, yaml
+work, rendered = sys.argv[1], sys.argv[2]
+services = yaml.safe_load(open(rendered))["services"]
+root = os.getcwd()
+bindir = os.path.join(work, "compose-bin")
+os.makedirs(bindir, exist_ok=True)
+shutil.copy(os.path.join(root, "target/debug/tokenfan-loadgen"), bindir)
+fake = os.path.join(bindir, "hostname")  # each replica's container id
+open(fake, "w").write('#!/bin/sh\necho "$FAKE_HOSTNAME"\n')
+os.chmod(fake, stat.S_IRWXU)
+results = os.path.join(work, "results")
+def script(name):
+    s = services[name]
+    assert s["entrypoint"] == ["/bin/sh", "-c"], s["entrypoint"]
+    return s["command"][0].replace("$$", "$").replace("/results/", results + "/")
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+edge_log = open(os.path.join(work, "compose-edge.log"), "w")
+edge = subprocess.Popen([os.path.join(root, "target/debug/tokenfan-edge"), "--listen",
+                         f"127.0.0.1:{port}"], stdout=edge_log, stderr=edge_log)
+try:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or edge.poll() is not None:
+                sys.exit("tokenfan-edge did not start")
+            time.sleep(0.1)
+    env = dict(os.environ, **{k: str(v) for k, v in services["loadgen"]["environment"].items()})
+    env.update({
+        "PATH": bindir + ":" + os.environ["PATH"],
+        "TOKENFAN_LOADGEN_TARGET": f"http://127.0.0.1:{port}",
+        "TOKENFAN_LOADGEN_CONCURRENCY": "3", "TOKENFAN_LOADGEN_MAX_TOKENS": "20",
+        "TOKENFAN_LOADGEN_TTFT_MS": "10", "TOKENFAN_LOADGEN_INTER_TOKEN_MS": "2",
+        "TOKENFAN_LOADGEN_RAMP": "0.2", "TOKENFAN_LOADGEN_WARMUP": "0.2",
+        "TOKENFAN_LOADGEN_DURATION": "1",
+    })
+    replicas = [subprocess.Popen(["sh", "-c", script("loadgen")],
+                                 env=dict(env, FAKE_HOSTNAME=f"c0ffee{i}"))
+                for i in (1, 2)]
+    for r in replicas:
+        if r.wait(timeout=120) != 0:
+            sys.exit(f"a loadgen replica ended {r.returncode}")
+    merge_env = dict(os.environ, PATH=env["PATH"],
+                     **{k: str(v) for k, v in services["loadtest-merge"]["environment"].items()})
+    merged = subprocess.run(["sh", "-c", script("loadtest-merge")], env=merge_env,
+                            capture_output=True, text=True)
+    if merged.returncode != 0:
+        sys.exit(f"loadtest-merge ended {merged.returncode}: {merged.stdout[-2000:]} {merged.stderr[-2000:]}")
+    out = os.path.join(results, env["TOKENFAN_LOADGEN_START_AT"])
+    report = json.load(open(os.path.join(out, "merged.json")))
+    if len(report.get("parts", [])) != 2 or not report["ok"]:
+        sys.exit("the merged report does not cover two clean replicas")
+    if len({p["seed"] for p in report["parts"]}) != 2:
+        sys.exit("the replicas used the same seed")
+    if not os.path.exists(os.path.join(out, "merged.svg")):
+        sys.exit("no chart")
+    print(f"note  merged {len(report['parts'])} replicas: {report['total']['streams_completed']} "
+          f"streams, {report['total']['tokens_window']} tokens in the window, 0 errors")
+finally:
+    edge.terminate()
+    edge.wait(timeout=30)
+PY
+}
+check "the compose load profile's commands, run as two replicas and the merge, merge" \
+  compose_loadtest_runs
+check "docker-compose -f deploy/compose.yaml -f deploy/compose.loadtest.yaml config -q" \
+  env START_AT=1 docker-compose -f deploy/compose.yaml -f deploy/compose.loadtest.yaml config -q
+check "check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.loadtest.yaml" \
+  "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.loadtest.yaml
 
 # ------------------------------------------------------------------ image and compose
 check "checkov deploy/Dockerfile" \

@@ -192,7 +192,8 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {
-    let generator = app.hub.generators().ready().await;
+    let generators = app.hub.generators();
+    let generator = generators.serving().await == generators.count();
     let (store, bus) = app.hub.backends_healthy().await;
     let shutting_down = app.shutdown.is_cancelled();
     let ready = generator && store && bus && !shutting_down;

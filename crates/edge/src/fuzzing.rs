@@ -137,12 +137,17 @@ impl Fixture {
             for (id, events) in &streams {
                 let id = StreamId::parse(id).expect("a valid fixture id");
                 let meta = StreamMeta::running(&spec, "edge-owner");
-                store.create(&id, meta).await.expect("memory store");
-                store.append(&id, events).await.expect("memory store");
+                let terms = crate::store::LeaseTerms {
+                    ttl: config.lease_ttl(),
+                    keep: config.history_ttl(),
+                };
+                store.create(&id, meta, terms).await.expect("memory store");
+                store.append(&id, 1, events).await.expect("memory store");
             }
             // Connects lazily: never, since no stream can be created.
-            let generators =
-                GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool");
+            let generators = Arc::new(
+                GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool"),
+            );
             let bus = Arc::new(MemoryBus::default());
             let hub = Hub::new(config.clone(), "fuzz".into(), generators, store, bus, true);
             for id in streams.keys() {

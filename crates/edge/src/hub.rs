@@ -25,19 +25,27 @@ use crate::{
     mirror::Mirror,
     owner::Owner,
     request::StreamSpec,
-    store::{Store, StoreError, StreamMeta},
+    store::{LeaseTerms, Store, StoreError, StreamMeta},
     stream::{StreamState, StreamStatus, SubscriberLimits},
-    upstream::GeneratorPool,
+    upstream::Generators,
 };
 
 /// How often finished streams past their history TTL are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the store is asked whether it restarted.
+const STORE_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a stop waits for the stream's terminal event before answering with the status
+/// it has (202 `running`): the stop stays recorded and the owner, current or next, ends the
+/// stream.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// The hub; shared by every transport through `Arc<Hub>`.
 pub struct Hub {
     config: Arc<EdgeConfig>,
     replica: String,
-    generators: GeneratorPool,
+    generators: Arc<dyn Generators>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) bus: Arc<dyn Bus>,
     /// Whether other replicas share the store and bus (streams may live elsewhere).
@@ -66,7 +74,7 @@ impl Hub {
     pub fn new(
         config: Arc<EdgeConfig>,
         replica: String,
-        generators: GeneratorPool,
+        generators: Arc<dyn Generators>,
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         cluster: bool,
@@ -91,8 +99,8 @@ impl Hub {
     }
 
     /// The generators.
-    pub fn generators(&self) -> &GeneratorPool {
-        &self.generators
+    pub fn generators(&self) -> &dyn Generators {
+        &*self.generators
     }
 
     /// This replica's id (in leases and logs).
@@ -103,6 +111,15 @@ impl Hub {
     /// Whether the store and bus answer (readiness).
     pub async fn backends_healthy(&self) -> (bool, bool) {
         (self.store.healthy().await, self.bus.healthy())
+    }
+
+    /// The owner lease's terms: renewed every third of the TTL; a running stream's keys outlive
+    /// its owner's last renewal by the history TTL.
+    pub(crate) fn lease_terms(&self) -> LeaseTerms {
+        LeaseTerms {
+            ttl: self.config.lease_ttl(),
+            keep: self.config.history_ttl() + self.config.lease_ttl(),
+        }
     }
 
     fn limits(&self) -> SubscriberLimits {
@@ -152,7 +169,8 @@ impl Hub {
         let max_seq = u64::from(spec.max_tokens) + 1;
         let state = Arc::new(
             StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
-                .with_tenant(&spec.tenant),
+                .with_tenant(&spec.tenant)
+                .with_spec_json(spec.to_json()),
         );
         {
             let mut map = self.map();
@@ -165,13 +183,8 @@ impl Hub {
             map.insert(id.clone(), state.clone());
         }
         let meta = StreamMeta::running(&spec, &self.replica);
-        let recorded = async {
-            self.store.create(&id, meta).await?;
-            self.store
-                .acquire_lease(&id, &self.replica, self.config.lease_ttl())
-                .await
-        };
-        if let Err(err) = recorded.await {
+        let epoch = meta.epoch;
+        if let Err(err) = self.store.create(&id, meta, self.lease_terms()).await {
             self.map().remove(&id);
             tracing::warn!(%err, "store: recording a new stream failed");
             return Err(ApiError::unavailable(
@@ -179,19 +192,35 @@ impl Hub {
                 "stream history is unreachable right now; retry shortly",
             ));
         }
-        self.spawn_owner(state.clone(), spec, parent, transport);
+        self.spawn_owner(state.clone(), spec, parent, transport, epoch);
         Ok(state)
     }
 
+    /// Records a running stream again in a store that forgot it (a Redis restart without
+    /// persistence), owned here at `epoch`; true when this call recorded it (false: someone
+    /// else did first). The caller writes the history.
+    pub(crate) async fn restore(
+        &self,
+        state: &StreamState,
+        spec: &StreamSpec,
+        epoch: u64,
+    ) -> Result<bool, StoreError> {
+        let mut meta = StreamMeta::running(spec, &self.replica);
+        meta.epoch = epoch;
+        meta.stop_requested = state.cancel.is_cancelled();
+        self.store.create(&state.id, meta, self.lease_terms()).await
+    }
+
     /// Starts owning a stream taken over from a replica that died (the lease is already
-    /// held); `failover` is the mirror's `tokenfan.stream.failover` span.
+    /// held, at `epoch`); `failover` is the mirror's `tokenfan.stream.failover` span.
     pub(crate) fn take_over(
         self: &Arc<Self>,
         state: Arc<StreamState>,
         spec: StreamSpec,
         failover: &tracing::Span,
+        epoch: u64,
     ) {
-        self.spawn_owner(state, spec, failover, "failover");
+        self.spawn_owner(state, spec, failover, "failover", epoch);
     }
 
     fn spawn_owner(
@@ -200,9 +229,11 @@ impl Hub {
         spec: StreamSpec,
         parent: &tracing::Span,
         transport: &'static str,
+        epoch: u64,
     ) {
         metrics::gauge!("tokenfan_edge_streams_active").increment(1.0);
         state.set_owned(true);
+        state.set_epoch(epoch);
         let span = tracing::info_span!(
             parent: parent,
             "stream",
@@ -217,6 +248,8 @@ impl Hub {
             finish_reason = tracing::field::Empty,
             cancel_cause = tracing::field::Empty,
             attempts = tracing::field::Empty,
+            epoch = epoch as i64,
+            released = tracing::field::Empty,
         );
         // Computed once: every bus batch carries it, and spans on this replica join it.
         let traceparent = tokenfan_telemetry::propagation::span_traceparent(&span);
@@ -227,6 +260,8 @@ impl Hub {
             spec,
             span: span.clone(),
             traceparent,
+            epoch,
+            proven: tokio::time::Instant::now(),
         };
         self.tasks.spawn(owner.run().instrument(span));
     }
@@ -290,7 +325,7 @@ impl Hub {
             Ok(meta) => meta,
             Err(StoreError::NotFound) => return Err(ApiError::stream_not_found()),
             Err(StoreError::Expired(after)) => return Err(ApiError::history_expired(after)),
-            Err(StoreError::Backend(err)) => {
+            Err(err) => {
                 tracing::warn!(%err, "store: looking a stream up failed");
                 return Err(ApiError::unavailable(
                     "store_unavailable",
@@ -309,7 +344,8 @@ impl Hub {
         let max_seq = u64::from(spec.max_tokens) + 1;
         let state = Arc::new(
             StreamState::new(id.clone(), spec.model, self.limits(), max_seq)
-                .with_tenant(&spec.tenant),
+                .with_tenant(&spec.tenant)
+                .with_spec_json(spec.to_json()),
         );
         // Fill the history before anyone subscribes, so a finished stream answers at once.
         match self.store.read(&id, 0).await {
@@ -367,17 +403,33 @@ impl Hub {
         result
     }
 
+    /// Records the stop in the store (so the owner, current or next, honours it), then tells
+    /// the owner at once: directly when it runs here, over the bus otherwise.
     async fn stop(&self, state: &Arc<StreamState>) -> Result<StreamStatus, ApiError> {
+        if state.status() != StreamStatus::Running {
+            return Ok(state.status());
+        }
+        match self.store.request_stop(&state.id).await {
+            Ok(_) | Err(StoreError::NotFound) => {}
+            // The owner here ends the stream; the store learns it with the terminal event.
+            Err(err) if state.is_owned() => {
+                tracing::warn!(%err, "store: recording a stop failed; stopping here");
+            }
+            Err(err) => {
+                tracing::warn!(%err, "store: recording a stop failed");
+                return Err(ApiError::unavailable(
+                    "store_unavailable",
+                    "stream history is unreachable right now; retry shortly",
+                ));
+            }
+        }
         if state.is_owned() {
             state.cancel.cancel();
         } else if let Err(err) = self.bus.request_cancel(&state.id).await {
-            tracing::warn!(%err, "bus: sending a cancel request failed");
-            return Err(ApiError::unavailable(
-                "bus_unavailable",
-                "the stream's owner cannot be reached right now; retry shortly",
-            ));
+            // Recorded: the owner sees it at its next lease renewal.
+            tracing::warn!(%err, "bus: relaying a stop failed; the owner reads it from the store");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_finished()).await;
+        let _ = tokio::time::timeout(STOP_WAIT, state.wait_finished()).await;
         Ok(state.status())
     }
 
@@ -411,6 +463,74 @@ impl Hub {
                     .take(room)
                     .map(|(id, tenant)| (id, (now + ttl, tenant))),
             );
+        }
+    }
+
+    /// Watches the store for a restart (a new [`Store::incarnation`]) once a second, until
+    /// `shutdown`. A store that restarted may have come back with older data (an append-only
+    /// file a second behind, a snapshot): every stream this replica holds that no owner here
+    /// is writing is written back, so an ended stream stays ended and a history stays whole.
+    /// Running streams owned here heal through their owner's next write.
+    pub async fn watch_store(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(STORE_WATCH_INTERVAL);
+        let mut known: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let Some(now) = self.store.incarnation().await else {
+                continue;
+            };
+            if known.as_ref().is_some_and(|k| *k != now) {
+                self.heal_store().await;
+            }
+            known = Some(now);
+        }
+    }
+
+    async fn heal_store(&self) {
+        let held: Vec<Arc<StreamState>> = self
+            .map()
+            .values()
+            .filter(|s| s.last_seq() > 0 && !(s.is_owned() && s.status() == StreamStatus::Running))
+            .cloned()
+            .collect();
+        tracing::warn!(
+            streams = held.len(),
+            "store restarted: writing back held histories"
+        );
+        for state in held {
+            let Ok((status, events)) = state.events_after(0) else {
+                continue;
+            };
+            if status != StreamStatus::Running {
+                // An ended stream the store may have forgotten: record it again (a running one
+                // is recorded again by its owner, who knows its epoch).
+                let meta = StreamMeta {
+                    model: state.model,
+                    owner: self.replica.clone(),
+                    status: StreamStatus::Running,
+                    spec_json: state.spec_json().to_owned(),
+                    tenant: state.tenant().to_owned(),
+                    epoch: state.epoch().max(1),
+                    stop_requested: false,
+                };
+                let _ = self.store.create(&state.id, meta, self.lease_terms()).await;
+            }
+            match self.store.heal(&state.id, &events).await {
+                Ok(stored) if stored.len < state.last_seq() => {
+                    tracing::warn!(stream_id = %state.id, stored = stored.len,
+                        "store: a history could not be written back whole");
+                }
+                Ok(_) | Err(StoreError::NotFound) => {}
+                Err(err) => tracing::warn!(%err, stream_id = %state.id, "store: healing failed"),
+            }
+            if let Some(ended) = state.ended_at() {
+                let left = self.config.history_ttl().saturating_sub(ended.elapsed());
+                let _ = self.store.expire(&state.id, left).await;
+            }
+            metrics::counter!("tokenfan_edge_store_heals_total").increment(1);
         }
     }
 

@@ -5,8 +5,8 @@
 //! - [`transports`] adapt subscriptions to SSE, the OpenAI format, long-poll, short-poll and
 //!   WebSocket; [`app`] is the router; [`server`] the listener (HTTP/1.1, h2c, TLS).
 //! - [`store`] and [`bus`] are the history and fan-out backends behind small traits.
-//! - [`upstream`] is the generator client; with no `--generator`, [`start`] runs the mock
-//!   generator in-process and talks to it through that same client.
+//! - [`upstream`] is where token streams come from: gRPC generators, or with no
+//!   `--generator` the mock generator called in this process.
 
 pub mod app;
 pub mod auth;
@@ -33,7 +33,6 @@ pub mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +43,7 @@ use crate::{
     bus::{Bus, memory::MemoryBus, nats::NatsBus},
     hub::Hub,
     store::{Store, memory::MemoryStore, redis::RedisStore},
-    upstream::GeneratorPool,
+    upstream::{GeneratorPool, Generators, InProcess},
 };
 
 /// A started edge.
@@ -77,15 +76,14 @@ pub async fn start(
         _ => None,
     };
 
-    // The embedded generator gets its own token so it outlives the edge's drain.
-    let generator_shutdown = CancellationToken::new();
-    let (urls, embedded_generator) = if config.generator.is_empty() {
-        let (url, stats) = start_embedded_generator(&config, generator_shutdown.clone()).await?;
-        (vec![url], Some(stats))
+    let (generators, embedded_generator): (Arc<dyn Generators>, _) = if config.generator.is_empty()
+    {
+        let (generator, stats) = embedded_generator(&config).await?;
+        (Arc::new(generator), Some(stats))
     } else {
-        (config.generator.clone(), None)
+        let pool = GeneratorPool::new(&config.generator, config.streams.generator_connections)?;
+        (Arc::new(pool), None)
     };
-    let generators = GeneratorPool::new(&urls, config.streams.generator_connections)?;
     let replica = replica_id(&config, addr);
     let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
         match (&config.nats_url, &config.redis_url) {
@@ -114,6 +112,7 @@ pub async fn start(
     let background = CancellationToken::new();
     tokio::spawn(hub.clone().sweep(background.clone()));
     tokio::spawn(hub.clone().serve_control(background.clone()));
+    tokio::spawn(hub.clone().watch_store(background.clone()));
     tokio::spawn(
         security
             .limits
@@ -129,7 +128,6 @@ pub async fn start(
             server::serve(listener, router, tls, limits, shutdown).await;
             hub.drain(config.shutdown_grace()).await;
             background.cancel();
-            generator_shutdown.cancel();
         })
     };
     Ok(Running {
@@ -148,11 +146,11 @@ pub fn replica_id(config: &EdgeConfig, addr: SocketAddr) -> String {
         .unwrap_or_else(|| format!("edge-{}", addr.port()))
 }
 
-/// Runs the mock generator in this process on a loopback port; returns its URL.
-async fn start_embedded_generator(
+/// The mock generator in this process, called directly (no socket, no HTTP/2), within the
+/// edge's bounds; and its counters.
+async fn embedded_generator(
     config: &EdgeConfig,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(String, Arc<tokenfan_generator::Stats>)> {
+) -> anyhow::Result<(InProcess, Arc<tokenfan_generator::Stats>)> {
     let mut gen_config =
         <tokenfan_generator::GeneratorConfig as clap::Parser>::parse_from(["tokenfan-generator"]);
     let s = &config.streams;
@@ -168,22 +166,14 @@ async fn start_embedded_generator(
     gen_config.limits.max_tokens_cap = s.max_tokens_cap;
     gen_config.limits.default_max_tokens = s.default_max_tokens;
     gen_config.limits.max_generations = s.max_streams;
-    gen_config.shutdown_grace_secs = 1;
     gen_config.validate()?;
     // Load the tokenizer and corpus now, so the first stream does not wait for them.
     tokio::task::spawn_blocking(|| tokenfan_generator::corpus::Corpus::get().passages()).await?;
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the embedded generator")?;
-    let url = format!("http://{}", listener.local_addr()?);
     let stats = Arc::new(tokenfan_generator::Stats::default());
-    let task_stats = stats.clone();
-    tokio::spawn(async move {
-        if let Err(err) =
-            tokenfan_generator::serve_grpc(&gen_config, listener, task_stats, shutdown).await
-        {
-            tracing::error!(%err, "embedded generator failed");
-        }
-    });
-    Ok((url, stats))
+    let service = tokenfan_generator::GeneratorService::new(
+        gen_config.limits,
+        gen_config.allow_faults,
+        stats.clone(),
+    );
+    Ok((InProcess::new(service), stats))
 }

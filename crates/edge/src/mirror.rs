@@ -20,7 +20,7 @@ use crate::{
     bus::{BusBatch, EventFeed},
     hub::Hub,
     request::StreamSpec,
-    store::StoreError,
+    store::{Claim, StoreError},
     stream::StreamState,
     stream::StreamStatus,
 };
@@ -180,24 +180,51 @@ impl Mirror {
         }
     }
 
-    /// Takes the lease when the owner's has lapsed, and starts owning the stream here.
+    /// Claims the stream when the owner's lease has lapsed (at the next epoch), and starts
+    /// owning it here. Never during this replica's shutdown, and never a stream whose end is
+    /// known (here or in the store).
     async fn take_over(&self) -> bool {
+        if self.hub.handover.is_cancelled() {
+            return false;
+        }
         let store = &self.hub.store;
         let id = &self.state.id;
-        if !matches!(store.lease_owner(id).await, Ok(None)) {
-            return false;
-        }
-        let ttl = self.hub.config().lease_ttl();
-        if !matches!(
-            store.acquire_lease(id, self.hub.replica(), ttl).await,
-            Ok(true)
-        ) {
-            return false;
-        }
-        // Events the old owner stored just before it died.
+        let (epoch, stop_requested) = match store
+            .claim(id, self.hub.replica(), self.hub.lease_terms())
+            .await
+        {
+            Ok(Claim::Claimed {
+                epoch,
+                stop_requested,
+            }) => (epoch, stop_requested),
+            Ok(Claim::Held) => return false,
+            Ok(Claim::Ended) => {
+                // The end is stored: it reaches the subscribers here through the refill.
+                self.refill().await;
+                return false;
+            }
+            Err(StoreError::NotFound) if self.state.last_seq() > 0 => {
+                // The store forgot the stream (a restart without persistence) and its owner
+                // did not record it again: this replica holds its history, so it does.
+                let epoch = self.state.epoch() + 1;
+                match self.hub.restore(&self.state, &self.spec, epoch).await {
+                    Ok(true) => (epoch, false),
+                    _ => return false,
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, stream_id = %id, "store: claiming a stream failed");
+                return false;
+            }
+        };
+        // Events the old owner stored just before it stopped.
         self.refill().await;
         if self.state.status() != StreamStatus::Running {
             return false;
+        }
+        if stop_requested {
+            // A stop recorded while the old owner was failing: the new one only ends it.
+            self.state.cancel.cancel();
         }
         // In the stream's trace when this replica learnt it from the bus; the new owner's
         // stream span is its child.
@@ -208,15 +235,16 @@ impl Mirror {
             stream_id = %id,
             replica = %self.hub.replica(),
             resumed_after = self.state.last_seq() as i64,
+            epoch = epoch as i64,
         );
         crate::observability::join_stream_trace(&failover, &self.state);
         failover.in_scope(|| {
-            tracing::warn!(stream_id = %id, tokens = self.state.last_seq(),
+            tracing::warn!(stream_id = %id, tokens = self.state.last_seq(), epoch,
                 "the owner stopped; taking the stream over");
         });
         metrics::counter!("tokenfan_edge_owner_failovers_total").increment(1);
         self.hub
-            .take_over(self.state.clone(), self.spec.clone(), &failover);
+            .take_over(self.state.clone(), self.spec.clone(), &failover, epoch);
         true
     }
 }

@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -99,10 +99,15 @@ pub struct StreamState {
     max_seq: u64,
     /// Whether this replica runs the stream's owner task (else it mirrors another replica's).
     owned: AtomicBool,
+    /// The highest ownership epoch this replica owned the stream at (0: never owned here).
+    epoch: AtomicU64,
     /// When a poll last showed interest without attaching (a mirror relays it to the owner).
     touched_at: Mutex<Option<Instant>>,
     /// The tenant that created the stream; every other tenant is told it does not exist.
     tenant: Arc<str>,
+    /// The stream's request as stored ([`crate::request::StreamSpec::to_json`]), so this
+    /// replica can record the stream again in a store that lost it.
+    spec_json: Arc<str>,
     /// The W3C `traceparent` of the owner's stream span, when the stream is traced: set by the
     /// owner here, or learnt from the bus by a mirror. Resume, cancel and failover spans on
     /// this replica join the stream's trace through it.
@@ -139,8 +144,10 @@ impl StreamState {
             limits,
             max_seq,
             owned: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             touched_at: Mutex::new(None),
             tenant: Arc::from(crate::auth::DEFAULT_TENANT),
+            spec_json: Arc::from(""),
             traceparent: Mutex::new(None),
         }
     }
@@ -166,6 +173,17 @@ impl StreamState {
         self
     }
 
+    /// The same stream, with its stored request.
+    pub fn with_spec_json(mut self, spec_json: String) -> Self {
+        self.spec_json = Arc::from(spec_json);
+        self
+    }
+
+    /// The stream's request as stored.
+    pub fn spec_json(&self) -> &str {
+        &self.spec_json
+    }
+
     /// The tenant that created the stream.
     pub fn tenant(&self) -> &str {
         &self.tenant
@@ -179,6 +197,16 @@ impl StreamState {
     /// Marks this replica as the stream's owner, or not.
     pub fn set_owned(&self, owned: bool) {
         self.owned.store(owned, Ordering::Release);
+    }
+
+    /// The highest ownership epoch this replica owned the stream at (0: never).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Records that this replica owns the stream at `epoch`.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
     }
 
     /// Subscribers attached on this replica now.

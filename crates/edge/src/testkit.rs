@@ -32,6 +32,27 @@ impl ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Pauses the process (`SIGSTOP`): its sockets stay open and nothing answers.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Resumes a paused process (`SIGCONT`).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+}
+
+/// Sends `SIGNAME` to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "kill -{name} {pid} failed"
+    );
 }
 
 fn free_port() -> u16 {
@@ -132,22 +153,29 @@ impl NatsServer {
     }
 }
 
-/// A Redis server that keeps nothing on disk.
+/// A Redis server: by default it keeps nothing on disk; [`RedisServer::start_persistent`] runs
+/// it as production does, with an append-only file (`appendfsync everysec`).
 #[derive(Debug)]
 pub struct RedisServer {
     /// The process.
     pub process: ServerProcess,
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Starts one on a free port.
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        Self::start_on(free_port(), false, temp_dir("redis"))
     }
 
-    fn start_on(port: u16) -> Self {
+    /// Starts one on a free port with an append-only file.
+    pub fn start_persistent() -> Self {
+        Self::start_on(free_port(), true, temp_dir("redis"))
+    }
+
+    fn start_on(port: u16, persistent: bool, dir: PathBuf) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let dir = temp_dir("redis");
+        let appendonly = if persistent { "yes" } else { "no" };
         let args = vec![
             "--bind".into(),
             "127.0.0.1".into(),
@@ -156,12 +184,15 @@ impl RedisServer {
             "--save".into(),
             String::new(),
             "--appendonly".into(),
-            "no".into(),
+            appendonly.into(),
+            "--appendfsync".into(),
+            "everysec".into(),
             "--dir".into(),
             dir.display().to_string(),
         ];
         Self {
             process: spawn("redis-server", "redis-server", &args, dir, addr),
+            persistent,
         }
     }
 
@@ -170,10 +201,50 @@ impl RedisServer {
         format!("redis://{}", self.process.addr)
     }
 
-    /// Kills it (losing everything) and starts an empty one on the same port.
+    /// Kills it (`kill -9`) and starts it again on the same port: empty, or, when persistent,
+    /// with what its append-only file holds.
     pub fn restart(&mut self) {
         let port = self.process.addr.port();
         self.process.kill();
-        *self = Self::start_on(port);
+        // Taken, so dropping the old process does not remove the directory.
+        let kept = std::mem::take(&mut self.process.dir);
+        let dir = if self.persistent {
+            kept
+        } else {
+            let _ = std::fs::remove_dir_all(&kept);
+            temp_dir("redis")
+        };
+        *self = Self::start_on(port, self.persistent, dir);
+    }
+
+    /// A copy of the data directory as it is now (what a backup or a volume snapshot holds).
+    pub fn snapshot(&self) -> PathBuf {
+        let copy = temp_dir("redis-snapshot");
+        copy_dir(&self.process.dir, &copy);
+        copy
+    }
+
+    /// Kills it (`kill -9`) and starts it on the same port from `snapshot`: a Redis that
+    /// comes back with older state.
+    pub fn restart_from(&mut self, snapshot: &std::path::Path) {
+        let port = self.process.addr.port();
+        self.process.kill();
+        let dir = std::mem::take(&mut self.process.dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::create_dir_all(&dir);
+        copy_dir(snapshot, &dir);
+        *self = Self::start_on(port, self.persistent, dir);
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::create_dir_all(to);
+    for entry in std::fs::read_dir(from).into_iter().flatten().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            copy_dir(&entry.path(), &target);
+        } else {
+            let _ = std::fs::copy(entry.path(), target);
+        }
     }
 }

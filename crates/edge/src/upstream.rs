@@ -1,17 +1,89 @@
-//! The generator client: a few lazily connected gRPC channels (HTTP/2 connections) per
-//! configured generator, round-robin for new calls, and the next generator on failure.
+//! Where token streams come from: the [`Generators`] trait, with two implementations.
 //!
-//! Thousands of token streams on one HTTP/2 connection hit h2's limit on pending small frames
-//! (the peer answers `ENHANCE_YOUR_CALM`), so calls are spread over several connections with
-//! large flow-control windows.
+//! - [`GeneratorPool`], for clusters: a few lazily connected gRPC channels (HTTP/2
+//!   connections) per configured generator, round-robin for new calls, and the next generator
+//!   on failure. Thousands of token streams on one HTTP/2 connection hit h2's limit on pending
+//!   small frames (the peer answers `ENHANCE_YOUR_CALM`), so calls are spread over several
+//!   connections with large flow-control windows.
+//! - [`InProcess`], the embedded default: the mock generator's service called directly, with
+//!   no HTTP/2 encoding and no loopback socket between the edge and its generator.
 
 use std::{
+    pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-use tokenfan_proto::v1::{GenerateRequest, GenerateResponse, generator_client::GeneratorClient};
-use tonic::{Code, Status, Streaming, transport::Channel};
+use futures::Stream;
+use tokenfan_proto::v1::{
+    GenerateRequest, GenerateResponse, generator_client::GeneratorClient,
+    generator_server::Generator as _,
+};
+use tonic::{Code, Status, transport::Channel};
+
+/// One generator call's messages, in order; it ends after `Finished` (or early on failure).
+/// Dropping it cancels the call.
+pub type Generation = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+/// The generators an edge calls.
+#[async_trait::async_trait]
+pub trait Generators: Send + Sync + 'static {
+    /// A turn for a new stream: where its first call goes. Pass `turn + attempt` to
+    /// [`Generators::generate`], so each retry of the stream moves to the next generator.
+    fn next_turn(&self) -> usize;
+    /// Starts a call on the generator of `turn`; `span`'s context travels as `traceparent`.
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        turn: usize,
+        span: &tracing::Span,
+    ) -> Result<Generation, Status>;
+    /// How many generators there are.
+    fn count(&self) -> usize;
+    /// How many generators answer their health check as serving.
+    async fn serving(&self) -> usize;
+}
+
+/// The mock generator in this process, called directly (the embedded default).
+#[derive(Debug)]
+pub struct InProcess {
+    service: tokenfan_generator::GeneratorService,
+}
+
+impl InProcess {
+    /// Calls `service` for every stream.
+    pub fn new(service: tokenfan_generator::GeneratorService) -> Self {
+        Self { service }
+    }
+}
+
+#[async_trait::async_trait]
+impl Generators for InProcess {
+    fn next_turn(&self) -> usize {
+        0
+    }
+
+    async fn generate(
+        &self,
+        req: GenerateRequest,
+        _turn: usize,
+        span: &tracing::Span,
+    ) -> Result<Generation, Status> {
+        // The generator's span continues the stream's trace as it would over gRPC.
+        let mut request = tonic::Request::new(req);
+        tokenfan_telemetry::propagation::inject_span_grpc(span, request.metadata_mut());
+        let response = self.service.generate(request).await?;
+        Ok(Box::pin(response.into_inner()))
+    }
+
+    fn count(&self) -> usize {
+        1
+    }
+
+    async fn serving(&self) -> usize {
+        1
+    }
+}
 
 /// Flow-control windows of each generator connection.
 const CONNECTION_WINDOW: u32 = 16 << 20;
@@ -53,56 +125,51 @@ impl GeneratorPool {
             next: AtomicUsize::new(0),
         })
     }
+}
 
-    /// Number of generators.
-    pub fn len(&self) -> usize {
-        self.endpoints.len()
-    }
-
-    /// Whether the pool is empty (never, by construction).
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
-    /// A turn for a new stream: where its first call goes. Pass `turn + attempt` to
-    /// [`GeneratorPool::generate`], so each retry of the stream moves to the next generator.
-    pub fn next_turn(&self) -> usize {
+#[async_trait::async_trait]
+impl Generators for GeneratorPool {
+    fn next_turn(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts a call on the generator of `turn` (round robin over generators, then over each
-    /// generator's connections). The request's span context is sent as `traceparent` metadata.
-    pub async fn generate(
+    /// Round robin over generators, then over each generator's connections.
+    async fn generate(
         &self,
         req: GenerateRequest,
         turn: usize,
         span: &tracing::Span,
-    ) -> Result<(String, Streaming<GenerateResponse>), Status> {
+    ) -> Result<Generation, Status> {
         let generators = self.endpoints.len();
-        let (url, channels) = &self.endpoints[turn % generators];
+        let (_, channels) = &self.endpoints[turn % generators];
         let channel = &channels[(turn / generators) % channels.len()];
         let mut request = tonic::Request::new(req);
         tokenfan_telemetry::propagation::inject_span_grpc(span, request.metadata_mut());
         let response = GeneratorClient::new(channel.clone())
             .generate(request)
             .await?;
-        Ok((url.clone(), response.into_inner()))
+        Ok(Box::pin(response.into_inner()))
     }
 
-    /// Whether every generator answers its health check (readiness).
-    pub async fn ready(&self) -> bool {
+    fn count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    async fn serving(&self) -> usize {
+        let mut serving = 0;
         for (_, channels) in &self.endpoints {
             let mut health =
                 tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
             let check = health.check(tonic_health::pb::HealthCheckRequest {
                 service: "tokenfan.v1.Generator".into(),
             });
-            match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
-                Ok(Ok(r)) if r.get_ref().status == 1 => {}
-                _ => return false,
+            if let Ok(Ok(r)) = tokio::time::timeout(std::time::Duration::from_secs(1), check).await
+                && r.get_ref().status == 1
+            {
+                serving += 1;
             }
         }
-        true
+        serving
     }
 }
 

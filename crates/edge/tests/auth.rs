@@ -1343,7 +1343,7 @@ const CLUSTER_AUTH: &[&str] = &[
 fn options(args: &[&str]) -> EdgeOptions {
     EdgeOptions {
         args: args.iter().map(|a| a.to_string()).collect(),
-        env: Vec::new(),
+        ..EdgeOptions::default()
     }
 }
 

@@ -452,8 +452,10 @@ async fn mirror_case(
     let config = Arc::new(config);
     let store = Arc::new(MemoryStore::default());
     let bus = Arc::new(ScriptedBus::default());
-    let generators = GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1)
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let generators = Arc::new(
+        GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?,
+    );
     let hub = Hub::new(
         config.clone(),
         "edge-mirror".into(),
@@ -472,14 +474,17 @@ async fn mirror_case(
     }
     .validate(&config.streams)
     .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let ok = |r: Result<(), tokenfan_edge::store::StoreError>| {
-        r.map_err(|e| TestCaseError::fail(e.to_string()))
+    let ok = |r: Result<tokenfan_edge::store::Appended, tokenfan_edge::store::StoreError>| {
+        r.map(drop).map_err(|e| TestCaseError::fail(e.to_string()))
     };
-    ok(store.create(&id, StreamMeta::running(&spec, OWNER)).await)?;
-    let leased = store
-        .acquire_lease(&id, OWNER, Duration::from_secs(24 * 3600))
+    let terms = tokenfan_edge::store::LeaseTerms {
+        ttl: Duration::from_secs(24 * 3600),
+        keep: Duration::from_secs(24 * 3600),
+    };
+    let created = store
+        .create(&id, StreamMeta::running(&spec, OWNER), terms)
         .await;
-    prop_assert!(matches!(leased, Ok(true)));
+    prop_assert!(matches!(created, Ok(true)));
 
     let mut produced = 0usize;
     let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
@@ -533,13 +538,13 @@ async fn mirror_case(
                     let batch = produced..(produced + n).min(total);
                     produced = batch.end;
                     if stored {
-                        ok(store.append(&id, &source[batch.clone()]).await)?;
+                        ok(store.append(&id, 1, &source[batch.clone()]).await)?;
                     }
                     batches.push(batch.clone());
                     undelivered.push_back(batch);
                 }
             }
-            Step::StoreCatchUp => ok(store.append(&id, &source[..produced]).await)?,
+            Step::StoreCatchUp => ok(store.append(&id, 1, &source[..produced]).await)?,
             Step::Deliver(twice) => {
                 if let Some(batch) = undelivered.pop_front() {
                     bus.deliver(&source[batch.clone()]);
@@ -590,7 +595,7 @@ async fn mirror_case(
     if produced < total {
         bus.deliver(&source[produced..]);
     }
-    ok(store.append(&id, &source).await)?;
+    ok(store.append(&id, 1, &source).await)?;
     let Some(state) = state else {
         return Err(TestCaseError::fail("no mirror"));
     };

@@ -260,6 +260,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
         args: vec!["--otlp-endpoint".into(), endpoint],
         // Export every 100 ms instead of every 5 s.
         env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+        ..EdgeOptions::default()
     };
     let mut cluster = TestCluster::start_with(2, 1, &options).await;
     let http = cluster.http.clone();

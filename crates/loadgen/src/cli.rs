@@ -49,8 +49,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// OpenAI `POST /v1/chat/completions` with `stream: true` (added delay: n/a, the OpenAI
-    /// chunks carry no emit time).
+    /// OpenAI `POST /v1/chat/completions` with `stream: true` (added delay from the tokenfan
+    /// extension `emit_times`: token chunks carry `emitted_at_unix_nanos`).
     Chat(ChatCmd),
     /// Native POST-SSE: `POST /v1/streams` with `Accept: text/event-stream`.
     Native(NativeCmd),
@@ -71,6 +71,10 @@ pub enum Command {
     Idle(IdleArgs),
     /// An SVG chart of latency distributions from `--json` result files.
     Chart(ChartArgs),
+    /// One exact result from the `--json` results of several load generators: counters
+    /// summed, percentiles from the merged HDR histograms; runs of different scenarios,
+    /// timing or windows are refused.
+    Merge(MergeArgs),
 }
 
 /// Load shape and stream requests, shared by every streaming scenario.
@@ -172,6 +176,46 @@ pub struct LoadArgs {
     /// `resumes` by what ended the connection. 0 = a drop or a refusal is an error.
     #[arg(long, default_value_t = 0, env = "TOKENFAN_LOADGEN_RESUME_ATTEMPTS")]
     pub resume_attempts: u32,
+    /// Start the run's clock (the ramp) at this wall-clock time: RFC 3339
+    /// (`2026-12-02T21:00:00Z`) or Unix seconds. Every process of a horizontal run given the
+    /// same time (and the same ramp, warm-up and duration) measures the same window, so the
+    /// merged tokens/s is a rate over one window. Connections are set up first; a process that
+    /// comes up late joins mid-ramp; once the window has begun it refuses to run (exit 2).
+    #[arg(long, env = "TOKENFAN_LOADGEN_START_AT")]
+    pub start_at: Option<String>,
+    /// HTTP version of the HTTP scenarios: `1.1`; `2` (h2c with prior knowledge on http://,
+    /// ALPN h2 on https://); `auto` (https://: ALPN offers h2 and http/1.1, the server picks;
+    /// http://: HTTP/1.1). WebSockets always use HTTP/1.1 Upgrade.
+    #[arg(long, value_enum, default_value = "1.1", env = "TOKENFAN_LOADGEN_HTTP")]
+    pub http: HttpVersion,
+    /// PEM file of the CA certificates to trust for https:// and wss:// targets (default: the
+    /// system's).
+    #[arg(long, env = "TOKENFAN_LOADGEN_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any server certificate on https:// targets (test servers with self-signed
+    /// certificates only).
+    #[arg(long, env = "TOKENFAN_LOADGEN_INSECURE")]
+    pub insecure: bool,
+}
+
+/// `--http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HttpVersion {
+    #[value(name = "1.1")]
+    Http1,
+    #[value(name = "2")]
+    Http2,
+    Auto,
+}
+
+impl HttpVersion {
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "1.1",
+            HttpVersion::Http2 => "2",
+            HttpVersion::Auto => "auto",
+        }
+    }
 }
 
 /// What to measure besides the streams, and where the result goes.
@@ -188,6 +232,15 @@ pub struct ReportArgs {
     /// counters (coalesced events, slow consumers, refused connections, generator retries).
     #[arg(long, env = "TOKENFAN_LOADGEN_METRICS")]
     pub metrics: bool,
+    /// With `--metrics`: read `/metrics` from these base URLs instead of the targets (the
+    /// edges' admin listeners, e.g. http://127.0.0.1:9465, when `/metrics` is not served on
+    /// the public port). Repeat it or give a comma list.
+    #[arg(
+        long = "metrics-url",
+        value_delimiter = ',',
+        env = "TOKENFAN_LOADGEN_METRICS_URL"
+    )]
+    pub metrics_urls: Vec<String>,
     /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100, env = "TOKENFAN_LOADGEN_CLK_TCK")]
     pub clk_tck: u64,
@@ -403,6 +456,29 @@ pub struct ChartArgs {
     pub log_y: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// Result files written by `--json` (by several load generators of one run, or by
+    /// `merge` itself).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Write the merged result as JSON to this file (it merges and charts like any other).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Label of the merged result (default: the inputs' label when they share one).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Largest difference between the inputs' measured windows, seconds. Runs started with the
+    /// same `--start-at` differ by a few ms; runs that did not share a window make a merged
+    /// tokens/s that means nothing, so they are refused unless this is raised (`inf` accepts
+    /// any).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_window_skew_secs: f64,
+    /// No text report on stdout.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
 /// The streaming scenarios (what `--scenario`-like reports call them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -447,6 +523,10 @@ pub struct Plan {
     pub grpc_window_kib: u32,
     /// Weights of the mix (only `mixed`; one entry of weight 1 otherwise).
     pub mix: Vec<(Kind, u32)>,
+    /// `--start-at`, Unix ns.
+    pub start_at_ns: Option<i64>,
+    /// Where `--metrics` reads `/metrics`: `--metrics-url`, else the targets.
+    pub metrics_urls: Vec<String>,
 }
 
 impl Plan {
@@ -461,7 +541,7 @@ impl Plan {
             Command::Shortpoll(c) => (Scenario::Shortpoll, &c.load, &c.report),
             Command::Mixed(c) => (Scenario::Mixed, &c.load, &c.report),
             Command::Grpc(c) => (Scenario::Grpc, &c.load, &c.report),
-            Command::Idle(_) | Command::Chart(_) => return Ok(None),
+            Command::Idle(_) | Command::Chart(_) | Command::Merge(_) => return Ok(None),
         };
         // Options of other scenarios keep their defaults (used by `mixed` only).
         let mut watch = WatchOpts {
@@ -499,6 +579,15 @@ impl Plan {
             DEFAULT_HTTP_TARGET
         };
         let targets = normalise_targets(&load.targets, default_target)?;
+        if scenario == Scenario::Grpc && targets.iter().any(|t| t.starts_with("https://")) {
+            bail!("the grpc scenario supports http:// targets only");
+        }
+        let start_at_ns = load.start_at.as_deref().map(parse_start_at).transpose()?;
+        let metrics_urls = if report.metrics_urls.is_empty() {
+            targets.clone()
+        } else {
+            normalise_targets(&report.metrics_urls, default_target).context("--metrics-url")?
+        };
         let l = load;
         if l.concurrency == 0 {
             bail!("--concurrency must be at least 1");
@@ -537,6 +626,9 @@ impl Plan {
         if report.clk_tck == 0 {
             bail!("--clk-tck must be at least 1");
         }
+        if !report.metrics_urls.is_empty() && !report.metrics {
+            bail!("--metrics-url needs --metrics");
+        }
         if watch.viewers == 0 {
             bail!("--viewers must be at least 1");
         }
@@ -563,6 +655,8 @@ impl Plan {
             grpc_connections,
             grpc_window_kib,
             mix,
+            start_at_ns,
+            metrics_urls,
         }))
     }
 
@@ -634,7 +728,7 @@ pub fn parse_mix(spec: &str) -> anyhow::Result<Vec<(Kind, u32)>> {
     Ok(out)
 }
 
-/// Checks each target is an `http://` (or `https://`) URL and strips the trailing `/`.
+/// Checks each target is an `http://` or `https://` URL and strips the trailing `/`.
 pub fn normalise_targets(given: &[String], default: &str) -> anyhow::Result<Vec<String>> {
     let list: Vec<String> = given
         .iter()
@@ -656,14 +750,102 @@ pub fn normalise_targets(given: &[String], default: &str) -> anyhow::Result<Vec<
         .collect()
 }
 
-/// `host:port` of an `http://` target.
+/// `--start-at`: RFC 3339 (`2026-12-02T21:00:00Z`, `…T22:00:00.5+01:00`) or Unix seconds
+/// (`1796245200`, `1796245200.25`) → Unix ns.
+pub fn parse_start_at(text: &str) -> anyhow::Result<i64> {
+    let t = text.trim();
+    let bad = || {
+        anyhow::anyhow!(
+            "--start-at {text:?} is neither RFC 3339 (2026-12-02T21:00:00Z) nor Unix seconds"
+        )
+    };
+    if let Ok(secs) = t.parse::<f64>() {
+        if !(0.0..1e11).contains(&secs) {
+            return Err(bad());
+        }
+        return Ok((secs * 1e9).round() as i64);
+    }
+    rfc3339_ns(t).ok_or_else(bad)
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` (`t` or a space also separate date and time).
+fn rfc3339_ns(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = t.get(r)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    if second > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ns = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let digits = t.get(start..i)?;
+        if digits.is_empty() {
+            return None;
+        }
+        let kept: String = digits.chars().take(9).collect();
+        frac_ns = kept.parse::<i64>().ok()? * 10i64.pow(9 - kept.len() as u32);
+    }
+    let offset_secs = match t.get(i..)? {
+        "Z" | "z" => 0,
+        zone if zone.len() == 6 && matches!(zone.as_bytes()[0], b'+' | b'-') => {
+            if zone.as_bytes()[3] != b':' {
+                return None;
+            }
+            let h = num(i + 1..i + 3)?;
+            let m = num(i + 4..i + 6)?;
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let sign = if zone.as_bytes()[0] == b'-' { -1 } else { 1 };
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1_000_000_000 + frac_ns)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `host:port` of an `http://` or `https://` target.
 pub fn authority(target: &str) -> anyhow::Result<String> {
     let uri: http::Uri = target
         .parse()
         .with_context(|| format!("--target {target:?} is not a URL"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        _ => bail!("--target must be an http:// URL, got {target:?}"),
+        Some("http" | "https") => {}
+        _ => bail!("--target must be an http:// or https:// URL, got {target:?}"),
     }
     if !matches!(uri.path(), "" | "/") {
         bail!("--target must be a base URL without a path, got {target:?}");
@@ -694,11 +876,40 @@ mod tests {
             normalise_targets(&["http://127.0.0.1:1/".into()], DEFAULT_HTTP_TARGET).expect("ok");
         assert_eq!(t, vec!["http://127.0.0.1:1".to_owned()]);
         assert!(normalise_targets(&["ftp://x".into()], DEFAULT_HTTP_TARGET).is_err());
+        assert!(normalise_targets(&["https://x:8443".into()], DEFAULT_HTTP_TARGET).is_ok());
         assert!(normalise_targets(&["http://x/v1".into()], DEFAULT_HTTP_TARGET).is_err());
         assert_eq!(
             normalise_targets(&[], DEFAULT_HTTP_TARGET).expect("default"),
             vec![DEFAULT_HTTP_TARGET.to_owned()]
         );
+    }
+
+    #[test]
+    fn start_at_parses_both_forms() {
+        let z = parse_start_at("2026-12-02T21:00:00Z").expect("rfc 3339");
+        assert_eq!(z, 1_796_245_200 * 1_000_000_000);
+        assert_eq!(parse_start_at("1796245200").expect("unix"), z);
+        assert_eq!(
+            parse_start_at("2026-12-02T22:30:00.25+01:30").expect("offset"),
+            z + 250_000_000
+        );
+        assert_eq!(parse_start_at("1970-01-01T00:00:00Z").expect("epoch"), 0);
+        assert_eq!(
+            parse_start_at("2000-03-01 00:00:00z").expect("leap year"),
+            951_868_800 * 1_000_000_000
+        );
+        assert_eq!(parse_start_at("1.5").expect("fraction"), 1_500_000_000);
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-13-01T00:00:00Z",
+            "2026-12-02T21:00:00",
+            "2026-12-02T21:00:00+0100",
+            "-5",
+            "NaN",
+        ] {
+            assert!(parse_start_at(bad).is_err(), "{bad:?} is refused");
+        }
     }
 
     #[test]
@@ -712,6 +923,9 @@ mod tests {
         assert!(parse(&["x", "native", "--rate=-1"]).is_err());
         assert!(parse(&["x", "native", "--duration", "0"]).is_err());
         assert!(parse(&["x", "watch", "--viewers", "0"]).is_err());
+        assert!(parse(&["x", "native", "--metrics-url", "http://a:1"]).is_err());
+        assert!(parse(&["x", "native", "--start-at", "soon"]).is_err());
+        assert!(parse(&["x", "grpc", "--target", "https://a:1"]).is_err());
         let plan = parse(&[
             "x",
             "native",

@@ -54,6 +54,8 @@ pub struct Chunk<'a> {
     pub usage: Option<Usage>,
     #[serde(borrow)]
     pub error: Option<ChunkError<'a>>,
+    /// tokenfan extension on token chunks of requests with `"emit_times": true`.
+    pub emitted_at_unix_nanos: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

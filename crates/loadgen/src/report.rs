@@ -15,13 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cli::Plan,
     procfs::{self, CpuUse, Memory},
-    stats::{Hists, Kind, KindStats, Stats, Summary, unix_nanos},
+    stats::{EncodedHists, Hists, Kind, KindStats, Stats, Summary, unix_nanos},
     verify::Violation,
 };
 
 /// Why a transport has no added-delay figure.
-const NO_EMIT_TIME_CHAT: &str =
-    "n/a: OpenAI chat completion chunks carry no emit time (the edge ignores emit_times there)";
 const NO_EMIT_TIME_ASKED: &str = "n/a: emit times were not asked for (--no-emit-times)";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,12 +31,19 @@ pub struct Report {
     pub scenario: String,
     pub config: Config,
     pub started_at_unix_ms: i64,
+    /// Start of the measured window, Unix ms (with `--start-at`: that time + ramp + warm-up,
+    /// the same in every process of a horizontal run).
+    #[serde(default)]
+    pub window_start_unix_ms: i64,
     pub run_secs: f64,
     pub window_secs: f64,
     /// Every transport together.
     pub total: TransportResult,
     /// One entry per transport kind used (one for every scenario but `mixed`).
     pub by_transport: BTreeMap<String, TransportResult>,
+    /// Responses by HTTP version (`HTTP/1.1`, `HTTP/2.0`) of the HTTP scenarios.
+    #[serde(default)]
+    pub http_versions: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
     pub error_total: u64,
     /// Dropped connections re-attached with `Last-Event-ID` (`--resume-attempts`), by cause.
@@ -59,6 +64,27 @@ pub struct Report {
     /// Streams still in flight when the run ended (abandoned ones are counted as errors).
     pub left_in_flight: usize,
     /// No error and no violation.
+    pub ok: bool,
+    /// A merged report (`tokenfan-loadgen merge`): the runs it was made of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Part>,
+}
+
+/// One run of a merged report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Part {
+    /// The file it was read from.
+    pub source: String,
+    pub label: Option<String>,
+    pub seed: u64,
+    pub started_at_unix_ms: i64,
+    pub window_start_unix_ms: i64,
+    pub tokens_per_sec: f64,
+    pub streams_started: u64,
+    pub error_total: u64,
+    pub violation_total: u64,
+    /// CPU of that load generator over the window, % of one core.
+    pub loadgen_pct_of_core: Option<f64>,
     pub ok: bool,
 }
 
@@ -90,6 +116,16 @@ pub struct Config {
     pub mix: BTreeMap<String, u32>,
     pub threads: usize,
     pub server_pids: Vec<u32>,
+    /// `--start-at`, Unix ms: when the run's clock (the ramp) began.
+    #[serde(default)]
+    pub start_at_unix_ms: Option<i64>,
+    /// `--http`: `1.1`, `2` or `auto`.
+    #[serde(default = "default_http")]
+    pub http: String,
+}
+
+fn default_http() -> String {
+    "1.1".to_owned()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +150,76 @@ pub struct TransportResult {
     pub added_delay_all_ms: Option<Summary>,
     /// Why `added_delay_ms` is absent, when it is for a known reason.
     pub added_delay_note: Option<String>,
+    /// The histograms the summaries come from, lossless, so reports merge exactly
+    /// (`tokenfan-loadgen merge`). Absent in `total`, which is the sum of `by_transport`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<EncodedHists>,
+}
+
+/// The counters of a [`TransportResult`]; they add across transports and across runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub streams_started: u64,
+    pub streams_completed: u64,
+    pub readers_started: u64,
+    pub readers_clean: u64,
+    pub tokens_total: u64,
+    pub tokens_window: u64,
+    pub token_events_window: u64,
+    pub events_window: u64,
+    pub coalesced_events: u64,
+    pub replayed_tokens: u64,
+    pub negative_delays: u64,
+}
+
+impl Counts {
+    fn of_kinds(kinds: &[&KindStats]) -> Counts {
+        let sum = |f: fn(&KindStats) -> &AtomicU64| kinds.iter().map(|k| load(f(k))).sum::<u64>();
+        Counts {
+            streams_started: sum(|k| &k.streams_started),
+            streams_completed: sum(|k| &k.streams_completed),
+            readers_started: sum(|k| &k.readers_started),
+            readers_clean: sum(|k| &k.readers_clean),
+            tokens_total: sum(|k| &k.tokens_all),
+            tokens_window: sum(|k| &k.tokens_window),
+            token_events_window: sum(|k| &k.token_events_window),
+            events_window: sum(|k| &k.events_window),
+            coalesced_events: sum(|k| &k.coalesced_events),
+            replayed_tokens: sum(|k| &k.replayed_tokens),
+            negative_delays: sum(|k| &k.negative_delays),
+        }
+    }
+
+    /// The counters of a result read back from JSON.
+    pub fn of(t: &TransportResult) -> Counts {
+        Counts {
+            streams_started: t.streams_started,
+            streams_completed: t.streams_completed,
+            readers_started: t.readers_started,
+            readers_clean: t.readers_clean,
+            tokens_total: t.tokens_total,
+            tokens_window: t.tokens_window,
+            token_events_window: t.token_events_window,
+            events_window: t.events_window,
+            coalesced_events: t.coalesced_events,
+            replayed_tokens: t.replayed_tokens,
+            negative_delays: t.negative_delays,
+        }
+    }
+
+    pub fn add(&mut self, o: &Counts) {
+        self.streams_started += o.streams_started;
+        self.streams_completed += o.streams_completed;
+        self.readers_started += o.readers_started;
+        self.readers_clean += o.readers_clean;
+        self.tokens_total += o.tokens_total;
+        self.tokens_window += o.tokens_window;
+        self.token_events_window += o.token_events_window;
+        self.events_window += o.events_window;
+        self.coalesced_events += o.coalesced_events;
+        self.replayed_tokens += o.replayed_tokens;
+        self.negative_delays += o.negative_delays;
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,32 +232,32 @@ fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
-fn transport_result(
+/// A transport's result from its counters and histograms; `encode` keeps the histograms in
+/// it (per transport; `total` is their sum and carries none).
+pub fn transport_result(
     name: String,
-    counters: &[&KindStats],
+    c: Counts,
     hists: Option<&Hists>,
     window_secs: f64,
     note: Option<&str>,
+    encode: bool,
 ) -> TransportResult {
-    let sum = |f: fn(&KindStats) -> &AtomicU64| counters.iter().map(|k| load(f(k))).sum::<u64>();
-    let tokens_window = sum(|k| &k.tokens_window);
-    let events_window = sum(|k| &k.events_window);
     let added = hists.and_then(|h| Summary::of(&h.delay));
     TransportResult {
         transport: name,
-        streams_started: sum(|k| &k.streams_started),
-        streams_completed: sum(|k| &k.streams_completed),
-        readers_started: sum(|k| &k.readers_started),
-        readers_clean: sum(|k| &k.readers_clean),
-        tokens_total: sum(|k| &k.tokens_all),
-        tokens_window,
-        token_events_window: sum(|k| &k.token_events_window),
-        events_window,
-        tokens_per_sec: tokens_window as f64 / window_secs.max(1e-9),
-        events_per_sec: events_window as f64 / window_secs.max(1e-9),
-        coalesced_events: sum(|k| &k.coalesced_events),
-        replayed_tokens: sum(|k| &k.replayed_tokens),
-        negative_delays: sum(|k| &k.negative_delays),
+        streams_started: c.streams_started,
+        streams_completed: c.streams_completed,
+        readers_started: c.readers_started,
+        readers_clean: c.readers_clean,
+        tokens_total: c.tokens_total,
+        tokens_window: c.tokens_window,
+        token_events_window: c.token_events_window,
+        events_window: c.events_window,
+        tokens_per_sec: c.tokens_window as f64 / window_secs.max(1e-9),
+        events_per_sec: c.events_window as f64 / window_secs.max(1e-9),
+        coalesced_events: c.coalesced_events,
+        replayed_tokens: c.replayed_tokens,
+        negative_delays: c.negative_delays,
         ttft_ms: hists.and_then(|h| Summary::of(&h.ttft)),
         inter_token_ms: hists.and_then(|h| Summary::of(&h.itl)),
         added_delay_note: if added.is_none() {
@@ -161,6 +267,12 @@ fn transport_result(
         },
         added_delay_ms: added,
         added_delay_all_ms: hists.and_then(|h| Summary::of(&h.delay_all)),
+        histograms: if encode {
+            // An empty set when nothing was recorded, so every transport of a report merges.
+            hists.cloned().unwrap_or_default().encode().ok()
+        } else {
+            None
+        },
     }
 }
 
@@ -173,15 +285,7 @@ pub fn build(
     server_counters: Option<BTreeMap<String, f64>>,
 ) -> Report {
     let l = &plan.load;
-    let note = |k: Kind| {
-        if !plan.emit_times() {
-            Some(NO_EMIT_TIME_ASKED)
-        } else if k == Kind::Chat {
-            Some(NO_EMIT_TIME_CHAT)
-        } else {
-            None
-        }
-    };
+    let note = |_: Kind| (!plan.emit_times()).then_some(NO_EMIT_TIME_ASKED);
     let mut by_transport = BTreeMap::new();
     let used = stats.used_kinds();
     for k in &used {
@@ -190,10 +294,11 @@ pub fn build(
             k.name().to_owned(),
             transport_result(
                 k.describe().to_owned(),
-                &[ks],
+                Counts::of_kinds(&[ks]),
                 ks.snapshot().as_ref(),
                 l.duration,
                 note(*k),
+                true,
             ),
         );
     }
@@ -205,10 +310,11 @@ pub fn build(
     };
     let total = transport_result(
         "all".to_owned(),
-        &all,
+        Counts::of_kinds(&all),
         stats.merged().as_ref(),
         l.duration,
         total_note,
+        false,
     );
     let violations_got = stats.violations();
     let violations: BTreeMap<String, u64> = Violation::ALL
@@ -270,12 +376,16 @@ pub fn build(
                 .collect(),
             threads,
             server_pids: plan.report.server_pids.clone(),
+            start_at_unix_ms: plan.start_at_ns.map(|ns| ns / 1_000_000),
+            http: plan.load.http.name().to_owned(),
         },
         started_at_unix_ms: stats.t0_unix / 1_000_000,
+        window_start_unix_ms: stats.window.0 / 1_000_000,
         run_secs,
         window_secs: l.duration,
         total,
         by_transport,
+        http_versions: stats.http_versions(),
         errors: stats.errors(),
         error_total,
         resumes: stats.resumes(),
@@ -289,6 +399,7 @@ pub fn build(
         server_counters,
         left_in_flight,
         ok: error_total == 0 && violation_total == 0 && left_in_flight == 0,
+        parts: Vec::new(),
     }
 }
 
@@ -299,7 +410,7 @@ fn delay_line(t: &TransportResult) -> String {
     }
 }
 
-fn transport_lines(out: &mut String, t: &TransportResult, plan: &Plan, indent: &str) {
+fn transport_lines(out: &mut String, t: &TransportResult, c: &Config, indent: &str) {
     if !indent.is_empty() {
         let _ = writeln!(
             out,
@@ -340,39 +451,37 @@ fn transport_lines(out: &mut String, t: &TransportResult, plan: &Plan, indent: &
     let _ = writeln!(
         out,
         "{indent}time to first token (receipt − request sent; requested {} ms), window: {}",
-        plan.load.ttft_ms,
+        c.ttft_ms,
         Summary::line(t.ttft_ms.as_ref())
     );
     let _ = writeln!(
         out,
         "{indent}inter-token gap as received (requested {} ms), window: {}",
-        plan.load.inter_token_ms,
+        c.inter_token_ms,
         Summary::line(t.inter_token_ms.as_ref())
     );
 }
 
-/// The text report.
-pub fn text(plan: &Plan, r: &Report) -> String {
+/// The text report (of one run, or of a merged one).
+pub fn text(r: &Report) -> String {
     let mut out = String::new();
-    let l = &plan.load;
     let c = &r.config;
-    let load = match l.rate {
+    let load = match c.rate_per_sec {
         None => format!(
             "{} streams in flight (closed loop{})",
-            l.concurrency,
-            match plan.scenario {
-                crate::cli::Scenario::Watch => format!(", {} viewers each", plan.viewers),
-                crate::cli::Scenario::Ws => format!(
-                    ", {} sockets × {} streams",
-                    l.concurrency.div_ceil(plan.streams_per_socket),
-                    plan.streams_per_socket
+            c.concurrency,
+            match (r.scenario.as_str(), c.viewers, c.streams_per_socket) {
+                ("watch", Some(v), _) => format!(", {v} viewers each"),
+                ("ws", _, Some(per)) => format!(
+                    ", {} sockets × {per} streams",
+                    c.concurrency.div_ceil(per.max(1))
                 ),
                 _ => String::new(),
             }
         ),
         Some(rate) => format!(
             "{rate} streams/s arriving (open loop, at most {} in flight)",
-            l.max_in_flight
+            c.max_in_flight
         ),
     };
     let over = if r.by_transport.len() == 1 {
@@ -393,6 +502,39 @@ pub fn text(plan: &Plan, r: &Report) -> String {
             .map(|l| format!(" [{l}]"))
             .unwrap_or_default(),
     );
+    if !r.parts.is_empty() {
+        let _ = writeln!(
+            out,
+            "merged from {} runs (counters summed, percentiles from the merged histograms):",
+            r.parts.len()
+        );
+        for p in &r.parts {
+            let _ = writeln!(
+                out,
+                "  {} [{}] seed {:#x}: window from {} ms, {:.0} tokens/s, {} streams, {} errors, \
+                 {} violations, loadgen CPU {}",
+                p.source,
+                p.label.as_deref().unwrap_or("-"),
+                p.seed,
+                p.window_start_unix_ms,
+                p.tokens_per_sec,
+                p.streams_started,
+                p.error_total,
+                p.violation_total,
+                p.loadgen_pct_of_core
+                    .map(|v| format!("{v:.0} % of a core"))
+                    .unwrap_or_else(|| "n/a".to_owned()),
+            );
+        }
+    }
+    if !r.http_versions.is_empty() {
+        let listed: Vec<String> = r
+            .http_versions
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(out, "responses by HTTP version: {}", listed.join(", "));
+    }
     let _ = writeln!(
         out,
         "targets: {}; max_tokens {}, ttft {} ms, {} ms/token ({:.0} tokens/s per stream), jitter \
@@ -423,11 +565,11 @@ pub fn text(plan: &Plan, r: &Report) -> String {
         r.error_total,
         r.left_in_flight,
     );
-    transport_lines(&mut out, &r.total, plan, "");
+    transport_lines(&mut out, &r.total, c, "");
     if r.by_transport.len() > 1 {
         for (name, t) in &r.by_transport {
             let _ = writeln!(out, "-- {name}: {}", t.transport);
-            transport_lines(&mut out, t, plan, "   ");
+            transport_lines(&mut out, t, c, "   ");
         }
     }
     let _ = writeln!(

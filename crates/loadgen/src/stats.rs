@@ -95,6 +95,63 @@ pub fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("constant bounds are valid")
 }
 
+/// Most bytes of one encoded histogram a report may carry (a full histogram of our bounds,
+/// compressed, is a few KiB; this only stops a corrupt file from asking for gigabytes).
+const ENCODED_MAX: usize = 4 << 20;
+
+/// A histogram in HdrHistogram's compressed V2 format, base64 (standard alphabet): the
+/// encoding of HdrHistogram's interval logs, readable by its tools in every language.
+pub fn encode_hist(h: &Histogram<u64>) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::Serializer as _;
+    let mut bytes = Vec::new();
+    hdrhistogram::serialization::V2DeflateSerializer::new()
+        .serialize(h, &mut bytes)
+        .map_err(|e| anyhow::anyhow!("encoding a histogram: {e:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Reads back [`encode_hist`]; the histogram must have the bounds every run uses (1 µs to one
+/// hour, 3 significant digits), so histograms of different runs add exactly.
+pub fn decode_hist(text: &str) -> anyhow::Result<Histogram<u64>> {
+    use base64::Engine as _;
+    if text.len() > ENCODED_MAX {
+        anyhow::bail!("an encoded histogram is larger than {ENCODED_MAX} bytes");
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| anyhow::anyhow!("a histogram is not base64: {e}"))?;
+    let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("a histogram is not in HdrHistogram V2 format: {e:?}"))?;
+    let reference = new_hist();
+    if h.low() != reference.low()
+        || h.high() != reference.high()
+        || h.sigfig() != reference.sigfig()
+    {
+        anyhow::bail!(
+            "a histogram has bounds {}..{} µs at {} digits, not {}..{} at {} (not written by \
+             tokenfan-loadgen?)",
+            h.low(),
+            h.high(),
+            h.sigfig(),
+            reference.low(),
+            reference.high(),
+            reference.sigfig()
+        );
+    }
+    Ok(h)
+}
+
+/// The histograms of a transport as a report carries them (see [`encode_hist`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedHists {
+    pub ttft: String,
+    pub inter_token: String,
+    pub added_delay: String,
+    pub added_delay_all: String,
+}
+
 /// The histograms of one kind, microseconds.
 #[derive(Debug, Clone)]
 pub struct Hists {
@@ -111,7 +168,7 @@ pub struct Hists {
 }
 
 impl Hists {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             ttft: new_hist(),
             ttft_all: new_hist(),
@@ -121,6 +178,28 @@ impl Hists {
         }
     }
 
+    /// Encodes the histograms of the report (not `ttft_all`, which only feeds the progress
+    /// line).
+    pub fn encode(&self) -> anyhow::Result<EncodedHists> {
+        Ok(EncodedHists {
+            ttft: encode_hist(&self.ttft)?,
+            inter_token: encode_hist(&self.itl)?,
+            added_delay: encode_hist(&self.delay)?,
+            added_delay_all: encode_hist(&self.delay_all)?,
+        })
+    }
+
+    /// Reads back [`Hists::encode`] (`ttft_all` stays empty).
+    pub fn decode(e: &EncodedHists) -> anyhow::Result<Hists> {
+        Ok(Hists {
+            ttft: decode_hist(&e.ttft)?,
+            ttft_all: new_hist(),
+            itl: decode_hist(&e.inter_token)?,
+            delay: decode_hist(&e.added_delay)?,
+            delay_all: decode_hist(&e.added_delay_all)?,
+        })
+    }
+
     pub fn add(&mut self, other: &Hists) {
         // Same bounds everywhere: adding cannot fail.
         let _ = self.ttft.add(&other.ttft);
@@ -128,6 +207,12 @@ impl Hists {
         let _ = self.itl.add(&other.itl);
         let _ = self.delay.add(&other.delay);
         let _ = self.delay_all.add(&other.delay_all);
+    }
+}
+
+impl Default for Hists {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -180,6 +265,8 @@ pub struct Stats {
     /// Streams in flight.
     pub in_flight: AtomicUsize,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Responses by HTTP version.
+    http_versions: Mutex<BTreeMap<&'static str, u64>>,
     /// Dropped connections re-attached with `Last-Event-ID`, by what ended them.
     resumes: Mutex<BTreeMap<String, u64>>,
     violations: Mutex<BTreeMap<Violation, u64>>,
@@ -201,8 +288,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Stats {
     /// A run starting now whose window is `[start, start + len)` seconds from now.
     pub fn new(window_start_secs: f64, window_secs: f64) -> Self {
-        let t0 = Instant::now();
-        let t0_unix = unix_nanos();
+        Self::starting(Instant::now(), unix_nanos(), window_start_secs, window_secs)
+    }
+
+    /// A run whose clock started at `t0` (wall clock `t0_unix`, ns; with `--start-at`, `t0`
+    /// may be a moment ago), its window `[start, start + len)` seconds after it.
+    pub fn starting(t0: Instant, t0_unix: i64, window_start_secs: f64, window_secs: f64) -> Self {
         let ns = |s: f64| t0_unix + (s * 1e9) as i64;
         let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
         Self {
@@ -214,6 +305,7 @@ impl Stats {
             kinds: Default::default(),
             in_flight: AtomicUsize::new(0),
             errors: Mutex::default(),
+            http_versions: Mutex::default(),
             resumes: Mutex::default(),
             violations: Mutex::default(),
             finish_reasons: Mutex::default(),
@@ -244,6 +336,26 @@ impl Stats {
         if seen <= 2 {
             self.example(|| format!("error {kind}: {}", detail()));
         }
+    }
+
+    /// Counts a response by its HTTP version.
+    pub fn http_version(&self, version: http::Version) {
+        let name = match version {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_11 => "HTTP/1.1",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "other",
+        };
+        *lock(&self.http_versions).entry(name).or_default() += 1;
+    }
+
+    pub fn http_versions(&self) -> BTreeMap<String, u64> {
+        lock(&self.http_versions)
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
     }
 
     /// Counts a dropped connection that was re-attached with `Last-Event-ID`; `cause` is the

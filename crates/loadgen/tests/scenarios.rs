@@ -172,7 +172,12 @@ async fn native_post_sse() {
     let edge = Edge::start().await;
     let json = json_path("native");
     let mut args = fast_args("native", &edge.url(), &json);
-    args.extend(["--metrics".to_owned(), "--server-pid".to_owned()]);
+    args.extend([
+        "--metrics".to_owned(),
+        "--metrics-url".to_owned(),
+        edge.url(),
+        "--server-pid".to_owned(),
+    ]);
     args.push(std::process::id().to_string());
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["native"]);
@@ -194,7 +199,20 @@ async fn chat_completions() {
     let json = json_path("chat");
     let (report, value) = run_args(fast_args("chat", &edge.url(), &json), &json).await;
     assert_clean(&report, &value, &["chat"]);
-    // The OpenAI chunks carry no emit time: no delay figure, and the report says why.
+    // `"emit_times": true` on the request: every token chunk carried `emitted_at_unix_nanos`
+    // (a missing one is the violation `missing_emitted_at`), so the added delay is measured.
+    assert!(
+        added_delay_p99(&value, "chat").is_some(),
+        "{}",
+        value["by_transport"]["chat"]
+    );
+
+    // Without it the chunks are plain OpenAI ones: no delay figure, and the report says why.
+    let json = json_path("chat-plain");
+    let mut args = fast_args("chat", &edge.url(), &json);
+    args.push("--no-emit-times".to_owned());
+    let (report, value) = run_args(args, &json).await;
+    assert_clean(&report, &value, &["chat"]);
     assert!(added_delay_p99(&value, "chat").is_none());
     assert!(
         value["by_transport"]["chat"]["added_delay_note"]

@@ -7,21 +7,27 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `tokenfan:{<id>}:meta` | HASH | `model`, `owner`, `status`, `spec_json`, `tenant`, and `len` (events recorded so far; absent = 0) |
+//! | `tokenfan:{<id>}:meta` | HASH | `model`, `owner`, `status`, `spec_json`, `tenant`, `epoch` (ownership epoch), `stop` (`1` once a stop was requested), and `len` (events recorded so far; absent = 0) |
 //! | `tokenfan:{<id>}:events` | LIST | event JSON ([`Event::json`]); element `i` is seq `i + 1` |
+//! | `tokenfan:{<id>}:batches` | LIST | one `"<epoch> <first seq> <last seq>"` per stored batch (the fencing audit) |
 //! | `tokenfan:{<id>}:lease` | STRING | the owner's replica id, with a `PX` TTL |
 //!
-//! `meta` gets a safety TTL ([`SAFETY_TTL`]) when it is created, and `events` always gets the
-//! TTL `meta` has left, so nothing leaks when an owner dies before calling
-//! [`Store::expire`]; `expire` then shortens both to the history TTL (and drops the lease).
+//! A running stream's keys live [`LeaseTerms::keep`] past its owner's last renewal, so
+//! nothing leaks when an owner dies and nobody takes over; [`Store::expire`] sets the
+//! history TTL once the stream ended (and drops the lease).
+//!
+//! # Fencing
+//!
+//! Every write an owner makes (`append`, `renew`) compares its epoch with `meta.epoch` inside
+//! the same script, and a takeover (`claim`) increments `meta.epoch` inside its script: an
+//! owner that lost its lease cannot write one event after another replica claimed the stream.
 //!
 //! # Round trips
 //!
-//! Each trait call is one round trip: `append` is one `EVALSHA` per batch whatever its size
-//! (the scripts are loaded automatically on `NOSCRIPT`, i.e. once per server), `read` one
-//! `EVALSHA`, `create` one `MULTI`…`EXEC` pipeline. The [`ConnectionManager`] multiplexes every
-//! call over one connection and reconnects by itself after the server went away; calls made
-//! while it is down fail with [`StoreError::Backend`].
+//! Each trait call is one round trip: one `EVALSHA` (the scripts are loaded automatically on
+//! `NOSCRIPT`, i.e. once per server), or one `HGETALL`/`GET`/`LRANGE`. The
+//! [`ConnectionManager`] multiplexes every call over one connection and reconnects by itself
+//! after the server went away; calls made while it is down fail with [`StoreError::Backend`].
 
 use std::{
     collections::HashMap,
@@ -34,12 +40,8 @@ use ::redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
-use super::{Store, StoreError, StreamMeta};
+use super::{Appended, Claim, LeaseTerms, Store, StoreError, StoredBatch, StreamMeta};
 use crate::{event::Event, ids::StreamId, stream::StreamStatus};
-
-/// How long a stream's keys live when nobody calls [`Store::expire`] (an owner that died
-/// mid-stream): long enough for any generation, short enough that nothing piles up.
-pub const SAFETY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How long [`RedisStore::ping`] waits for `PONG`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,27 +60,65 @@ pub mod keys {
         format!("tokenfan:{{{id}}}:events")
     }
 
+    /// `tokenfan:{<id>}:batches`, a LIST of `"<epoch> <first> <last>"`.
+    pub fn batches(id: &StreamId) -> String {
+        format!("tokenfan:{{{id}}}:batches")
+    }
+
     /// `tokenfan:{<id>}:lease`, a STRING (the owner) with a TTL.
     pub fn lease(id: &StreamId) -> String {
         format!("tokenfan:{{{id}}}:lease")
     }
 }
 
-/// `KEYS`: meta, events. `ARGV`: triples (seq, status after it or `''`, json).
+/// `KEYS`: meta, events, lease, batches. `ARGV`: owner, lease ttl ms, keep ms, then field/value
+/// pairs of the meta hash (including `epoch`).
 ///
-/// Appends, in the order given, each event whose seq is the one after the last stored (so
-/// already-stored seqs are skipped and nothing is stored past a gap), records the new length
-/// in `meta.len`, the status of the last appended terminal event in `meta.status`, and gives
-/// `events` the TTL `meta` has left. Returns the list's length afterwards, or -1 when `meta`
-/// does not exist (nothing is written then).
+/// Records the stream and the owner's lease when `meta` does not exist (returns 1); else
+/// changes nothing (returns 0).
+const CREATE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('DEL', KEYS[2], KEYS[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// `KEYS`: meta, events, batches. `ARGV`: epoch (`''`: not fenced, a heal), then triples (seq,
+/// status after it or `''`, json).
+///
+/// `{-1}` when `meta` does not exist, `{-2}` when `epoch` is not `meta.epoch` (fenced); else
+/// appends, in the order given, each event whose seq is the one after the last stored (so
+/// already-stored seqs are skipped and nothing is stored past a gap), nothing once a terminal
+/// status is recorded, records the new length in `meta.len` and the status of the last
+/// appended terminal event in `meta.status`, logs the batch with its epoch, gives `events` and
+/// `batches` the TTL `meta` has left, and returns `{length, stop requested (0/1)}`.
 const APPEND_LUA: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return -1
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'stop')
+if not m[1] then
+  return {-1, 0}
+end
+local epoch = m[2] or '0'
+if ARGV[1] ~= '' and tonumber(epoch) ~= tonumber(ARGV[1]) then
+  return {-2, 0}
+end
+local stop = 0
+if m[3] == '1' then
+  stop = 1
 end
 local len = redis.call('LLEN', KEYS[2])
+if m[1] ~= 'running' then
+  return {len, stop}
+end
 local batch = {}
 local status = false
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
+  if status then
+    break
+  end
   if tonumber(ARGV[i]) == len + #batch + 1 then
     batch[#batch + 1] = ARGV[i + 2]
     if ARGV[i + 1] ~= '' then
@@ -87,11 +127,12 @@ for i = 1, #ARGV, 3 do
   end
 end
 if #batch == 0 then
-  return len
+  return {len, stop}
 end
 for i = 1, #batch, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(batch, i, math.min(i + 999, #batch)))
 end
+redis.call('RPUSH', KEYS[3], epoch .. ' ' .. (len + 1) .. ' ' .. (len + #batch))
 len = len + #batch
 if status then
   redis.call('HSET', KEYS[1], 'len', len, 'status', status)
@@ -101,8 +142,9 @@ end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
 end
-return len
+return {len, stop}
 ";
 
 /// `KEYS`: meta, events. `ARGV`: after.
@@ -119,38 +161,98 @@ end
 return {tonumber(recorded), redis.call('LLEN', KEYS[2]), redis.call('LRANGE', KEYS[2], ARGV[1], -1)}
 ";
 
-/// `KEYS`: meta, events, lease. `ARGV`: ttl in ms (0 = now).
+/// `KEYS`: meta, events, lease, batches. `ARGV`: ttl in ms (0 = now).
 ///
-/// 0 when `meta` does not exist; else sets the TTL of meta and events, deletes the lease and
-/// returns 1.
+/// 0 when `meta` does not exist; else sets the TTL of meta, events and batches, deletes the
+/// lease and returns 1.
 const EXPIRE_LUA: &str = r"
 if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[4], ARGV[1])
 redis.call('DEL', KEYS[3])
 return 1
 ";
 
-/// `KEYS`: lease. `ARGV`: owner, ttl in ms (> 0).
+/// `KEYS`: meta, lease, events, batches. `ARGV`: owner, lease ttl ms, keep ms.
 ///
-/// Takes the lease when it is free, renews it when `owner` holds it; 1 when `owner` holds it
-/// afterwards, else 0.
-const LEASE_LUA: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
+/// `{-1}` when `meta` does not exist, `{-3}` when the stream's terminal status is recorded,
+/// `{-2}` when the lease is held; else increments `meta.epoch`, records the owner, takes the
+/// lease, extends the keys' lifetime and returns `{epoch, stop requested (0/1)}`.
+const CLAIM_LUA: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'status', 'stop')
+if not m[1] then
+  return {-1, 0}
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if m[1] ~= 'running' then
+  return {-3, 0}
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {-2, 0}
+end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local stop = 0
+if m[2] == '1' then
+  stop = 1
+end
+return {epoch, stop}
+";
+
+/// `KEYS`: meta, lease, events, batches. `ARGV`: owner, epoch, lease ttl ms, keep ms.
+///
+/// `-1` when `meta` does not exist, `-2` when `epoch` is not `meta.epoch` or another owner
+/// holds the lease (fenced); else takes or renews the lease, extends the keys' lifetime and
+/// returns whether a stop was requested (0/1).
+const RENEW_LUA: &str = r"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'stop')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+if tonumber(m[1] or '0') ~= tonumber(ARGV[2]) then
+  return -2
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return -2
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
+if m[2] == '1' then
   return 1
 end
 return 0
 ";
 
+/// `KEYS`: meta.
+///
+/// Nil when `meta` does not exist; else records a stop when the stream is running and
+/// returns its status.
+const STOP_LUA: &str = r"
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return false
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'stop', '1')
+end
+return status
+";
+
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(CREATE_LUA));
 static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND_LUA));
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(READ_LUA));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(EXPIRE_LUA));
-static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LUA));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
+static STOP: LazyLock<Script> = LazyLock::new(|| Script::new(STOP_LUA));
 
 /// History, metadata and leases in Redis (standalone, or a cluster through a proxy: every
 /// script touches one slot only). Cheap to clone.
@@ -221,6 +323,42 @@ impl RedisStore {
         }
     }
 
+    /// [`Store::append`] fenced at `epoch`, or a [`Store::heal`] (`None`).
+    async fn append_as(
+        &self,
+        id: &StreamId,
+        epoch: Option<u64>,
+        events: &[Arc<Event>],
+    ) -> Result<Appended, StoreError> {
+        let mut invocation = APPEND.prepare_invoke();
+        invocation
+            .key(keys::meta(id))
+            .key(keys::events(id))
+            .key(keys::batches(id))
+            .arg(epoch.map(|e| e.to_string()).unwrap_or_default());
+        for event in events {
+            let status = if event.is_terminal() {
+                StreamStatus::of(event).as_str()
+            } else {
+                ""
+            };
+            invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
+        }
+        let invocation = &invocation;
+        let (len, stop): (i64, i64) = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        match len {
+            -1 => Err(StoreError::NotFound),
+            -2 => Err(StoreError::Fenced),
+            len => Ok(Appended {
+                len: u64::try_from(len)
+                    .map_err(|_| backend_msg(format!("stream {id}: length {len}")))?,
+                stop_requested: stop == 1,
+            }),
+        }
+    }
+
     /// Whether Redis answers `PING` (within two seconds), for readiness.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();
@@ -230,34 +368,60 @@ impl RedisStore {
     }
 }
 
+/// Runs `script` with `keys` and `args` on the store's connection.
+macro_rules! invoke {
+    ($store:expr, $script:expr, keys: [$($key:expr),* $(,)?], args: [$($arg:expr),* $(,)?]) => {{
+        let mut invocation = $script.prepare_invoke();
+        $(invocation.key($key);)*
+        $(invocation.arg($arg);)*
+        let invocation = &invocation;
+        $store
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }};
+}
+
 #[async_trait::async_trait]
 impl Store for RedisStore {
     async fn healthy(&self) -> bool {
         self.ping().await
     }
 
-    /// Replaces whatever was stored under `id` by a new stream without events (atomically),
-    /// with the [`SAFETY_TTL`].
-    async fn create(&self, id: &StreamId, meta: StreamMeta) -> Result<(), StoreError> {
-        let (meta_key, events_key) = (keys::meta(id), keys::events(id));
+    /// One `EVALSHA`: the meta hash (with its epoch), the owner's lease and the keys'
+    /// lifetime, only when the stream is not recorded yet.
+    async fn create(
+        &self,
+        id: &StreamId,
+        meta: StreamMeta,
+        terms: LeaseTerms,
+    ) -> Result<bool, StoreError> {
+        let mut invocation = CREATE.prepare_invoke();
+        invocation
+            .key(keys::meta(id))
+            .key(keys::events(id))
+            .key(keys::lease(id))
+            .key(keys::batches(id))
+            .arg(&meta.owner)
+            .arg(millis(terms.ttl).max(1))
+            .arg(millis(terms.keep).max(1));
+        let epoch = meta.epoch.to_string();
         let fields = [
             ("model", meta.model),
             ("owner", meta.owner.as_str()),
             ("status", meta.status.as_str()),
             ("spec_json", meta.spec_json.as_str()),
             ("tenant", meta.tenant.as_str()),
+            ("epoch", epoch.as_str()),
+            ("stop", if meta.stop_requested { "1" } else { "0" }),
         ];
-        let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .del(&[&meta_key, &events_key])
-            .ignore()
-            .hset_multiple(&meta_key, &fields)
-            .ignore()
-            .pexpire(&meta_key, millis(SAFETY_TTL))
-            .ignore();
-        let pipe = &pipe;
-        self.run(|mut c| async move { pipe.exec_async(&mut c).await })
-            .await
+        for (field, value) in fields {
+            invocation.arg(field).arg(value);
+        }
+        let invocation = &invocation;
+        let created: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(created == 1)
     }
 
     async fn meta(&self, id: &StreamId) -> Result<StreamMeta, StoreError> {
@@ -278,10 +442,16 @@ impl Store for RedisStore {
         let owner = take("owner")?;
         let status = take("status")?;
         let spec_json = take("spec_json")?;
-        // Streams recorded before tenants existed belong to the default tenant.
+        // Streams recorded before tenants existed belong to the default tenant; before
+        // epochs, to epoch 0.
         let tenant = fields
             .remove("tenant")
             .unwrap_or_else(|| crate::auth::DEFAULT_TENANT.to_owned());
+        let epoch = fields
+            .remove("epoch")
+            .map_or(Ok(0), |e| e.parse::<u64>())
+            .map_err(|_| backend_msg(format!("stream {id}: unreadable epoch")))?;
+        let stop_requested = fields.remove("stop").is_some_and(|s| s == "1");
         let model = crate::request::resolve_model(Some(&model))
             .map_err(|_| backend_msg(format!("stream {id}: unknown model {model:?}")))?
             .id;
@@ -293,37 +463,34 @@ impl Store for RedisStore {
             status,
             spec_json,
             tenant,
+            epoch,
+            stop_requested,
         })
     }
 
-    /// One `EVALSHA` per batch. Events whose seq is already stored are skipped (`Ok`); an event
-    /// past a gap is not stored (`Ok` as well, with a warning: the owner never leaves gaps).
-    async fn append(&self, id: &StreamId, events: &[Arc<Event>]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut invocation = APPEND.prepare_invoke();
-        invocation.key(keys::meta(id)).key(keys::events(id));
-        for event in events {
-            let status = if event.is_terminal() {
-                StreamStatus::of(event).as_str()
-            } else {
-                ""
-            };
-            invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
-        }
-        let invocation = &invocation;
-        let len: i64 = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        let Ok(len) = u64::try_from(len) else {
-            return Err(StoreError::NotFound);
-        };
-        if let Some(skipped) = events.iter().find(|e| e.seq > len) {
-            tracing::warn!(stream = %id, seq = skipped.seq, stored = len,
-                "store: events past a gap were not stored");
-        }
-        Ok(())
+    /// One `EVALSHA` per batch, whatever its size.
+    async fn append(
+        &self,
+        id: &StreamId,
+        epoch: u64,
+        events: &[Arc<Event>],
+    ) -> Result<Appended, StoreError> {
+        self.append_as(id, Some(epoch), events).await
+    }
+
+    async fn heal(&self, id: &StreamId, events: &[Arc<Event>]) -> Result<Appended, StoreError> {
+        self.append_as(id, None, events).await
+    }
+
+    /// The server's `run_id` (`INFO server`): new on every restart.
+    async fn incarnation(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let mut cmd = ::redis::cmd("INFO");
+        let info = cmd.arg("server").query_async::<String>(&mut conn);
+        let info = tokio::time::timeout(PING_TIMEOUT, info).await.ok()?.ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
     }
 
     /// The events after `after`, in order.
@@ -339,15 +506,8 @@ impl Store for RedisStore {
     ///   [`StoreError::Backend`].
     async fn read(&self, id: &StreamId, after: u64) -> Result<Vec<Arc<Event>>, StoreError> {
         let start = i64::try_from(after).unwrap_or(i64::MAX);
-        let mut invocation = READ.prepare_invoke();
-        invocation
-            .key(keys::meta(id))
-            .key(keys::events(id))
-            .arg(start);
-        let invocation = &invocation;
-        let found: Option<(u64, u64, Vec<Vec<u8>>)> = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
+        let found: Option<(u64, u64, Vec<Vec<u8>>)> = invoke!(self, READ,
+            keys: [keys::meta(id), keys::events(id)], args: [start])?;
         let Some((recorded, len, items)) = found else {
             return Err(StoreError::NotFound);
         };
@@ -370,48 +530,87 @@ impl Store for RedisStore {
             .collect()
     }
 
-    /// Sets the TTL of meta and events (`Duration::ZERO` deletes them at once) and releases the
-    /// lease: the owner calls this once the stream ended, when nobody needs to take over.
+    /// Sets the TTL of the stream's keys (`Duration::ZERO` deletes them at once) and releases
+    /// the lease: the owner calls this once the stream ended, when nobody needs to take over.
     async fn expire(&self, id: &StreamId, ttl: Duration) -> Result<(), StoreError> {
-        let mut invocation = EXPIRE.prepare_invoke();
-        invocation
-            .key(keys::meta(id))
-            .key(keys::events(id))
-            .key(keys::lease(id))
-            .arg(millis(ttl));
-        let invocation = &invocation;
-        let found: i64 = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
+        let found: i64 = invoke!(self, EXPIRE,
+            keys: [keys::meta(id), keys::events(id), keys::lease(id), keys::batches(id)],
+            args: [millis(ttl)])?;
         if found == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
     }
 
-    /// Atomic take-or-renew; a `ttl` under a millisecond counts as one millisecond.
-    async fn acquire_lease(
+    async fn claim(
         &self,
         id: &StreamId,
         owner: &str,
-        ttl: Duration,
+        terms: LeaseTerms,
+    ) -> Result<Claim, StoreError> {
+        let (epoch, stop): (i64, i64) = invoke!(self, CLAIM,
+            keys: [keys::meta(id), keys::lease(id), keys::events(id), keys::batches(id)],
+            args: [owner, millis(terms.ttl).max(1), millis(terms.keep).max(1)])?;
+        match epoch {
+            -1 => Err(StoreError::NotFound),
+            -2 => Ok(Claim::Held),
+            -3 => Ok(Claim::Ended),
+            epoch => Ok(Claim::Claimed {
+                epoch: u64::try_from(epoch)
+                    .map_err(|_| backend_msg(format!("stream {id}: epoch {epoch}")))?,
+                stop_requested: stop == 1,
+            }),
+        }
+    }
+
+    async fn renew(
+        &self,
+        id: &StreamId,
+        owner: &str,
+        epoch: u64,
+        terms: LeaseTerms,
     ) -> Result<bool, StoreError> {
-        let mut invocation = LEASE.prepare_invoke();
-        invocation
-            .key(keys::lease(id))
-            .arg(owner)
-            .arg(millis(ttl).max(1));
-        let invocation = &invocation;
-        let held: i64 = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(held == 1)
+        let renewed: i64 = invoke!(self, RENEW,
+            keys: [keys::meta(id), keys::lease(id), keys::events(id), keys::batches(id)],
+            args: [owner, epoch, millis(terms.ttl).max(1), millis(terms.keep).max(1)])?;
+        match renewed {
+            -1 => Err(StoreError::NotFound),
+            -2 => Err(StoreError::Fenced),
+            stop => Ok(stop == 1),
+        }
+    }
+
+    async fn request_stop(&self, id: &StreamId) -> Result<StreamStatus, StoreError> {
+        let status: Option<String> = invoke!(self, STOP, keys: [keys::meta(id)], args: [])?;
+        let status = status.ok_or(StoreError::NotFound)?;
+        parse_status(&status)
+            .ok_or_else(|| backend_msg(format!("stream {id}: unknown status {status:?}")))
     }
 
     async fn lease_owner(&self, id: &StreamId) -> Result<Option<String>, StoreError> {
         let key = keys::lease(id);
         let key = &key;
         self.run(|mut c| async move { c.get(key).await }).await
+    }
+
+    async fn batches(&self, id: &StreamId) -> Result<Vec<StoredBatch>, StoreError> {
+        let key = keys::batches(id);
+        let key = &key;
+        let items: Vec<String> = self
+            .run(|mut c| async move { c.lrange(key, 0, -1).await })
+            .await?;
+        items
+            .iter()
+            .map(|item| {
+                let mut parts = item.split(' ').map(str::parse::<u64>);
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(Ok(epoch)), Some(Ok(first)), Some(Ok(last))) => {
+                        Ok(StoredBatch { epoch, first, last })
+                    }
+                    _ => Err(backend_msg(format!("stream {id}: batch {item:?}"))),
+                }
+            })
+            .collect()
     }
 }
 
@@ -432,8 +631,15 @@ mod tests {
             status: StreamStatus::Running,
             spec_json: "{}".into(),
             tenant: "tenant-a".into(),
+            epoch: 1,
+            stop_requested: false,
         }
     }
+
+    const TERMS: LeaseTerms = LeaseTerms {
+        ttl: Duration::from_secs(3),
+        keep: Duration::from_secs(600),
+    };
 
     fn token(seq: u64) -> Arc<Event> {
         Arc::new(Event::new(
@@ -466,33 +672,44 @@ mod tests {
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         let id = StreamId::random();
         let tag = format!("{{{id}}}");
-        for key in [keys::meta(&id), keys::events(&id), keys::lease(&id)] {
+        for key in [
+            keys::meta(&id),
+            keys::events(&id),
+            keys::batches(&id),
+            keys::lease(&id),
+        ] {
             assert!(key.starts_with("tokenfan:"), "{key}");
             assert_eq!(key.find('{'), key.find(&tag), "{key}: one hash tag");
         }
 
-        store.create(&id, meta()).await.expect("create");
+        assert!(store.create(&id, meta(), TERMS).await.expect("create"));
         store
-            .append(&id, &[token(1), token(2)])
+            .append(&id, 1, &[token(1), token(2)])
             .await
             .expect("append");
-        assert!(
-            store
-                .acquire_lease(&id, "edge-a", SAFETY_TTL)
-                .await
-                .expect("lease")
-        );
+        assert!(!store.renew(&id, "edge-a", 1, TERMS).await.expect("renew"));
         let mut conn = raw(&server).await;
-        for key in [keys::meta(&id), keys::events(&id), keys::lease(&id)] {
-            let ttl: i64 = conn.pttl(&key).await.expect("pttl");
-            assert!(ttl > 0 && ttl <= millis(SAFETY_TTL), "{key}: ttl {ttl}");
+        let keys = [
+            keys::meta(&id),
+            keys::events(&id),
+            keys::batches(&id),
+            keys::lease(&id),
+        ];
+        for key in &keys {
+            let ttl: i64 = conn.pttl(key).await.expect("pttl");
+            let limit = if *key == keys::lease(&id) {
+                TERMS.ttl
+            } else {
+                TERMS.keep
+            };
+            assert!(ttl > 0 && ttl <= millis(limit), "{key}: ttl {ttl}");
         }
 
         store
             .expire(&id, Duration::from_secs(60))
             .await
             .expect("expire");
-        for key in [keys::meta(&id), keys::events(&id)] {
+        for key in [keys::meta(&id), keys::events(&id), keys::batches(&id)] {
             let ttl: i64 = conn.pttl(&key).await.expect("pttl");
             assert!(ttl > 0 && ttl <= 60_000, "{key}: ttl {ttl}");
         }
@@ -509,13 +726,16 @@ mod tests {
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         let id = StreamId::random();
         assert!(matches!(
-            store.append(&id, &[token(1)]).await,
+            store.append(&id, 1, &[token(1)]).await,
             Err(StoreError::NotFound)
         ));
-        store.create(&id, meta()).await.expect("create");
-        store.append(&id, &[token(1), token(3)]).await.expect("gap");
+        store.create(&id, meta(), TERMS).await.expect("create");
         store
-            .append(&id, &[token(1), token(2), token(3)])
+            .append(&id, 1, &[token(1), token(3)])
+            .await
+            .expect("gap");
+        store
+            .append(&id, 1, &[token(1), token(2), token(3)])
             .await
             .expect("dup");
         let cancelled = Arc::new(Event::new(
@@ -526,7 +746,7 @@ mod tests {
             },
         ));
         store
-            .append(&id, std::slice::from_ref(&cancelled))
+            .append(&id, 1, std::slice::from_ref(&cancelled))
             .await
             .expect("end");
         let got = store.read(&id, 0).await.expect("read");
@@ -544,9 +764,9 @@ mod tests {
         let server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         let id = StreamId::random();
-        store.create(&id, meta()).await.expect("create");
+        store.create(&id, meta(), TERMS).await.expect("create");
         store
-            .append(&id, &[token(1), token(2), token(3)])
+            .append(&id, 1, &[token(1), token(2), token(3)])
             .await
             .expect("append");
         // Redis evicting (or losing) the list while the meta hash survives.
@@ -579,8 +799,8 @@ mod tests {
         let mut server = RedisServer::start();
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         let old = StreamId::random();
-        store.create(&old, meta()).await.expect("create");
-        store.append(&old, &[token(1)]).await.expect("append");
+        store.create(&old, meta(), TERMS).await.expect("create");
+        store.append(&old, 1, &[token(1)]).await.expect("append");
 
         server.process.kill();
         assert!(matches!(
@@ -605,11 +825,11 @@ mod tests {
 
         let new = StreamId::random();
         store
-            .create(&new, meta())
+            .create(&new, meta(), TERMS)
             .await
             .expect("create after restart");
         store
-            .append(&new, &[token(1), token(2)])
+            .append(&new, 1, &[token(1), token(2)])
             .await
             .expect("append after restart");
         assert_eq!(store.read(&new, 1).await.expect("read")[0].seq, 2);

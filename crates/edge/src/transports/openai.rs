@@ -44,6 +44,10 @@ pub struct ChatRequest {
     functions: Option<Value>,
     /// tokenfan extension: generator timing overrides.
     timing: Option<Timing>,
+    /// tokenfan extension: token chunks also carry `emitted_at_unix_nanos` (the generator's
+    /// emit time), as native token events do, so load tests can measure the added delay.
+    /// SDKs ignore the unknown chunk field.
+    emit_times: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +136,7 @@ impl ChatRequest {
             seed: self.seed,
             timing: self.timing,
             model: Some(model),
-            emit_times: None,
+            emit_times: self.emit_times,
         };
         Ok((native, self.stream, include_usage))
     }
@@ -271,6 +275,19 @@ impl OpenAiFramer {
     }
 
     fn chunk(&self, out: &mut BytesMut, seq: Option<u64>, delta: Value, finish: Option<&str>) {
+        self.chunk_at(out, seq, delta, finish, None);
+    }
+
+    /// A chunk; `emitted_at` (streams started with `emit_times`) adds the tokenfan extension
+    /// field `emitted_at_unix_nanos`.
+    fn chunk_at(
+        &self,
+        out: &mut BytesMut,
+        seq: Option<u64>,
+        delta: Value,
+        finish: Option<&str>,
+        emitted_at: Option<i64>,
+    ) {
         let mut chunk = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -281,6 +298,9 @@ impl OpenAiFramer {
         });
         if self.include_usage {
             chunk["usage"] = Value::Null;
+        }
+        if let Some(t) = emitted_at {
+            chunk["emitted_at_unix_nanos"] = json!(t);
         }
         write_data(out, seq, &chunk);
     }
@@ -315,9 +335,13 @@ impl Framer for OpenAiFramer {
     fn event(&mut self, event: &Event, out: &mut BytesMut) {
         self.last_seq = event.seq;
         match &event.kind {
-            EventKind::Token { text } => {
-                self.chunk(out, Some(event.seq), json!({"content": text}), None)
-            }
+            EventKind::Token { text } => self.chunk_at(
+                out,
+                Some(event.seq),
+                json!({"content": text}),
+                None,
+                event.emitted_at,
+            ),
             EventKind::Done {
                 finish_reason,
                 usage,

@@ -14,11 +14,13 @@ use tokenfan_edge::testkit::{NatsServer, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 /// A mock generator on its own runtime and thread; `kill` drops the runtime, closing every
-/// connection at once like a crashed process.
+/// connection at once like a crashed process; `pause` blocks its only worker thread, so it
+/// stalls like a stopped process (connections open, nothing sent).
 pub struct Generator {
     pub addr: SocketAddr,
     pub stats: Arc<tokenfan_generator::Stats>,
     runtime: Option<tokio::runtime::Runtime>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Generator {
@@ -50,6 +52,7 @@ impl Generator {
             addr,
             stats,
             runtime: Some(runtime),
+            paused: Arc::default(),
         }
     }
 
@@ -57,8 +60,30 @@ impl Generator {
         format!("http://{}", self.addr)
     }
 
+    /// Stalls it (like `SIGSTOP`) until [`Generator::resume`].
+    pub fn pause(&self) {
+        use std::sync::atomic::Ordering;
+        self.paused.store(true, Ordering::SeqCst);
+        let paused = self.paused.clone();
+        if let Some(rt) = &self.runtime {
+            // Blocks the runtime's only worker: no task, timer or socket of it runs.
+            rt.spawn(async move {
+                while paused.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+    }
+
+    /// Ends a [`Generator::pause`].
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Crashes it: every call and connection ends at once.
     pub fn kill(&mut self) {
+        self.resume();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -88,6 +113,22 @@ impl Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// `kill -STOP`: the process keeps its sockets and leases but does nothing.
+    pub fn pause(&self) {
+        tokenfan_edge::testkit::signal(self.child.id(), "STOP");
+    }
+
+    /// `kill -CONT`.
+    pub fn resume(&self) {
+        tokenfan_edge::testkit::signal(self.child.id(), "CONT");
+    }
+
+    /// `kill -TERM` (a graceful shutdown) and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        tokenfan_edge::testkit::signal(self.child.id(), "TERM");
+        self.child.wait().expect("wait")
+    }
 }
 
 impl Drop for Edge {
@@ -101,6 +142,8 @@ impl Drop for Edge {
 pub struct EdgeOptions {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run Redis with an append-only file, as production does.
+    pub persistent_redis: bool,
 }
 
 /// NATS, Redis, generators and edge replicas.
@@ -110,6 +153,7 @@ pub struct TestCluster {
     pub generators: Vec<Generator>,
     pub edges: Vec<Edge>,
     pub http: reqwest::Client,
+    options: EdgeOptions,
 }
 
 impl TestCluster {
@@ -121,7 +165,11 @@ impl TestCluster {
     /// [`TestCluster::start`] with `options` added to every edge.
     pub async fn start_with(edges: usize, generators: usize, options: &EdgeOptions) -> Self {
         let nats = NatsServer::start();
-        let redis = RedisServer::start();
+        let redis = if options.persistent_redis {
+            RedisServer::start_persistent()
+        } else {
+            RedisServer::start()
+        };
         let generators: Vec<Generator> = (0..generators).map(|_| Generator::start()).collect();
         let urls: Vec<String> = generators.iter().map(Generator::url).collect();
         let edges = (0..edges)
@@ -141,16 +189,36 @@ impl TestCluster {
             generators,
             edges,
             http: reqwest::Client::new(),
+            options: options.clone(),
         };
-        for edge in &cluster.edges {
-            let url = edge.url("/readyz");
-            super::wait_until(Duration::from_secs(20), || async {
-                let r = cluster.http.get(&url).send().await.ok()?;
-                (r.status() == 200).then_some(())
-            })
-            .await;
+        for i in 0..cluster.edges.len() {
+            cluster.wait_ready(i).await;
         }
         cluster
+    }
+
+    async fn wait_ready(&self, i: usize) {
+        let url = self.edge(i).url("/readyz");
+        super::wait_until(Duration::from_secs(20), || async {
+            let r = self.http.get(&url).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// `kill -9` of edge `i`, then a new process with the same replica id (on a new port).
+    pub async fn restart_edge(&mut self, i: usize) {
+        self.edges[i].kill();
+        let urls: Vec<String> = self.generators.iter().map(Generator::url).collect();
+        let replica = self.edges[i].replica.clone();
+        self.edges[i] = spawn_edge(
+            &replica,
+            &self.nats.url(),
+            &self.redis.url(),
+            &urls.join(","),
+            &self.options,
+        );
+        self.wait_ready(i).await;
     }
 
     pub fn edge(&self, i: usize) -> &Edge {
@@ -186,11 +254,10 @@ fn spawn_edge(
             redis,
             "--generator",
             generators,
-            "--lease-ttl-ms",
-            "1000",
-            "--generator-idle-timeout-secs",
-            "3",
         ])
+        // Defaults for these tests, as environment so that `options.args` may override them.
+        .env("TOKENFAN_EDGE_LEASE_TTL_MS", "1000")
+        .env("TOKENFAN_EDGE_GENERATOR_IDLE_TIMEOUT_SECS", "3")
         .args(&options.args)
         .envs(options.env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())

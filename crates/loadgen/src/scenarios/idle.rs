@@ -35,7 +35,6 @@ use crate::{
     metrics::{fetch, metric},
     procfs::{CpuUse, cpu_reading, cpu_use, proc_memory},
     report::{now_unix_ms, write_json},
-    scenarios::http_client,
     transports::poll::short_poll_status,
 };
 
@@ -100,9 +99,16 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<Outcome> {
     }
     let target = args.target.trim_end_matches('/').to_owned();
     let host = authority(&target)?;
+    if target.starts_with("https://") {
+        bail!("idle supports http:// targets only");
+    }
     let pid = args.server_pid.to_string();
     proc_memory(&pid).with_context(|| format!("--server-pid {pid}"))?;
-    let client = http_client()?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .build()
+        .context("building the HTTP client")?;
     let started_at = now_unix_ms();
     let label = match args.kind {
         IdleKind::Sse => "transport=\"sse\"",

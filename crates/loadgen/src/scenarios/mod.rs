@@ -21,9 +21,10 @@ use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 
 use crate::{
     Outcome,
-    cli::{Plan, Scenario},
+    cli::{HttpVersion, LoadArgs, Plan, Scenario},
     metrics, procfs, progress, report,
-    stats::{Kind, Stats},
+    stats::{Kind, Stats, unix_nanos},
+    tls,
     transports::{grpc::GrpcPool, poll, sse, ws::WsPool},
     verify::CheckOptions,
 };
@@ -63,12 +64,11 @@ impl Ctx {
         &self.plan.targets[i % self.plan.targets.len()]
     }
 
-    /// What the checker of a reader of `kind` expects.
-    pub fn check_options(&self, kind: Kind) -> CheckOptions {
+    /// What the checker of a reader expects (the same on every transport).
+    pub fn check_options(&self) -> CheckOptions {
         CheckOptions {
             allow_coalescing: self.plan.load.allow_coalescing,
-            // The OpenAI chunks have no field for it.
-            require_emit_times: self.plan.emit_times() && kind != Kind::Chat,
+            require_emit_times: self.plan.emit_times(),
         }
     }
 
@@ -100,9 +100,11 @@ impl Ctx {
     }
 
     /// The body of `POST /v1/chat/completions`.
+    /// With emit times, the tokenfan extension `"emit_times": true` (token chunks then carry
+    /// `emitted_at_unix_nanos`; OpenAI servers ignore the field).
     pub fn chat_body(&self, seed: u64) -> Value {
         let l = &self.plan.load;
-        json!({
+        let mut body = json!({
             "model": l.model.as_deref().unwrap_or("tokenfan-mock"),
             "messages": [{"role": "user", "content": self.prompt(seed)}],
             "stream": true,
@@ -110,7 +112,11 @@ impl Ctx {
             "max_tokens": l.max_tokens,
             "seed": seed,
             "timing": self.timing(),
-        })
+        });
+        if self.plan.emit_times() {
+            body["emit_times"] = json!(true);
+        }
+        body
     }
 }
 
@@ -126,25 +132,92 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-/// The HTTP client of a run: HTTP/1.1, one connection per request in flight, kept for reuse.
-pub fn http_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// HTTP/2 receive window of the connection (64 MiB: room for ~160,000 unread token frames).
+const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+/// HTTP/2 receive window of each stream.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// The HTTP client of a run. HTTP/1.1: one connection per request in flight, kept for reuse.
+/// HTTP/2 (`--http 2`, or `auto` when the server picks h2): the streams of a target share its
+/// connection, as a browser's do. https:// targets use [`tls::client_config`].
+pub fn http_client(load: &LoadArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .no_proxy()
-        .http1_only()
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(usize::MAX)
-        .build()
-        .context("building the HTTP client")
+        .pool_max_idle_per_host(usize::MAX);
+    builder = match load.http {
+        HttpVersion::Http1 => builder.http1_only(),
+        HttpVersion::Http2 => builder.http2_prior_knowledge(),
+        HttpVersion::Auto => builder,
+    };
+    if load.http != HttpVersion::Http1 {
+        // Large receive windows: every stream of a target shares one connection, and h2
+        // closes a connection (ENHANCE_YOUR_CALM, "too_many_data_frames") once its unread
+        // small DATA frames (one per token) use up half the connection window (see
+        // docs/benchmarks.md, "HTTP/2 finding").
+        builder = builder
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW);
+    }
+    let alpn: &[&[u8]] = match load.http {
+        HttpVersion::Http1 => &[tls::ALPN_HTTP11],
+        HttpVersion::Http2 => &[tls::ALPN_H2],
+        HttpVersion::Auto => &[tls::ALPN_H2, tls::ALPN_HTTP11],
+    };
+    if load
+        .targets
+        .iter()
+        .any(|t| t.trim().starts_with("https://"))
+    {
+        let config = tls::client_config(load.ca_file.as_deref(), load.insecure, alpn)?;
+        builder = builder.use_preconfigured_tls(config);
+    }
+    builder.build().context("building the HTTP client")
+}
+
+/// When the run's clock starts: now, or at `--start-at` (waiting for it, or joining late if
+/// the window has not begun). Returns the start as an instant and as Unix ns.
+async fn start_clock(plan: &Plan) -> anyhow::Result<(Instant, i64)> {
+    let Some(at) = plan.start_at_ns else {
+        return Ok((Instant::now(), unix_nanos()));
+    };
+    let l = &plan.load;
+    let now = unix_nanos();
+    if at > now {
+        let wait = Duration::from_nanos(u64::try_from(at - now).unwrap_or(0));
+        if !plan.report.quiet {
+            eprintln!(
+                "tokenfan-loadgen: waiting {:.1} s for --start-at",
+                wait.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(wait).await;
+        return Ok((Instant::now(), at));
+    }
+    let late = Duration::from_nanos(u64::try_from(now - at).unwrap_or(0));
+    if late.as_secs_f64() >= l.ramp + l.warmup {
+        anyhow::bail!(
+            "--start-at was {:.1} s ago: the measured window (after the {} s ramp and {} s \
+             warm-up) has already begun, so this run could not share it; give a later time",
+            late.as_secs_f64(),
+            l.ramp,
+            l.warmup
+        );
+    }
+    let t0 = Instant::now()
+        .checked_sub(late)
+        .unwrap_or_else(Instant::now);
+    Ok((t0, at))
 }
 
 /// Runs one streaming scenario to its end and reports it.
 pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     let l = &plan.load;
-    let http = http_client()?;
+    let http = http_client(&plan.load)?;
     let stream_timeout = plan.stream_timeout();
     let metrics_before = if plan.report.metrics {
-        Some(metrics::fetch_all(&http, &plan.targets).await)
+        Some(metrics::fetch_all(&http, &plan.metrics_urls).await)
     } else {
         None
     };
@@ -155,7 +228,8 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         None
     };
     // The clock of the run starts once the connections are set up.
-    let stats = Arc::new(Stats::new(l.ramp + l.warmup, l.duration));
+    let (t0, t0_unix) = start_clock(&plan).await?;
+    let stats = Arc::new(Stats::starting(t0, t0_unix, l.ramp + l.warmup, l.duration));
     let ws = if uses(Kind::Ws) {
         // Closed loop: slot i runs on socket i % sockets. Open loop: enough sockets for the
         // cap, each arrival on the least busy one. Sockets connect on their first stream.
@@ -175,6 +249,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
             stats.clone(),
             opts,
             stream_timeout,
+            ws_tls(&plan.load)?,
         )?)
     } else {
         None
@@ -228,7 +303,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     stalled_diagnostics(&ctx).await;
     let counters = match metrics_before {
         Some((before, failed)) => {
-            let (after, failed_after) = metrics::fetch_all(&http, &plan.targets).await;
+            let (after, failed_after) = metrics::fetch_all(&http, &plan.metrics_urls).await;
             for f in failed.iter().chain(&failed_after) {
                 stats.note(format!("/metrics not read: {f}"));
             }
@@ -246,7 +321,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         None => None,
     };
     let report = report::build(&plan, threads, &stats, run_secs, cpu, counters);
-    print!("{}", report::text(&plan, &report));
+    print!("{}", report::text(&report));
     if let Some(path) = &plan.report.json {
         report::write_json(path, &report)?;
     }
@@ -254,6 +329,19 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         ok: report.ok,
         report: Some(report),
     })
+}
+
+/// TLS of `wss://` sockets (https:// targets): ALPN http/1.1, the Upgrade needs it.
+fn ws_tls(load: &LoadArgs) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !load
+        .targets
+        .iter()
+        .any(|t| t.trim().starts_with("https://"))
+    {
+        return Ok(None);
+    }
+    let config = tls::client_config(load.ca_file.as_deref(), load.insecure, &[tls::ALPN_HTTP11])?;
+    Ok(Some(Arc::new(config)))
 }
 
 /// Starts streams until the end of the window, then waits for those in flight.

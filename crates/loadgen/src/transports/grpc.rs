@@ -95,7 +95,7 @@ impl GrpcPool {
             stats.clone(),
             Kind::Grpc,
             label.clone(),
-            ctx.check_options(Kind::Grpc),
+            ctx.check_options(),
             sent_ns,
             sent_ns,
         );

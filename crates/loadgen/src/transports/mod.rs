@@ -81,7 +81,10 @@ pub(crate) async fn send(
                 request_error(stats, &e);
                 return None;
             }
-            Ok(Ok(r)) if r.status() == expect => return Some(r),
+            Ok(Ok(r)) if r.status() == expect => {
+                stats.http_version(r.version());
+                return Some(r);
+            }
             Ok(Ok(r)) => {
                 status_error(stats, r).await;
                 return None;

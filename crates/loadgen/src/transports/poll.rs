@@ -68,7 +68,7 @@ pub async fn run(ctx: &Ctx, kind: Kind, label: String, seed: u64) -> Ended {
         stats.clone(),
         kind,
         label.clone(),
-        ctx.check_options(kind),
+        ctx.check_options(),
         sent_ns,
         sent_ns,
     );
@@ -96,6 +96,7 @@ pub async fn run(ctx: &Ctx, kind: Kind, label: String, seed: u64) -> Ended {
             }
             Ok(Ok(r)) => r,
         };
+        stats.http_version(resp.version());
         if resp.status() != reqwest::StatusCode::OK {
             status_error(stats, resp).await;
             ok = false;

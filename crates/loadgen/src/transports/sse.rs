@@ -195,7 +195,7 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
         stats.clone(),
         Kind::Native,
         label.clone(),
-        ctx.check_options(Kind::Native),
+        ctx.check_options(),
         sent_ns,
         sent_ns,
     );
@@ -236,7 +236,7 @@ pub async fn viewer(
         stats.clone(),
         Kind::Watch,
         label.clone(),
-        ctx.check_options(Kind::Watch),
+        ctx.check_options(),
         sent_ns,
         subscribed_ns,
     );
@@ -251,8 +251,9 @@ pub async fn viewer(
 /// Chunks are mapped onto the native checks: the `id:` line of each chunk is its seq (a server
 /// that sends none is taken in arrival order), a content delta is a token, the usage chunk
 /// (with the finish reason of the chunk before it) is the terminal `done`, a `{"error":…}`
-/// frame the terminal error. `data: [DONE]` must follow a usage chunk. There is no emit time
-/// in OpenAI chunks, so this transport has no added-delay figure.
+/// frame the terminal error. `data: [DONE]` must follow a usage chunk. Emit times come from
+/// the tokenfan extension field `emitted_at_unix_nanos` of token chunks (asked for with
+/// `"emit_times": true`).
 pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let stats = &ctx.stats;
     let target = ctx.next_target();
@@ -279,7 +280,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
         stats.clone(),
         Kind::Chat,
         label.clone(),
-        ctx.check_options(Kind::Chat),
+        ctx.check_options(),
         sent_ns,
         sent_ns,
     );
@@ -331,7 +332,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
                 && delta.role.is_none()
                 && let Some(text) = &delta.content
             {
-                reader.token(seq, Some(text), None, recv);
+                reader.token(seq, Some(text), chunk.emitted_at_unix_nanos, recv);
             }
         }
     })

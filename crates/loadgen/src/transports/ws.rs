@@ -66,6 +66,8 @@ struct SocketConf {
     stats: Arc<Stats>,
     opts: CheckOptions,
     timeout: Duration,
+    /// TLS of `wss://` URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl WsPool {
@@ -77,13 +79,19 @@ impl WsPool {
         stats: Arc<Stats>,
         opts: CheckOptions,
         timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> anyhow::Result<Self> {
         let close = CancellationToken::new();
         let mut list = Vec::with_capacity(sockets);
         let mut tasks = Vec::with_capacity(sockets);
         for index in 0..sockets {
             let target = &targets[index % targets.len()];
-            let url = format!("ws://{}/v1/ws", authority(target)?);
+            let scheme = if target.starts_with("https://") {
+                "wss"
+            } else {
+                "ws"
+            };
+            let url = format!("{scheme}://{}/v1/ws", authority(target)?);
             let (tx, rx) = mpsc::channel(per_socket.max(1));
             let conf = SocketConf {
                 index,
@@ -91,6 +99,7 @@ impl WsPool {
                 stats: stats.clone(),
                 opts,
                 timeout,
+                tls: tls.clone(),
             };
             tasks.push(tokio::spawn(socket_task(conf, rx, close.clone())));
             list.push(Socket {
@@ -159,12 +168,13 @@ async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, String>> {
     }
 }
 
-async fn connect(url: &str) -> Result<Ws, String> {
+async fn connect(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Ws, String> {
     // Small client buffers: thousands of sockets on this side too.
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0);
-    let work = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let connector = tls.map(|c| tokio_tungstenite::Connector::Rustls(c.clone()));
+    let work = tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector);
     match tokio::time::timeout(Duration::from_secs(10), work).await {
         Err(_) => Err("timeout".to_owned()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -195,7 +205,7 @@ async fn socket_task(conf: SocketConf, mut rx: mpsc::Receiver<Start>, close: Can
                     continue;
                 };
                 if ws.is_none() {
-                    match connect(&conf.url).await {
+                    match connect(&conf.url, conf.tls.as_ref()).await {
                         Ok(s) => ws = Some(s),
                         Err(e) => {
                             stats.error("ws_connect", || format!("{}: {e}", conf.url));

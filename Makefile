@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
 
-.PHONY: run run-generator test test-browser test-clients validate-deploy check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak soak-faults fuzz clean
+.PHONY: run run-generator test test-browser test-clients validate-deploy compose-smoke check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak soak-faults fuzz clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run: release
@@ -34,6 +34,11 @@ test-clients: build
 ## validate-deploy: Dockerfile, compose, k8s overlays, Prometheus config and dashboards, checked statically
 validate-deploy: build
 	scripts/validate-deploy.sh
+
+## compose-smoke: build the image from deploy/Dockerfile and run deploy/compose.yaml with podman:
+## streams, failover and drain through nginx, Prometheus scrapes, image checks (CI runs it after test)
+compose-smoke:
+	scripts/compose-smoke.sh
 
 ## check-metrics: promtool check metrics on the edge's and the generator's /metrics after a stream
 check-metrics: build

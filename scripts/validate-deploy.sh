@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Static validation of everything tokenfan ships for deployment (no container engine and no
-# Kubernetes cluster run on the build machines, so nothing here starts a container):
+# Static validation of everything tokenfan ships for deployment (nothing here starts a
+# container: `make compose-smoke` builds the image and runs the compose topology with podman;
+# no Kubernetes cluster runs on the build machines, and the collector, Tempo and Grafana have
+# no Debian package, so those stay static):
 #   - k8s/overlays/{dev,prod}: `kubectl kustomize`, then `kubernetes-validate --strict` against
 #     the oldest and newest Kubernetes versions we support, then `checkov`
 #   - deploy/Dockerfile: `checkov`

@@ -31,7 +31,7 @@
 #
 # Environment: COMPOSE_SMOKE_KEEP=1 leaves the topology running at the end, failure included
 # (then `scripts/compose-smoke.sh down`); EDGE_ADMIN_PORT is the edge port Prometheus scrapes and
-# /readyz is asked on (8080 today).
+# /readyz is asked on (the admin listener, 9465).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,7 +53,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Every image made here carries it (the stand-ins set it, images built on them inherit it), so
 # the script can clean up its own images and none else.
 LABEL=io.tokenfan.compose-smoke=1
-EDGE_ADMIN_PORT=${EDGE_ADMIN_PORT:-8080}
+EDGE_ADMIN_PORT=${EDGE_ADMIN_PORT:-9465}
 
 export CONTAINERS_CONF="$state/containers.conf"
 export DOCKER_HOST="unix://$state/podman.sock"

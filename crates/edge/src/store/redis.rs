@@ -19,9 +19,17 @@
 //!
 //! Each trait call is one round trip: `append` is one `EVALSHA` per batch whatever its size
 //! (the scripts are loaded automatically on `NOSCRIPT`, i.e. once per server), `read` one
-//! `EVALSHA`, `create` one `MULTI`…`EXEC` pipeline. The [`ConnectionManager`] multiplexes every
-//! call over one connection and reconnects by itself after the server went away; calls made
-//! while it is down fail with [`StoreError::Backend`].
+//! `EVALSHA`, `create` one `MULTI`…`EXEC` pipeline. The connection ([`RedisConn`]: one server,
+//! plain or TLS, or a Redis Cluster) multiplexes every call and reconnects by itself after the
+//! server went away; calls made while it is down fail with [`StoreError::Backend`].
+//!
+//! # Redis Cluster
+//!
+//! With a cluster connection every call is routed by the slot of its keys. Each call touches
+//! the keys of one stream only, all with the stream's hash tag, so every script and the
+//! `MULTI` of `create` run on one master; streams spread over the slots (and so the masters)
+//! by their random ids. After a failover the client learns the new slot map from `MOVED` and
+//! retries; calls made while a slot has no master fail with [`StoreError::Backend`].
 
 use std::{
     collections::HashMap,
@@ -29,13 +37,15 @@ use std::{
     time::Duration,
 };
 
-use ::redis::{
-    AsyncCommands as _, Client, RedisError, Script,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use ::redis::{AsyncCommands as _, RedisError, Script};
 
 use super::{Store, StoreError, StreamMeta};
-use crate::{event::Event, ids::StreamId, stream::StreamStatus};
+use crate::{
+    event::Event,
+    ids::StreamId,
+    redis_conn::{RedisArgs, RedisConn},
+    stream::StreamStatus,
+};
 
 /// How long a stream's keys live when nobody calls [`Store::expire`] (an owner that died
 /// mid-stream): long enough for any generation, short enough that nothing piles up.
@@ -152,11 +162,11 @@ static READ: LazyLock<Script> = LazyLock::new(|| Script::new(READ_LUA));
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| Script::new(EXPIRE_LUA));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
 
-/// History, metadata and leases in Redis (standalone, or a cluster through a proxy: every
-/// script touches one slot only). Cheap to clone.
+/// History, metadata and leases in Redis (one server or a Redis Cluster: every script
+/// touches one slot only). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
 }
 
 /// A Redis failure as a store error, counted.
@@ -188,21 +198,19 @@ fn parse_status(s: &str) -> Option<StreamStatus> {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[user:password@]host:port[/db]`; this build has no TLS,
-    /// so no `rediss://`) and checks the server answers. Later outages are survived: the
-    /// connection is re-established on the next call after a failure.
+    /// Connects to `url` (`redis://[user:password@]host:port[/db]`, `rediss://…`, or a
+    /// cluster's `redis+cluster://host:port,host:port`) with default options.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = Client::open(url).map_err(backend)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            // A call made while Redis is down fails within about a second rather than
-            // queueing behind a long reconnect loop; the next call tries again.
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
+        Self::connect_with(url, &RedisArgs::default()).await
+    }
+
+    /// Connects to `url` with the TLS, credential and cluster options of `args` (see
+    /// [`crate::redis_conn`]) and checks the server answers. Later outages are survived: the
+    /// connection is re-established on the next call after a failure.
+    pub async fn connect_with(url: &str, args: &RedisArgs) -> Result<Self, StoreError> {
+        let conn = RedisConn::connect(url, args)
             .await
-            .map_err(backend)?;
+            .map_err(|err| backend_msg(format!("{err:#}")))?;
         Ok(Self { conn })
     }
 
@@ -210,7 +218,7 @@ impl RedisStore {
     /// since its last use) is replaced by the manager, and `op` runs once more on the new one.
     async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(RedisConn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         match op(self.conn.clone()).await {
@@ -445,7 +453,7 @@ mod tests {
     }
 
     async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
-        Client::open(server.url())
+        ::redis::Client::open(server.url())
             .expect("url")
             .get_multiplexed_async_connection()
             .await

@@ -163,7 +163,7 @@ impl TestCluster {
     }
 }
 
-fn spawn_edge(
+pub fn spawn_edge(
     replica: &str,
     nats: &str,
     redis: &str,

@@ -338,6 +338,11 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "1000",
+                    // A replica may take over however long ago it last heard from its master
+                    // (a master killed right after the cluster formed would otherwise leave
+                    // its replica "too stale" to fail over).
+                    "--cluster-replica-validity-factor",
+                    "0",
                     "--save",
                     "",
                     "--appendonly",
@@ -363,6 +368,12 @@ impl RedisCluster {
         );
         let cluster = Self { nodes };
         cluster.wait_healthy();
+        wait_blocking("every replica synced", Duration::from_secs(30), || {
+            (0..cluster.nodes.len()).all(|i| {
+                let info = cluster.info(i, &["info", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            })
+        });
         cluster
     }
 
@@ -400,6 +411,12 @@ impl RedisCluster {
     /// The index of the node that is master for `key`'s slot right now, as a live node
     /// sees it.
     pub fn master_of(&self, key: &str) -> usize {
+        self.try_master_of(key)
+            .unwrap_or_else(|| panic!("no live master serves the slot of {key}"))
+    }
+
+    /// [`RedisCluster::master_of`], or none while the slot has no live master.
+    pub fn try_master_of(&self, key: &str) -> Option<usize> {
         let live = (0..self.nodes.len())
             .find(|&i| TcpStream::connect(self.nodes[i].addr).is_ok())
             .expect("a live node");
@@ -420,12 +437,10 @@ impl RedisCluster {
             });
             if serves {
                 let addr = fields[1].split('@').next().unwrap_or_default();
-                if let Some(i) = self.nodes.iter().position(|n| n.addr.to_string() == addr) {
-                    return i;
-                }
+                return self.nodes.iter().position(|n| n.addr.to_string() == addr);
             }
         }
-        panic!("no master serves slot {slot}: {nodes}");
+        None
     }
 
     /// Keys stored on node `i` (`DBSIZE`).
@@ -447,7 +462,7 @@ impl RedisCluster {
                 live.is_some_and(|i| {
                     self.info(i, &["cluster", "info"])
                         .contains("cluster_state:ok")
-                }) && self.master_of(key) != old
+                }) && self.try_master_of(key).is_some_and(|m| m != old)
             },
         );
         old

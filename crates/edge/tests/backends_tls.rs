@@ -50,7 +50,8 @@ fn nats_args(tls: &TlsDir, password_file: PathBuf) -> NatsArgs {
 }
 
 /// A TLS-only Redis that verifies client certificates, with the default user disabled and
-/// one ACL user limited to tokenfan's keys.
+/// one ACL user limited to tokenfan's keys and to commands outside `@dangerous` (the ACL
+/// that deploy/ and docs/operations.md recommend).
 fn secure_redis(tls: &TlsDir) -> RedisServer {
     let password = format!(">{REDIS_PASSWORD}");
     RedisServer::start_tls(
@@ -66,6 +67,7 @@ fn secure_redis(tls: &TlsDir) -> RedisServer {
             &password,
             "~tokenfan:*",
             "+@all",
+            "-@dangerous",
         ],
     )
 }

@@ -19,9 +19,9 @@
 //! - `--nats-url a,b,c` is a seed list: the first connect tries each (in random order) until
 //!   one answers, so start-up survives a node being down; later the client also reconnects
 //!   to the nodes the server announces (`connect_urls`).
-//! - Authentication: user and password, a token, an NKey seed file, or a `.creds` file (JWT
-//!   + seed, decentralised auth) — one of them. Secrets come from files or environment
-//!   variables and are never logged (see [`crate::secret`]).
+//! - Authentication: user and password, a token, an NKey seed file, or a `.creds` file (a
+//!   user JWT and its seed: decentralised auth) — one of them. Secrets come from files or
+//!   environment variables and are never logged (see [`crate::secret`]).
 //! - TLS: `tls://` URLs, or `--nats-ca-file` (which then requires TLS on every node), and
 //!   an optional client certificate (`--nats-client-cert`, `--nats-client-key`) for servers
 //!   that verify clients.

@@ -30,6 +30,13 @@ use crate::secret::Secret;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a reply may take before the call fails.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a call to a Redis Cluster keeps being retried while the cluster reports a
+/// topology change (`MOVED`, `TRYAGAIN`, `CLUSTERDOWN`) or the node holding its slot is
+/// unreachable: long enough for a replica to take over a dead master with a node timeout of a
+/// few seconds, so the failover costs a pause instead of a lost write.
+pub const CLUSTER_RETRY_WINDOW: Duration = Duration::from_secs(6);
+/// Longest pause between two of those attempts.
+const CLUSTER_RETRY_MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// Redis connection options (flattened into the edge's configuration).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -270,8 +277,8 @@ impl RedisConn {
             let mut builder = ClusterClientBuilder::new(infos)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
-                // A call during a failover is retried while the cluster elects a new master
-                // (a few seconds with the default node timeout), then fails.
+                // Quick redirects and reconnects; a failover is outlasted by
+                // `CLUSTER_RETRY_WINDOW` around each call (see `RedisConn::req_packed_command`).
                 .retries(6)
                 .min_retry_wait(100)
                 .max_retry_wait(1_000);
@@ -313,11 +320,72 @@ impl RedisConn {
     }
 }
 
+/// Whether a Redis Cluster call failed because the cluster is changing under it (a failover
+/// in progress), so the same call may succeed a moment later. Every call the edge makes is
+/// safe to repeat: appends skip stored seqs, the rest set absolute values.
+fn cluster_in_flux(err: &redis::RedisError) -> bool {
+    err.is_cluster_error()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || moved_inside_transaction(err)
+}
+
+/// A `MULTI`…`EXEC` sent on a stale slot map comes back as an aborted transaction whose
+/// commands each got `MOVED`; the client follows `MOVED` only for single commands.
+fn moved_inside_transaction(err: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, ClusterDown, Moved, TryAgain};
+    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && err.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, e)| matches!(e.kind(), Some(Moved | Ask | TryAgain | ClusterDown)))
+        })
+}
+
+/// The first key of a pipeline (the argument after its first command's name), if any.
+fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
+    pipeline
+        .cmd_iter()
+        .next()?
+        .args_iter()
+        .nth(1)
+        .and_then(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes.to_vec()),
+            _ => None,
+        })
+}
+
+/// Runs `attempt` until it succeeds, fails for another reason, or [`CLUSTER_RETRY_WINDOW`]
+/// has passed, with a growing pause between attempts.
+async fn outlast_failover<'a, T, F>(mut attempt: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> RedisFuture<'a, T>,
+{
+    let deadline = tokio::time::Instant::now() + CLUSTER_RETRY_WINDOW;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Err(err) if cluster_in_flux(&err) && tokio::time::Instant::now() + wait < deadline => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(CLUSTER_RETRY_MAX_WAIT);
+            }
+            other => return other,
+        }
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => {
+                // A clone of the connection is a handle to the same one (no new sockets).
+                let c = c.clone();
+                Box::pin(outlast_failover(move || {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.req_packed_command(cmd).await })
+                }))
+            }
         }
     }
 
@@ -329,7 +397,27 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => {
+                let c = c.clone();
+                let key = first_key(pipeline);
+                Box::pin(outlast_failover(move || {
+                    let (mut c, key) = (c.clone(), key.clone());
+                    Box::pin(async move {
+                        let result = c.req_packed_commands(pipeline, offset, count).await;
+                        if let (Err(err), Some(key)) = (&result, key)
+                            && moved_inside_transaction(err)
+                        {
+                            // A single command on the same slot gets `MOVED`, which makes the
+                            // client refresh its slot map before the transaction is retried.
+                            let _ = redis::cmd("EXISTS")
+                                .arg(key)
+                                .query_async::<Value>(&mut c)
+                                .await;
+                        }
+                        result
+                    })
+                }))
+            }
         }
     }
 

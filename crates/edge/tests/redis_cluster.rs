@@ -90,6 +90,9 @@ async fn the_store_survives_a_master_failover() {
     let port = cluster.nodes[master].addr.port().to_string();
     let _ = tokenfan_edge::testkit::redis_cli(&["-p", &port, "wait", "1", "2000"]);
 
+    // A second connection that will not touch the cluster until after the failover: its slot
+    // map is stale then.
+    let idle = RedisStore::connect(&cluster.url()).await.expect("connect");
     cluster.fail_master_of(&keys::meta(&id));
     // The client learns the new master (MOVED / a refreshed slot map) and carries on.
     let events = wait_until(Duration::from_secs(20), || async {
@@ -99,6 +102,18 @@ async fn the_store_survives_a_master_failover() {
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
     store.append(&id, &[token(3)]).await.expect("append after");
     assert_eq!(store.read(&id, 2).await.expect("read")[0].seq, 3);
+
+    // `create` is a MULTI…EXEC, which the client does not redirect by itself: on the stale
+    // map it is aborted with MOVED, and the connection refreshes the map and retries.
+    let promoted = cluster.master_of(&keys::meta(&id));
+    let moved = std::iter::repeat_with(StreamId::random)
+        .find(|other| cluster.master_of(&keys::meta(other)) == promoted)
+        .expect("an id on the promoted master");
+    idle.create(&moved, meta())
+        .await
+        .expect("create on a slot that moved");
+    idle.append(&moved, &[token(1)]).await.expect("append");
+    assert_eq!(idle.read(&moved, 0).await.expect("read").len(), 1);
 }
 
 /// What the mock generator answers to `prompt` with seed 11, cut at `max_tokens`.
@@ -120,7 +135,12 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     let mut redis = RedisCluster::start(3, 1);
     let nats = NatsServer::start();
     let generator = Generator::start();
-    let options = EdgeOptions::default();
+    // The owner lease must outlive the failover (node timeout 1 s, then an election): an
+    // owner waiting for Redis keeps its streams instead of a follower taking them over.
+    let options = EdgeOptions {
+        args: vec!["--lease-ttl-ms".into(), "10000".into()],
+        env: Vec::new(),
+    };
     let edges = [0, 1].map(|i| {
         common::cluster::spawn_edge(
             &format!("edge-{i}"),
@@ -189,6 +209,32 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     assert_contiguous(&all, 1);
     assert_eq!(all.last().expect("events")["type"], "done");
     assert_eq!(text_of(&all), expected_text("redis cluster", 150));
+    // The history written across the failover reads back whole from the new master.
+    let stored = short_poll(0, 0).await.expect("short poll");
+    let stored = stored["events"].as_array().expect("events").clone();
+    assert_contiguous(&stored, 1);
+    assert_eq!(text_of(&stored), expected_text("redis cluster", 150));
+    let fresh = common::cluster::spawn_edge(
+        "edge-late",
+        &nats.url(),
+        &redis.url(),
+        &generator.url(),
+        &options,
+    );
+    let from_store = wait_until(Duration::from_secs(20), || async {
+        let v: Value = http
+            .get(fresh.url(&format!("/v1/streams/{id}?after=0")))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["events"].as_array().cloned()
+    })
+    .await;
+    assert_contiguous(&from_store, 1);
+    assert_eq!(text_of(&from_store), expected_text("redis cluster", 150));
 
     // A new stream after the failover works end to end, resumed on the other replica.
     let r = http
@@ -197,7 +243,8 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
         .send()
         .await
         .expect("POST");
-    assert_eq!(r.status(), 201);
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
     let id2 = r.json::<Value>().await.expect("json")["id"]
         .as_str()
         .expect("id")

@@ -186,11 +186,16 @@ pub fn spawn_edge(
             redis,
             "--generator",
             generators,
-            "--lease-ttl-ms",
-            "1000",
             "--generator-idle-timeout-secs",
             "3",
         ])
+        // A short lease, so takeovers are quick, unless the test sets its own.
+        .args(
+            (!options.args.iter().any(|a| a == "--lease-ttl-ms"))
+                .then_some(["--lease-ttl-ms", "1000"])
+                .into_iter()
+                .flatten(),
+        )
         .args(&options.args)
         .envs(options.env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())

@@ -6,7 +6,8 @@
 //!   `--redis-client-cert` / `--redis-client-key` add a client certificate).
 //! - `redis+cluster://host:port[,host:port…]` (or `rediss+cluster://`, or any of the above with
 //!   `--redis-cluster`): a Redis Cluster, reached through these seed nodes. The client learns
-//!   the slot map from them, follows `MOVED`/`ASK`, and refreshes the map after a failover.
+//!   the slot map from them, follows `MOVED`/`ASK`, and refreshes the map after a failover;
+//!   calls made during a failover are retried for up to [`CLUSTER_RETRY_WINDOW`].
 //!   Every script the edge runs touches keys with one hash tag, so each runs on one node.
 //! - `--redis-username` and `--redis-password` (or `--redis-password-file`) override the
 //!   credentials of the URL, so the URL itself can stay free of secrets.

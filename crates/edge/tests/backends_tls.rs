@@ -224,6 +224,16 @@ async fn nats_token_and_nkey_authentication() {
         .await
         .expect_err("not a seed");
     assert!(err.to_string().contains("NKey seed"), "{err}");
+
+    // A `.creds` file that is not one fails start-up with a message naming the option.
+    let creds = NatsArgs {
+        nats_creds_file: Some(dir.write("user.creds", "not a creds file")),
+        ..NatsArgs::default()
+    };
+    let err = NatsBus::connect_with(&nkey_server.url(), &creds, "creds")
+        .await
+        .expect_err("not a creds file");
+    assert!(err.to_string().contains("--nats-creds-file"), "{err}");
 }
 
 #[tokio::test]

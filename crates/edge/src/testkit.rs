@@ -316,45 +316,96 @@ pub struct RedisCluster {
     /// Every node, masters first (as `redis-cli --cluster create` assigns them at creation;
     /// roles change on failover: ask [`RedisCluster::master_of`]).
     pub nodes: Vec<ServerProcess>,
+    /// `redis-cli` arguments for TLS (empty without TLS).
+    cli_tls: Vec<String>,
 }
 
 impl RedisCluster {
     /// Starts the nodes, creates the cluster and waits until every slot is served.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// [`RedisCluster::start`] with TLS only, between nodes too (`--tls-cluster`,
+    /// `--tls-replication`), with `tls`'s certificate; clients are not asked for one.
+    pub fn start_tls(masters: usize, replicas: usize, tls: &TlsFiles) -> Self {
+        Self::start_with(masters, replicas, Some(tls))
+    }
+
+    fn start_with(masters: usize, replicas: usize, tls: Option<&TlsFiles>) -> Self {
         let count = masters * (1 + replicas);
+        let path = |p: &PathBuf| p.display().to_string();
+        let cli_tls: Vec<String> = tls
+            .map(|t| {
+                vec![
+                    "--tls".to_owned(),
+                    "--cacert".to_owned(),
+                    path(&t.ca),
+                    "--cert".to_owned(),
+                    path(&t.cert),
+                    "--key".to_owned(),
+                    path(&t.key),
+                ]
+            })
+            .unwrap_or_default();
         let nodes: Vec<ServerProcess> = (0..count)
             .map(|_| {
                 let port = free_port();
                 let addr: SocketAddr = ([127, 0, 0, 1], port).into();
                 let dir = temp_dir("redis-cluster");
-                let args = [
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    // A replica may take over however long ago it last heard from its master
-                    // (a master killed right after the cluster formed would otherwise leave
-                    // its replica "too stale" to fail over).
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    &dir.display().to_string(),
-                ]
-                .map(str::to_owned);
+                let listen: Vec<String> = match tls {
+                    None => vec!["--port".into(), port.to_string()],
+                    Some(t) => [
+                        "--port",
+                        "0",
+                        "--tls-port",
+                        &port.to_string(),
+                        "--tls-cluster",
+                        "yes",
+                        "--tls-replication",
+                        "yes",
+                        "--tls-cert-file",
+                        &path(&t.cert),
+                        "--tls-key-file",
+                        &path(&t.key),
+                        "--tls-ca-cert-file",
+                        &path(&t.ca),
+                        "--tls-auth-clients",
+                        "no",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec(),
+                };
+                let mut args = listen;
+                args.extend(
+                    [
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // A replica may take over however long ago it last heard from its master
+                        // (a master killed right after the cluster formed would otherwise leave
+                        // its replica "too stale" to fail over).
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        &dir.display().to_string(),
+                    ]
+                    .map(str::to_owned),
+                );
                 spawn("redis-server", "redis-server", &args, dir, addr)
             })
             .collect();
-        let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
+        let mut create: Vec<String> = cli_tls.clone();
+        create.extend(["--cluster".into(), "create".into()]);
         create.extend(nodes.iter().map(|n| n.addr.to_string()));
         create.extend([
             "--cluster-replicas".into(),
@@ -366,7 +417,7 @@ impl RedisCluster {
             out.contains("[OK] All 16384 slots covered"),
             "cluster create: {out}"
         );
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, cli_tls };
         cluster.wait_healthy();
         wait_blocking("every replica synced", Duration::from_secs(30), || {
             (0..cluster.nodes.len()).all(|i| {
@@ -377,15 +428,21 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis+cluster://` with every node as a seed.
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) with every node as a seed.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = if self.cli_tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
+        format!("{scheme}+cluster://{}", seeds.join(","))
     }
 
     fn info(&self, node: usize, what: &[&str]) -> String {
         let port = self.nodes[node].addr.port().to_string();
-        let mut args = vec!["-h", "127.0.0.1", "-p", &port];
+        let mut args: Vec<&str> = self.cli_tls.iter().map(String::as_str).collect();
+        args.extend(["-h", "127.0.0.1", "-p", &port]);
         args.extend(what);
         redis_cli(&args)
     }

@@ -264,3 +264,22 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     assert_contiguous(&done, 1);
     assert_eq!(text_of(&done), expected_text("after failover", 20));
 }
+
+#[tokio::test]
+async fn the_store_conforms_on_a_tls_redis_cluster() {
+    let tls = common::tls::TlsDir::new();
+    let cluster = RedisCluster::start_tls(3, 0, &tls.files);
+    let args = tokenfan_edge::redis_conn::RedisArgs {
+        redis_ca_file: Some(tls.files.ca.clone()),
+        ..Default::default()
+    };
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let store = RedisStore::connect_with(&cluster.url(), &args)
+        .await
+        .expect("TLS cluster connect");
+    assert!(store.healthy().await);
+    tokenfan_edge::store::conformance::run(&store).await;
+    // Plain text to a TLS-only cluster fails at start-up.
+    let plain = cluster.url().replacen("rediss+", "redis+", 1);
+    assert!(RedisStore::connect(&plain).await.is_err());
+}

@@ -314,11 +314,6 @@ impl RedisConn {
             Ok(Self::Single(conn))
         }
     }
-
-    /// Whether this is a Redis Cluster connection.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
-    }
 }
 
 /// Whether a Redis Cluster call failed because the cluster is changing under it (a failover

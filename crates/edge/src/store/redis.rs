@@ -29,7 +29,9 @@
 //! the keys of one stream only, all with the stream's hash tag, so every script and the
 //! `MULTI` of `create` run on one master; streams spread over the slots (and so the masters)
 //! by their random ids. After a failover the client learns the new slot map from `MOVED` and
-//! retries; calls made while a slot has no master fail with [`StoreError::Backend`].
+//! retries; calls made while a slot has no master are retried for up to
+//! [`CLUSTER_RETRY_WINDOW`](crate::redis_conn::CLUSTER_RETRY_WINDOW), then fail with
+//! [`StoreError::Backend`].
 
 use std::{
     collections::HashMap,

@@ -6,7 +6,7 @@
 #   - deploy/Dockerfile: `checkov`
 #   - deploy/compose.yaml (alone and with compose.secure.yaml): `docker-compose config -q` (1.29), and the compose-spec JSON schema
 #   - deploy/prometheus.yml: `promtool check config`
-#   - the NATS configuration of k8s/ loads in a real nats-server
+#   - the NATS configurations of k8s/ (base, and secure with throwaway certificates) load in a real nats-server
 #   - the collector, Tempo and Grafana provisioning files parse as YAML
 #   - deploy/grafana/dashboards/*.json: parsed, and every metric and label they query checked
 #     against the /metrics of a real tokenfan-edge and tokenfan-generator after one stream
@@ -148,23 +148,28 @@ PY
 
 # The NATS configuration of k8s/ must load in a real nats-server (random loopback ports; the
 # cluster routes point at names that do not resolve here, which nats-server tolerates).
+# Arguments: the manifest holding the ConfigMap (default k8s/base/nats.yaml) and, for the
+# secure overlay, a directory with the TLS files (deploy/secure/make-secrets.sh) that stand in
+# for the mounted Secret.
 nats_config_loads() {
-  "$venv/bin/python" - "$work" <<'PY'
+  "$venv/bin/python" - "$work" "${1:-k8s/base/nats.yaml}" "${2:-}" <<'PY'
 import os, re, subprocess, sys, time, yaml
-work = sys.argv[1]
+work, manifest, tls = sys.argv[1], sys.argv[2], sys.argv[3]
 conf = None
-for doc in yaml.safe_load_all(open("k8s/base/nats.yaml")):
+for doc in yaml.safe_load_all(open(manifest)):
     if doc and doc.get("kind") == "ConfigMap":
         conf = doc["data"]["nats.conf"]
 if conf is None:
-    sys.exit("k8s/base/nats.yaml has no ConfigMap with nats.conf")
+    sys.exit(f"{manifest} has no ConfigMap with nats.conf")
 conf = re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:-1", conf)
 conf = conf.replace("/var/run/nats/", work + "/")
+if tls:
+    conf = conf.replace("/etc/nats-tls/", tls + "/")
 path = os.path.join(work, "nats.conf")
 open(path, "w").write(conf)
 log = open(os.path.join(work, "nats.log"), "w+")
 proc = subprocess.Popen(["nats-server", "--config", path], stdout=log, stderr=log,
-                        env=dict(os.environ, SERVER_NAME="nats-0"))
+                        env=dict(os.environ, SERVER_NAME="nats-0", NATS_PASSWORD="example"))
 deadline = time.monotonic() + 10
 ready = False
 while time.monotonic() < deadline and proc.poll() is None:
@@ -178,7 +183,7 @@ if proc.poll() is None:
     proc.wait(timeout=10)
 log.seek(0)
 if not ready:
-    sys.exit("nats-server did not start with k8s/base/nats.yaml's nats.conf:\n" + log.read()[-2000:])
+    sys.exit(f"nats-server did not start with {manifest}'s nats.conf:\n" + log.read()[-2000:])
 PY
 }
 
@@ -210,6 +215,13 @@ for overlay in dev prod secure; do
     checkov_file "k8s-$overlay" kubernetes "$rendered" "${skips[@]}"
 done
 check "nats-server loads the NATS configuration of k8s/base/nats.yaml" nats_config_loads
+nats_secure_config_loads() {
+  mkdir -p "$work/secure-tls" && cp deploy/secure/make-secrets.sh "$work/secure-tls/" &&
+    sh "$work/secure-tls/make-secrets.sh" >/dev/null &&
+    nats_config_loads k8s/overlays/secure/nats-secure.yaml "$work/secure-tls"
+}
+check "nats-server loads the NATS configuration of k8s/overlays/secure (TLS, users)" \
+  nats_secure_config_loads
 check "YAML parses: collector configs of k8s/" \
   yaml_parses k8s/base/otel-collector-config.yaml k8s/overlays/dev/otel-collector-config.yaml
 

@@ -1,6 +1,6 @@
 //! Production-shaped backends: a 3-node NATS cluster with TLS (client certificates verified)
-//! and password authentication, a TLS-only Redis with an ACL user, and NATS token and NKey
-//! authentication. The bus and store conformance suites run against each; edges started
+//! and password authentication, a TLS-only Redis with an ACL user, and NATS token, NKey and
+//! `.creds` (operator mode) authentication. The bus and store conformance suites run against each; edges started
 //! against a seed list whose first node is down deliver a stream exactly once while the NATS
 //! node their owner publishes through is killed.
 
@@ -473,4 +473,89 @@ fn secrets_never_show_in_the_configuration_dump() {
     .expect("parses");
     let err = both.validate().expect_err("two ways");
     assert!(err.to_string().contains("one NATS authentication"), "{err}");
+}
+
+/// A NATS JWT (v2) with `claims`, signed by `issuer`.
+fn nats_jwt(mut claims: Value, issuer: &nkeys::KeyPair) -> String {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    claims["iss"] = issuer.public_key().into();
+    claims["iat"] = 1_700_000_000u64.into();
+    claims["jti"] = format!("{:x}", rand_u64()).into();
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signed = format!("{header}.{body}");
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("random");
+    u64::from_le_bytes(bytes)
+}
+
+#[tokio::test]
+async fn nats_creds_file_authentication_in_operator_mode() {
+    use serde_json::json;
+    let dir = TlsDir::new();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        json!({"name": "op", "sub": operator.public_key(),
+               "nats": {"type": "operator", "version": 2}}),
+        &operator,
+    );
+    let account_jwt = nats_jwt(
+        json!({"name": "tokenfan", "sub": account.public_key(),
+               "nats": {"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                                   "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                        "type": "account", "version": 2}}),
+        &operator,
+    );
+    let user_jwt = nats_jwt(
+        json!({"name": "edge", "sub": user.public_key(),
+               "nats": {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                        "type": "user", "version": 2}}),
+        &account,
+    );
+    let server = NatsServer::start_with_config(&format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}",
+        account.public_key()
+    ));
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().expect("seed")
+    );
+    let args = NatsArgs {
+        nats_creds_file: Some(dir.write("edge.creds", &creds)),
+        ..NatsArgs::default()
+    };
+    let bus = NatsBus::connect_with(&server.url(), &args, "creds")
+        .await
+        .expect("the .creds file is accepted");
+    tokenfan_edge::bus::conformance::run(&bus).await;
+    // Without credentials, or with a user the account did not sign: refused.
+    assert!(NatsBus::connect(&server.url(), "anonymous").await.is_err());
+    let stranger = nkeys::KeyPair::new_user();
+    let forged = nats_jwt(
+        json!({"name": "x", "sub": stranger.public_key(),
+               "nats": {"pub": {}, "sub": {}, "type": "user", "version": 2}}),
+        &nkeys::KeyPair::new_account(),
+    );
+    let forged_creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{forged}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        stranger.seed().expect("seed")
+    );
+    let wrong = NatsArgs {
+        nats_creds_file: Some(dir.write("forged.creds", &forged_creds)),
+        ..NatsArgs::default()
+    };
+    assert!(
+        NatsBus::connect_with(&server.url(), &wrong, "forged")
+            .await
+            .is_err()
+    );
 }

@@ -113,6 +113,23 @@ fn spawn(
     }
 }
 
+/// Runs `start` up to three times: a cluster takes many ports (and Redis Cluster also the
+/// port + 10,000 of each node), picked free but unreserved, so another process on the machine
+/// may take one before the server binds it; the server then exits and `start` panics, its
+/// started nodes are killed as the panic unwinds, and the next attempt picks new ports.
+fn with_fresh_ports<T>(what: &str, start: impl Fn() -> T) -> T {
+    for attempt in 1.. {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&start)) {
+            Ok(started) => return started,
+            Err(panic) if attempt >= 3 => std::panic::resume_unwind(panic),
+            Err(_) => {
+                eprintln!("{what}: start failed (attempt {attempt}); retrying on other ports")
+            }
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
 fn start_child(binary: &str, args: &[String], dir: &std::path::Path) -> Child {
     Command::new(find(binary))
         .args(args)
@@ -333,6 +350,10 @@ impl RedisCluster {
     }
 
     fn start_with(masters: usize, replicas: usize, tls: Option<&TlsFiles>) -> Self {
+        with_fresh_ports("Redis Cluster", || Self::try_start(masters, replicas, tls))
+    }
+
+    fn try_start(masters: usize, replicas: usize, tls: Option<&TlsFiles>) -> Self {
         let count = masters * (1 + replicas);
         let path = |p: &PathBuf| p.display().to_string();
         let cli_tls: Vec<String> = tls
@@ -540,6 +561,10 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts the nodes and waits until each is routed to every other.
     pub fn start(size: usize, extra: &str) -> Self {
+        with_fresh_ports("NATS cluster", || Self::try_start(size, extra))
+    }
+
+    fn try_start(size: usize, extra: &str) -> Self {
         let ports: Vec<(u16, u16, u16)> = (0..size)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();

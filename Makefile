@@ -64,9 +64,9 @@ build:
 release:
 	$(CARGO) build --release --locked --bins
 
-## deps: install the Debian packages the tests use when they are missing
+## deps: install the Debian packages the tests use when they are missing (redis-cli builds the test Redis Cluster)
 deps:
-	@scripts/install-deps.sh nats-server:nats-server redis-server:redis-server
+	@scripts/install-deps.sh nats-server:nats-server redis-server:redis-server redis-cli:redis-tools
 
 ## cluster-up: nats, redis, 2 generators, 3 edges (8081-8083) and nginx on 8080, on loopback
 cluster-up:

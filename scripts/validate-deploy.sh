@@ -3,12 +3,12 @@
 # container: `make compose-smoke` builds the image and runs the compose topology with podman;
 # no Kubernetes cluster runs on the build machines, and the collector, Tempo and Grafana have
 # no Debian package, so those stay static):
-#   - k8s/overlays/{dev,prod}: `kubectl kustomize`, then `kubernetes-validate --strict` against
+#   - k8s/overlays/{dev,prod,secure}: `kubectl kustomize`, then `kubernetes-validate --strict` against
 #     the oldest and newest Kubernetes versions we support, then `checkov`
 #   - deploy/Dockerfile: `checkov`
-#   - deploy/compose.yaml: `docker-compose config -q` (1.29) and the compose-spec JSON schema
+#   - deploy/compose.yaml (alone and with compose.secure.yaml): `docker-compose config -q` (1.29), and the compose-spec JSON schema
 #   - deploy/prometheus.yml: `promtool check config`
-#   - the NATS configuration of k8s/ loads in a real nats-server
+#   - the NATS configurations of k8s/ (base, and secure with throwaway certificates) load in a real nats-server
 #   - the collector, Tempo and Grafana provisioning files parse as YAML
 #   - deploy/grafana/dashboards/*.json: parsed, and every metric and label they query checked
 #     against the /metrics of a real tokenfan-edge and tokenfan-generator after one stream
@@ -42,6 +42,11 @@ K8S_VERSIONS=(1.30.0 1.37.0)
 #               cluster by hand (kind load / minikube image load); pulling would fail.
 SKIP_K8S_COMMON=(CKV_K8S_43)
 SKIP_K8S_DEV=(CKV_K8S_15)
+#   CKV_K8S_35  (secure overlay only) secrets as environment variables: the NATS server reads
+#               its user's password as $NATS_PASSWORD (its configuration cannot read a file;
+#               nats-server 2.9 includes only relative paths). The edges read every secret
+#               from files.
+SKIP_K8S_SECURE=(CKV_K8S_35)
 SKIP_DOCKERFILE=()
 
 # ------------------------------------------------------------------ tools
@@ -150,23 +155,28 @@ PY
 
 # The NATS configuration of k8s/ must load in a real nats-server (random loopback ports; the
 # cluster routes point at names that do not resolve here, which nats-server tolerates).
+# Arguments: the manifest holding the ConfigMap (default k8s/base/nats.yaml) and, for the
+# secure overlay, a directory with the TLS files (deploy/secure/make-secrets.sh) that stand in
+# for the mounted Secret.
 nats_config_loads() {
-  "$venv/bin/python" - "$work" <<'PY'
+  "$venv/bin/python" - "$work" "${1:-k8s/base/nats.yaml}" "${2:-}" <<'PY'
 import os, re, subprocess, sys, time, yaml
-work = sys.argv[1]
+work, manifest, tls = sys.argv[1], sys.argv[2], sys.argv[3]
 conf = None
-for doc in yaml.safe_load_all(open("k8s/base/nats.yaml")):
+for doc in yaml.safe_load_all(open(manifest)):
     if doc and doc.get("kind") == "ConfigMap":
         conf = doc["data"]["nats.conf"]
 if conf is None:
-    sys.exit("k8s/base/nats.yaml has no ConfigMap with nats.conf")
+    sys.exit(f"{manifest} has no ConfigMap with nats.conf")
 conf = re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:-1", conf)
 conf = conf.replace("/var/run/nats/", work + "/")
+if tls:
+    conf = conf.replace("/etc/nats-tls/", tls + "/")
 path = os.path.join(work, "nats.conf")
 open(path, "w").write(conf)
 log = open(os.path.join(work, "nats.log"), "w+")
 proc = subprocess.Popen(["nats-server", "--config", path], stdout=log, stderr=log,
-                        env=dict(os.environ, SERVER_NAME="nats-0"))
+                        env=dict(os.environ, SERVER_NAME="nats-0", NATS_PASSWORD="example"))
 deadline = time.monotonic() + 10
 ready = False
 while time.monotonic() < deadline and proc.poll() is None:
@@ -180,13 +190,13 @@ if proc.poll() is None:
     proc.wait(timeout=10)
 log.seek(0)
 if not ready:
-    sys.exit("nats-server did not start with k8s/base/nats.yaml's nats.conf:\n" + log.read()[-2000:])
+    sys.exit(f"nats-server did not start with {manifest}'s nats.conf:\n" + log.read()[-2000:])
 PY
 }
 
 skips_documented() {
   local missing=0
-  for id in "${SKIP_K8S_COMMON[@]}" "${SKIP_K8S_DEV[@]}" "${SKIP_DOCKERFILE[@]}"; do
+  for id in "${SKIP_K8S_COMMON[@]}" "${SKIP_K8S_DEV[@]}" "${SKIP_K8S_SECURE[@]}" "${SKIP_DOCKERFILE[@]}"; do
     if ! grep -q "$id" docs/operations.md; then
       echo "$id is skipped in scripts/validate-deploy.sh but not explained in docs/operations.md"
       missing=1
@@ -196,7 +206,7 @@ skips_documented() {
 }
 
 # ------------------------------------------------------------------ Kubernetes
-for overlay in dev prod; do
+for overlay in dev prod secure; do
   rendered="$work/k8s-$overlay.yaml"
   check "kubectl kustomize k8s/overlays/$overlay" \
     bash -c "kubectl kustomize k8s/overlays/$overlay >'$rendered'"
@@ -207,10 +217,18 @@ for overlay in dev prod; do
   done
   skips=("${SKIP_K8S_COMMON[@]}")
   [ "$overlay" = dev ] && skips+=("${SKIP_K8S_DEV[@]}")
+  [ "$overlay" = secure ] && skips+=("${SKIP_K8S_SECURE[@]}")
   check "checkov k8s/overlays/$overlay (skipping ${skips[*]})" \
     checkov_file "k8s-$overlay" kubernetes "$rendered" "${skips[@]}"
 done
 check "nats-server loads the NATS configuration of k8s/base/nats.yaml" nats_config_loads
+nats_secure_config_loads() {
+  mkdir -p "$work/secure-tls" && cp deploy/secure/make-secrets.sh "$work/secure-tls/" &&
+    sh "$work/secure-tls/make-secrets.sh" >/dev/null &&
+    nats_config_loads k8s/overlays/secure/nats-secure.yaml "$work/secure-tls"
+}
+check "nats-server loads the NATS configuration of k8s/overlays/secure (TLS, users)" \
+  nats_secure_config_loads
 check "YAML parses: collector configs of k8s/" \
   yaml_parses k8s/base/otel-collector-config.yaml k8s/overlays/dev/otel-collector-config.yaml
 
@@ -400,6 +418,14 @@ check "checkov deploy/Dockerfile" \
   checkov_file dockerfile dockerfile deploy/Dockerfile "${SKIP_DOCKERFILE[@]}"
 check "docker-compose -f deploy/compose.yaml config -q" \
   docker-compose -f deploy/compose.yaml config -q
+# The secure override needs its secret files: make a throwaway set in a copy of deploy/.
+compose_secure_config() {
+  rm -rf "$work/deploy" && cp -r deploy "$work/deploy" &&
+    sh "$work/deploy/secure/make-secrets.sh" >/dev/null &&
+    docker-compose -f "$work/deploy/compose.yaml" -f "$work/deploy/compose.secure.yaml" config -q
+}
+check "docker-compose -f deploy/compose.yaml -f deploy/compose.secure.yaml config -q" \
+  compose_secure_config
 check "check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml" \
   "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 check "promtool check config deploy/prometheus.yml" \

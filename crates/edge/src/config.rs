@@ -21,13 +21,23 @@ pub struct EdgeConfig {
     #[arg(long, env = "TOKENFAN_EDGE_GENERATOR", value_delimiter = ',')]
     pub generator: Vec<String>,
 
-    /// NATS URL for fan-out between replicas (cluster mode, with `--redis-url`).
+    /// NATS URLs for fan-out between replicas (cluster mode, with `--redis-url`):
+    /// comma-separated seed nodes of one NATS cluster (`nats://` or `tls://`); the first
+    /// connect tries each. Credentials and TLS: the `--nats-*` options.
     #[arg(long, env = "TOKENFAN_EDGE_NATS_URL")]
     pub nats_url: Option<String>,
 
-    /// Redis URL for stream history and owner leases (cluster mode, with `--nats-url`).
+    /// Redis URL for stream history and owner leases (cluster mode, with `--nats-url`):
+    /// `redis://`, `rediss://` (TLS), or a Redis Cluster's `redis+cluster://host:port,…`.
+    /// Credentials, TLS files and cluster mode: the `--redis-*` options.
     #[arg(long, env = "TOKENFAN_EDGE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    #[command(flatten)]
+    pub nats: crate::bus::nats::NatsArgs,
+
+    #[command(flatten)]
+    pub redis: crate::redis_conn::RedisArgs,
 
     /// This replica's name in logs, metrics and leases (default: the host name, which is the
     /// pod name on Kubernetes; without one, `edge-<listen port>`).
@@ -228,6 +238,8 @@ impl EdgeConfig {
         self.telemetry.validate()?;
         self.auth.validate()?;
         self.limits.validate()?;
+        self.nats.validate(self.nats_url.as_deref())?;
+        self.redis.validate(self.redis_url.as_deref())?;
         if self.nats_url.is_some() != self.redis_url.is_some() {
             bail!(
                 "--nats-url and --redis-url go together: cluster mode needs both \

@@ -24,7 +24,9 @@ pub mod limits;
 mod mirror;
 pub mod observability;
 mod owner;
+pub mod redis_conn;
 pub mod request;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod stream;
@@ -97,8 +99,8 @@ pub async fn start(
     let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
         match (&config.nats_url, &config.redis_url) {
             (Some(nats), Some(redis)) => (
-                Arc::new(RedisStore::connect(redis).await?),
-                Arc::new(NatsBus::connect(nats, &replica).await?),
+                Arc::new(RedisStore::connect_with(redis, &config.redis).await?),
+                Arc::new(NatsBus::connect_with(nats, &config.nats, &replica).await?),
                 true,
             ),
             _ => (

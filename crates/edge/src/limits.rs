@@ -18,8 +18,9 @@
 //! script ([`LIMIT_LUA`], run with `EVALSHA`, loaded on `NOSCRIPT`) using Redis's clock, so
 //! every replica enforces the same totals. Keys carry the tenant as their hash tag (one slot
 //! per tenant): `tokenfan:{tenant:<base64url tenant>}:bucket` (HASH `tokens`, `at`) and
-//! `tokenfan:{tenant:<base64url tenant>}:active` (ZSET stream id → lease expiry, ms). Alone,
-//! the same logic runs in memory.
+//! `tokenfan:{tenant:<base64url tenant>}:active` (ZSET stream id → lease expiry, ms), so on a
+//! Redis Cluster the script runs on the one master that holds the tenant's slot. Alone, the
+//! same logic runs in memory.
 //!
 //! With both flags at 0 (the default) nothing is counted and no call is made.
 
@@ -37,16 +38,19 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use redis::{
-    Client, Script,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::Script;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::AppState, auth::error_response, config::EdgeConfig, error::ApiError, hub::Hub,
-    ids::StreamId, stream::StreamState,
+    app::AppState,
+    auth::error_response,
+    config::EdgeConfig,
+    error::ApiError,
+    hub::Hub,
+    ids::StreamId,
+    redis_conn::{RedisArgs, RedisConn},
+    stream::StreamState,
 };
 
 /// How long a counted stream stays counted without a renewal.
@@ -216,7 +220,7 @@ struct TenantState {
 
 enum Backend {
     Memory(Mutex<HashMap<Arc<str>, TenantState>>),
-    Redis(ConnectionManager),
+    Redis(RedisConn),
 }
 
 /// Per-tenant stream limits (see the module docs).
@@ -259,7 +263,9 @@ impl Limiter {
         );
         let enabled = rate > 0.0 || max > 0;
         Ok(Arc::new(match (&config.redis_url, &config.nats_url) {
-            (Some(url), Some(_)) if enabled => Self::redis(url, rate, burst, max, LEASE).await?,
+            (Some(url), Some(_)) if enabled => {
+                Self::redis_with(url, &config.redis, rate, burst, max, LEASE).await?
+            }
             _ => Self::memory(rate, burst, max, LEASE),
         }))
     }
@@ -284,13 +290,28 @@ impl Limiter {
         max_concurrent: u32,
         lease: Duration,
     ) -> anyhow::Result<Self> {
-        let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Self::redis_with(
+            url,
+            &RedisArgs::default(),
+            rate,
+            burst,
+            max_concurrent,
+            lease,
+        )
+        .await
+    }
+
+    /// Limits shared through the Redis (one server or a cluster) at `url`, connected with
+    /// the options of `args` (TLS, credentials; see [`crate::redis_conn`]).
+    pub async fn redis_with(
+        url: &str,
+        args: &RedisArgs,
+        rate: f64,
+        burst: u32,
+        max_concurrent: u32,
+        lease: Duration,
+    ) -> anyhow::Result<Self> {
+        let conn = RedisConn::connect(url, args).await?;
         Ok(Self {
             rate,
             burst,
@@ -395,7 +416,7 @@ impl Limiter {
 
     async fn script(
         &self,
-        conn: &ConnectionManager,
+        conn: &RedisConn,
         op: &str,
         tenant: &str,
         id: &StreamId,
@@ -733,7 +754,7 @@ mod tests {
             (refused.code, refused.retry_after),
             ("rate_limited", Some(1))
         );
-        let mut conn = Client::open(server.url())
+        let mut conn = redis::Client::open(server.url())
             .expect("url")
             .get_multiplexed_async_connection()
             .await

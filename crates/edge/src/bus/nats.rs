@@ -13,9 +13,22 @@
 //! The client reconnects forever after the first successful connect and re-registers every
 //! live subscription itself. While it is disconnected, `publish` and `subscribe` fail at once
 //! instead of queueing stale batches behind the outage.
+//!
+//! # Production NATS ([`NatsArgs`])
+//!
+//! - `--nats-url a,b,c` is a seed list: the first connect tries each (in random order) until
+//!   one answers, so start-up survives a node being down; later the client also reconnects
+//!   to the nodes the server announces (`connect_urls`).
+//! - Authentication: user and password, a token, an NKey seed file, or a `.creds` file (a
+//!   user JWT and its seed: decentralised auth) — one of them. Secrets come from files or
+//!   environment variables and are never logged (see [`crate::secret`]).
+//! - TLS: `tls://` URLs, or `--nats-ca-file` (which then requires TLS on every node), and
+//!   an optional client certificate (`--nats-client-cert`, `--nats-client-key`) for servers
+//!   that verify clients.
 
 use std::{
     fmt,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -23,13 +36,16 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{ConnectOptions, HeaderMap, HeaderValue, Message, Subscriber, connection::State};
+use anyhow::ensure;
+use async_nats::{
+    ConnectOptions, HeaderMap, HeaderValue, Message, ServerAddr, Subscriber, connection::State,
+};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
 use super::{Bus, BusBatch, BusError, EventFeed, subjects};
-use crate::{event::Event, ids::StreamId};
+use crate::{event::Event, ids::StreamId, secret::Secret};
 
 /// Batches a feed may hold before new ones are dropped for it.
 const FEED_CAPACITY: usize = 1024;
@@ -45,6 +61,173 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 type Batch = Arc<[Arc<Event>]>;
+
+/// NATS connection options (flattened into the edge's configuration).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsArgs {
+    /// NATS user name (with `--nats-password` or `--nats-password-file`).
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password. Prefer the environment variable or `--nats-password-file`: command
+    /// lines are visible to other local users.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+
+    /// File holding the NATS password.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
+
+    /// NATS authentication token.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+
+    /// File holding the NATS authentication token.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+
+    /// File holding an NKey user seed (`SU…`): the client signs the server's nonce with it.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+
+    /// A NATS `.creds` file (user JWT and NKey seed), as `nsc` or a managed NATS service
+    /// issues them.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+
+    /// PEM CA certificates that sign the NATS servers' certificates; setting it requires TLS
+    /// on every connection.
+    #[arg(long, env = "TOKENFAN_EDGE_NATS_CA_FILE")]
+    pub nats_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for NATS TLS (servers with `verify: true`).
+    #[arg(
+        long,
+        env = "TOKENFAN_EDGE_NATS_CLIENT_CERT",
+        requires = "nats_client_key"
+    )]
+    pub nats_client_cert: Option<PathBuf>,
+
+    /// PEM private key of `--nats-client-cert`.
+    #[arg(
+        long,
+        env = "TOKENFAN_EDGE_NATS_CLIENT_KEY",
+        requires = "nats_client_cert"
+    )]
+    pub nats_client_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// Checks what can be checked without connecting: at most one way to authenticate, a
+    /// password only with a user, and the URLs parse.
+    pub fn validate(&self, url: Option<&str>) -> anyhow::Result<()> {
+        let password = self.nats_password.is_some() || self.nats_password_file.is_some();
+        let token = self.nats_token.is_some() || self.nats_token_file.is_some();
+        ensure!(
+            self.nats_user.is_some() == password,
+            "--nats-user and --nats-password (or --nats-password-file) go together"
+        );
+        let ways = [
+            self.nats_user.is_some(),
+            token,
+            self.nats_nkey_file.is_some(),
+            self.nats_creds_file.is_some(),
+        ];
+        ensure!(
+            ways.iter().filter(|w| **w).count() <= 1,
+            "choose one NATS authentication: --nats-user, --nats-token, --nats-nkey-file or \
+             --nats-creds-file"
+        );
+        match url {
+            Some(url) => {
+                seed_list(url)?;
+            }
+            None => ensure!(
+                !(ways.contains(&true) || self.nats_ca_file.is_some()),
+                "the --nats-* options need --nats-url"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Client options with credentials and TLS applied (files are read here).
+    async fn options(&self) -> anyhow::Result<ConnectOptions> {
+        use crate::secret::resolve;
+        use anyhow::Context as _;
+
+        let mut options = ConnectOptions::new();
+        if let Some(user) = &self.nats_user {
+            let password = resolve(
+                self.nats_password.as_ref(),
+                self.nats_password_file.as_deref(),
+                "--nats-password",
+            )?
+            .context("--nats-user needs --nats-password or --nats-password-file")?;
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = resolve(
+            self.nats_token.as_ref(),
+            self.nats_token_file.as_deref(),
+            "--nats-token",
+        )? {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(file) = &self.nats_nkey_file {
+            let seed = resolve(None, Some(file), "--nats-nkey")?.unwrap_or_else(|| Secret::new(""));
+            let seed = seed.expose().trim();
+            // Checked here so a wrong file fails start-up with a clear message, not a failed
+            // handshake.
+            nkeys::KeyPair::from_seed(seed).map_err(|_| {
+                anyhow::anyhow!(
+                    "--nats-nkey-file: {} does not hold an NKey seed",
+                    file.display()
+                )
+            })?;
+            options = options.nkey(seed.to_owned());
+        }
+        if let Some(file) = &self.nats_creds_file {
+            options = options
+                .credentials_file(file)
+                .await
+                .with_context(|| format!("--nats-creds-file: cannot use {}", file.display()))?;
+        }
+        if let Some(ca) = &self.nats_ca_file {
+            ensure!(
+                ca.is_file(),
+                "--nats-ca-file: {} is not a readable file",
+                ca.display()
+            );
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_client_cert, &self.nats_client_key) {
+            for (path, flag) in [(cert, "--nats-client-cert"), (key, "--nats-client-key")] {
+                ensure!(
+                    path.is_file(),
+                    "{flag}: {} is not a readable file",
+                    path.display()
+                );
+            }
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options)
+    }
+}
+
+/// The comma-separated seed URLs of `--nats-url`.
+fn seed_list(url: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let seeds = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|one| {
+            one.parse::<ServerAddr>().map_err(|err| {
+                anyhow::anyhow!("--nats-url: {} is not a NATS URL: {err}", redact(one))
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ensure!(!seeds.is_empty(), "--nats-url is empty");
+    Ok(seeds)
+}
 
 /// Fan-out between replicas over NATS.
 #[derive(Clone)]
@@ -65,17 +248,28 @@ impl fmt::Debug for NatsBus {
 
 impl NatsBus {
     /// Connects to `url` (one or more comma-separated `nats://host:port`) as
-    /// `tokenfan-edge/<replica>`. The first connect must succeed (a wrong URL fails start-up
-    /// with a clear error); after that the client reconnects forever.
+    /// `tokenfan-edge/<replica>`, without credentials.
     pub async fn connect(url: &str, replica: &str) -> Result<Self, BusError> {
+        Self::connect_with(url, &NatsArgs::default(), replica).await
+    }
+
+    /// Connects to the seed list `url` with the credentials and TLS of `args`. The first
+    /// connect must reach one of the seeds (a wrong URL, credential or certificate fails
+    /// start-up with a clear error); after that the client reconnects forever.
+    pub async fn connect_with(url: &str, args: &NatsArgs, replica: &str) -> Result<Self, BusError> {
         let shown = redact(url);
-        let client = ConnectOptions::new()
+        let seeds = seed_list(url).map_err(|err| backend_error(format!("{err:#}")))?;
+        let options = args
+            .options()
+            .await
+            .map_err(|err| backend_error(format!("NATS options: {err:#}")))?;
+        let client = options
             .name(format!("tokenfan-edge/{replica}"))
             .max_reconnects(None)
             .connection_timeout(CONNECT_TIMEOUT)
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(|event| async move { log_event(event) })
-            .connect(url)
+            .connect(seeds)
             .await
             .map_err(|err| backend_error(format!("cannot connect to NATS at {shown}: {err}")))?;
         tracing::info!(url = %shown, "bus: connected to NATS");

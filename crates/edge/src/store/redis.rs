@@ -25,9 +25,20 @@
 //! # Round trips
 //!
 //! Each trait call is one round trip: one `EVALSHA` (the scripts are loaded automatically on
-//! `NOSCRIPT`, i.e. once per server), or one `HGETALL`/`GET`/`LRANGE`. The
-//! [`ConnectionManager`] multiplexes every call over one connection and reconnects by itself
-//! after the server went away; calls made while it is down fail with [`StoreError::Backend`].
+//! `NOSCRIPT`, i.e. once per server), or one `HGETALL`/`GET`/`LRANGE`. The connection
+//! ([`RedisConn`]: one server, plain or TLS, or a Redis Cluster) multiplexes every call and
+//! reconnects by itself after the server went away; calls made while it is down fail with
+//! [`StoreError::Backend`].
+//!
+//! # Redis Cluster
+//!
+//! With a cluster connection every call is routed by the slot of its keys. Each call touches
+//! the keys of one stream only, all with the stream's hash tag, so every script runs on one
+//! master; streams spread over the slots (and so the masters) by their random ids. After a
+//! failover the client learns the new slot map from `MOVED` and retries; calls made while a
+//! slot has no master are retried for up to
+//! [`CLUSTER_RETRY_WINDOW`](crate::redis_conn::CLUSTER_RETRY_WINDOW), then fail with
+//! [`StoreError::Backend`].
 
 use std::{
     collections::HashMap,
@@ -35,13 +46,15 @@ use std::{
     time::Duration,
 };
 
-use ::redis::{
-    AsyncCommands as _, Client, RedisError, Script,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use ::redis::{AsyncCommands as _, RedisError, Script};
 
 use super::{Appended, Claim, LeaseTerms, Store, StoreError, StoredBatch, StreamMeta};
-use crate::{event::Event, ids::StreamId, stream::StreamStatus};
+use crate::{
+    event::Event,
+    ids::StreamId,
+    redis_conn::{RedisArgs, RedisConn},
+    stream::StreamStatus,
+};
 
 /// How long [`RedisStore::ping`] waits for `PONG`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -254,11 +267,11 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LUA));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
 static STOP: LazyLock<Script> = LazyLock::new(|| Script::new(STOP_LUA));
 
-/// History, metadata and leases in Redis (standalone, or a cluster through a proxy: every
-/// script touches one slot only). Cheap to clone.
+/// History, metadata and leases in Redis (one server or a Redis Cluster: every script
+/// touches one slot only). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
 }
 
 /// A Redis failure as a store error, counted.
@@ -290,21 +303,19 @@ fn parse_status(s: &str) -> Option<StreamStatus> {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://[user:password@]host:port[/db]`; this build has no TLS,
-    /// so no `rediss://`) and checks the server answers. Later outages are survived: the
-    /// connection is re-established on the next call after a failure.
+    /// Connects to `url` (`redis://[user:password@]host:port[/db]`, `rediss://…`, or a
+    /// cluster's `redis+cluster://host:port,host:port`) with default options.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = Client::open(url).map_err(backend)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            // A call made while Redis is down fails within about a second rather than
-            // queueing behind a long reconnect loop; the next call tries again.
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
+        Self::connect_with(url, &RedisArgs::default()).await
+    }
+
+    /// Connects to `url` with the TLS, credential and cluster options of `args` (see
+    /// [`crate::redis_conn`]) and checks the server answers. Later outages are survived: the
+    /// connection is re-established on the next call after a failure.
+    pub async fn connect_with(url: &str, args: &RedisArgs) -> Result<Self, StoreError> {
+        let conn = RedisConn::connect(url, args)
             .await
-            .map_err(backend)?;
+            .map_err(|err| backend_msg(format!("{err:#}")))?;
         Ok(Self { conn })
     }
 
@@ -312,7 +323,7 @@ impl RedisStore {
     /// since its last use) is replaced by the manager, and `op` runs once more on the new one.
     async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(RedisConn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         match op(self.conn.clone()).await {
@@ -651,7 +662,7 @@ mod tests {
     }
 
     async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
-        Client::open(server.url())
+        ::redis::Client::open(server.url())
             .expect("url")
             .get_multiplexed_async_connection()
             .await

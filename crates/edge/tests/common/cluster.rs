@@ -238,7 +238,7 @@ impl TestCluster {
     }
 }
 
-fn spawn_edge(
+pub fn spawn_edge(
     replica: &str,
     nats: &str,
     redis: &str,

@@ -404,7 +404,10 @@ impl Owner {
         let mut repairs = 0u32;
         loop {
             if repairs > MAX_REPAIRS {
-                tracing::error!(repairs, "store: repairs did not take; handing the stream over");
+                tracing::error!(
+                    repairs,
+                    "store: repairs did not take; handing the stream over"
+                );
                 return Err(Release::Unproven);
             }
             let sent = Instant::now();

@@ -388,6 +388,7 @@ impl RedisServer {
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         Self {
             process: spawn("redis-server", "redis-server", &args, dir, addr),
+            persistent: false,
         }
     }
 

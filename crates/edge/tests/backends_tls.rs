@@ -358,6 +358,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
         .map(str::to_owned)
         .to_vec(),
         env: vec![("TOKENFAN_EDGE_REDIS_PASSWORD".into(), REDIS_PASSWORD.into())],
+        ..EdgeOptions::default()
     };
     let edges = [1, 2].map(|live| {
         common::cluster::spawn_edge(
@@ -370,7 +371,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.url("/readyz");
+        let url = edge.admin_url("/readyz");
         wait_until(Duration::from_secs(20), || async {
             let r = http.get(&url).send().await.ok()?;
             (r.status() == 200).then_some(())

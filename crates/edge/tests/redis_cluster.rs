@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokenfan_edge::{
     ids::StreamId,
     limits::Limiter,
-    store::{Store as _, StreamMeta, redis::RedisStore, redis::keys},
+    store::{LeaseTerms, Store as _, StreamMeta, redis::RedisStore, redis::keys},
     stream::StreamStatus,
     testkit::{NatsServer, RedisCluster},
 };
@@ -27,8 +27,15 @@ fn meta() -> StreamMeta {
         status: StreamStatus::Running,
         spec_json: "{}".into(),
         tenant: "tenant-a".into(),
+        epoch: 1,
+        stop_requested: false,
     }
 }
+
+const TERMS: LeaseTerms = LeaseTerms {
+    ttl: Duration::from_secs(3),
+    keep: Duration::from_secs(600),
+};
 
 #[tokio::test]
 async fn the_store_conforms_on_a_redis_cluster_and_spreads_streams_over_every_master() {
@@ -43,7 +50,7 @@ async fn the_store_conforms_on_a_redis_cluster_and_spreads_streams_over_every_ma
     let mut masters = std::collections::HashSet::new();
     for _ in 0..30 {
         let id = StreamId::random();
-        store.create(&id, meta()).await.expect("create");
+        store.create(&id, meta(), TERMS).await.expect("create");
         masters.insert(cluster.master_of(&keys::meta(&id)));
     }
     assert_eq!(masters.len(), 3, "30 streams over 3 masters");
@@ -71,7 +78,7 @@ async fn the_store_survives_a_master_failover() {
     let mut cluster = RedisCluster::start(3, 1);
     let store = RedisStore::connect(&cluster.url()).await.expect("connect");
     let id = StreamId::random();
-    store.create(&id, meta()).await.expect("create");
+    store.create(&id, meta(), TERMS).await.expect("create");
     let token = |seq: u64| {
         std::sync::Arc::new(tokenfan_edge::event::Event::new(
             seq,
@@ -81,7 +88,7 @@ async fn the_store_survives_a_master_failover() {
         ))
     };
     store
-        .append(&id, &[token(1), token(2)])
+        .append(&id, 1, &[token(1), token(2)])
         .await
         .expect("append");
     // Let the replica catch up before its master dies (replication is asynchronous: a write
@@ -100,19 +107,21 @@ async fn the_store_survives_a_master_failover() {
     })
     .await;
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
-    store.append(&id, &[token(3)]).await.expect("append after");
+    store
+        .append(&id, 1, &[token(3)])
+        .await
+        .expect("append after");
     assert_eq!(store.read(&id, 2).await.expect("read")[0].seq, 3);
 
-    // `create` is a MULTI…EXEC, which the client does not redirect by itself: on the stale
-    // map it is aborted with MOVED, and the connection refreshes the map and retries.
+    // A connection whose slot map is stale: the create lands on the moved slot all the same.
     let promoted = cluster.master_of(&keys::meta(&id));
     let moved = std::iter::repeat_with(StreamId::random)
         .find(|other| cluster.master_of(&keys::meta(other)) == promoted)
         .expect("an id on the promoted master");
-    idle.create(&moved, meta())
+    idle.create(&moved, meta(), TERMS)
         .await
         .expect("create on a slot that moved");
-    idle.append(&moved, &[token(1)]).await.expect("append");
+    idle.append(&moved, 1, &[token(1)]).await.expect("append");
     assert_eq!(idle.read(&moved, 0).await.expect("read").len(), 1);
 }
 
@@ -139,7 +148,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     // owner waiting for Redis keeps its streams instead of a follower taking them over.
     let options = EdgeOptions {
         args: vec!["--lease-ttl-ms".into(), "10000".into()],
-        env: Vec::new(),
+        ..EdgeOptions::default()
     };
     let edges = [0, 1].map(|i| {
         common::cluster::spawn_edge(
@@ -152,7 +161,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.url("/readyz");
+        let url = edge.admin_url("/readyz");
         wait_until(Duration::from_secs(20), || async {
             let r = http.get(&url).send().await.ok()?;
             (r.status() == 200).then_some(())

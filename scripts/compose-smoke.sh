@@ -100,6 +100,7 @@ down() {
   local left
   left=$(podman ps -a -q --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null || true)
   [ -n "$left" ] && podman rm -f -t 0 $left >/dev/null 2>&1
+  podman volume rm -f "${PROJECT}_loadtest-results" >/dev/null 2>&1 || true
   podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
   if [ -f "$state/service.pid" ]; then
     kill "$(cat "$state/service.pid")" 2>/dev/null || true
@@ -354,6 +355,13 @@ service() { # name, image
   printf '    volumes:\n      - %s:/etc/nginx/nginx.conf:ro\n' "$state/nginx.conf"
   service prometheus "$REG/prometheus:$DEBIAN_RELEASE-r$STANDIN_REV"
 } >"$state/compose.override.yaml"
+# The load profile's services (deploy/compose.loadtest.yaml), for its step only.
+{
+  echo "services:"
+  for s in loadgen loadtest-merge; do service "$s" "$TOKENFAN_IMAGE"; done
+} >"$state/compose.load-override.yaml"
+load=(docker-compose -p "$PROJECT" -f deploy/compose.yaml -f deploy/compose.loadtest.yaml
+  -f "$state/compose.override.yaml" -f "$state/compose.load-override.yaml")
 
 step "podman system service (Docker API on $state/podman.sock)"
 rm -f "$state/podman.sock"
@@ -443,6 +451,35 @@ restart_stopped
 step "podman stop of an edge with streams in flight"
 "${client[@]}" drain --stop-cmd "podman stop -t 30 {container}" --container-of "$PROJECT"
 restart_stopped
+
+step "load profile: 2 loadgen replicas through nginx, one --start-at window, merged"
+# Small on purpose (this checks the profile works, it measures nothing): every replica verifies
+# its streams, and the merge refuses results of different windows or settings.
+export START_AT=$(($(date +%s) + 10))
+export LOADTEST_CONCURRENCY=10 LOADTEST_MAX_TOKENS=40 LOADTEST_RAMP=1 LOADTEST_WARMUP=1 \
+  LOADTEST_DURATION=4
+if ! timeout 180 "${load[@]}" --profile load up --no-build --no-deps --scale loadgen=2 loadgen \
+  >"$state/load.log" 2>&1; then
+  tail -n 30 "$state/load.log" >&2
+  die "the load profile's loadgen replicas did not run"
+fi
+for c in $(podman ps -a -q --filter "label=com.docker.compose.project=$PROJECT" \
+  --filter "label=com.docker.compose.service=loadgen"); do
+  code=$(podman inspect --format '{{.State.ExitCode}}' "$c")
+  [ "$code" = 0 ] || {
+    podman logs --tail 20 "$c" >&2
+    die "loadgen replica $(podman inspect --format '{{.Name}}' "$c") exited $code"
+  }
+done
+if ! merged=$(timeout 120 "${load[@]}" --profile load run --rm --no-deps loadtest-merge 2>&1); then
+  echo "$merged" | tail -n 30 >&2
+  die "the load profile's merge failed"
+fi
+echo "$merged" | grep -q "merged from 2 runs" || {
+  echo "$merged" | tail -n 30 >&2
+  die "the merged report is not one of 2 runs"
+}
+echo "ok    load profile: 2 replicas, one window, merged ($(echo "$merged" | grep -m1 'tokens:' | tr -s ' ' | cut -c1-120))"
 
 step "Prometheus (127.0.0.1:$PROMETHEUS_PORT) scraped every edge and generator"
 python3 - "$PROMETHEUS_PORT" "$EDGE_ADMIN_PORT" <<'PY'

@@ -9,8 +9,8 @@ mod common;
 use std::{path::PathBuf, time::Duration};
 
 use common::{
-    assert_contiguous, cluster::EdgeOptions, cluster::Generator, read_sse, slow, stream_events,
-    text_of, tls::TlsDir, wait_until,
+    assert_contiguous, cluster::EdgeOptions, cluster::Generator, cluster::expected_text, read_sse,
+    slow, stream_events, text_of, tls::TlsDir, wait_until,
 };
 use serde_json::Value;
 use tokenfan_edge::{
@@ -302,20 +302,6 @@ async fn tls_redis_with_an_acl_user_conforms() {
     assert!(RedisStore::connect_with(&url, &no_cert).await.is_err());
 }
 
-/// What the mock generator answers to `prompt` with seed 11, cut at `max_tokens`.
-fn expected_text(prompt: &str, max_tokens: usize) -> String {
-    let messages = [tokenfan_proto::v1::ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    tokenfan_generator::corpus::Corpus::get()
-        .answer(&messages, 11)
-        .into_tokens_from(0)
-        .take(max_tokens)
-        .map(|t| &*t.text)
-        .collect()
-}
-
 #[tokio::test]
 async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failure() {
     let tls = TlsDir::new();
@@ -419,7 +405,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     assert_contiguous(&events, 1);
     let last = events.last().expect("events");
     assert_eq!(last["type"], "done", "{last}");
-    assert_eq!(text_of(&events), expected_text("secure backends", 120));
+    assert_eq!(text_of(&events), expected_text("secure backends", 11, 120));
     // The history in the TLS Redis is complete too (read on the edge that did not own it).
     let v: Value = http
         .get(edges[1].url(&format!("/v1/streams/{id}?after=0")))
@@ -431,7 +417,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
         .expect("json");
     let stored = v["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
-    assert_eq!(text_of(&stored), expected_text("secure backends", 120));
+    assert_eq!(text_of(&stored), expected_text("secure backends", 11, 120));
 }
 
 #[test]

@@ -7,26 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    SseParser, assert_contiguous, cluster::TestCluster, read_sse, slow, text_of, wait_until,
+    SseParser, assert_contiguous,
+    cluster::{TestCluster, expected_text},
+    read_sse, slow, text_of, wait_until,
 };
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// What the mock generator answers to `prompt` with seed 11 (the `slow` bodies), cut at
-/// `max_tokens`: the reference every replica must deliver.
-fn expected_text(prompt: &str, max_tokens: usize) -> String {
-    let messages = [tokenfan_proto::v1::ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    tokenfan_generator::corpus::Corpus::get()
-        .answer(&messages, 11)
-        .into_tokens_from(0)
-        .take(max_tokens)
-        .map(|t| &*t.text)
-        .collect()
-}
 
 /// Checks a delivered stream against the reference: complete, exactly once, in order.
 fn assert_complete(events: &[Value], prompt: &str, max_tokens: usize) {
@@ -36,47 +23,7 @@ fn assert_complete(events: &[Value], prompt: &str, max_tokens: usize) {
         .unwrap_or_else(|| panic!("no events for {prompt:?}"));
     assert_eq!(last["type"], "done", "{last}");
     assert_ne!(last["finish_reason"], "cancelled", "{last}");
-    assert_eq!(text_of(events), expected_text(prompt, max_tokens));
-}
-
-async fn create(cluster: &TestCluster, edge: usize, body: Value) -> String {
-    let r = cluster
-        .http
-        .post(cluster.edge(edge).url("/v1/streams"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string()
-}
-
-async fn short_poll(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> Value {
-    cluster
-        .http
-        .get(
-            cluster
-                .edge(edge)
-                .url(&format!("/v1/streams/{id}?after={after}")),
-        )
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json")
-}
-
-/// Every event of a stream, short-polled on `edge` until it ends.
-async fn finished(cluster: &TestCluster, edge: usize, id: &str) -> Vec<Value> {
-    wait_until(Duration::from_secs(30), || async {
-        let v = short_poll(cluster, edge, id, 0).await;
-        (v["status"] != "running").then(|| v["events"].as_array().cloned().unwrap_or_default())
-    })
-    .await
+    assert_eq!(text_of(events), expected_text(prompt, 11, max_tokens));
 }
 
 /// Reads SSE from `edge` after `after` until the end of the response.
@@ -122,7 +69,7 @@ async fn read_prefix(r: reqwest::Response, n: usize) -> Vec<common::SseEvent> {
 #[tokio::test]
 async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transport() {
     let cluster = TestCluster::start(3, 2).await;
-    let id = create(&cluster, 0, slow("cluster", 60, 15)).await;
+    let id = cluster.create(0, slow("cluster", 60, 15)).await;
 
     // Read a prefix live on replica 0.
     let r = cluster
@@ -173,7 +120,7 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
         }
     }
     assert_contiguous(&over_ws, 1);
-    let short = finished(&cluster, 2, &id).await;
+    let short = cluster.finished(2, &id).await;
     assert_contiguous(&short, 1);
 
     for (name, events) in [
@@ -182,7 +129,7 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
         ("ws", &over_ws),
         ("shortpoll", &short),
     ] {
-        assert_eq!(text_of(events), expected_text("cluster", 60), "{name}");
+        assert_eq!(text_of(events), expected_text("cluster", 11, 60), "{name}");
     }
 }
 
@@ -253,7 +200,7 @@ async fn post_sse_and_openai_streams_resume_on_another_replica() {
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(content, expected_text("openai resume", 50));
+    assert_eq!(content, expected_text("openai resume", 11, 50));
     let ids: Vec<u64> = prefix
         .iter()
         .chain(&rest)
@@ -278,7 +225,7 @@ async fn post_sse_and_openai_streams_resume_on_another_replica() {
 #[tokio::test]
 async fn a_stop_sent_to_a_replica_that_does_not_own_the_stream_stops_it() {
     let cluster = TestCluster::start(2, 1).await;
-    let id = create(&cluster, 0, slow("stop elsewhere", 1000, 20)).await;
+    let id = cluster.create(0, slow("stop elsewhere", 1000, 20)).await;
     wait_until(Duration::from_secs(10), || async {
         (cluster.generator_active() == 1).then_some(())
     })
@@ -299,7 +246,7 @@ async fn a_stop_sent_to_a_replica_that_does_not_own_the_stream_stops_it() {
     })
     .await;
     for edge in 0..2 {
-        let events = finished(&cluster, edge, &id).await;
+        let events = cluster.finished(edge, &id).await;
         assert_contiguous(&events, 1);
         assert_eq!(events.last().expect("end")["finish_reason"], "cancelled");
     }
@@ -308,7 +255,7 @@ async fn a_stop_sent_to_a_replica_that_does_not_own_the_stream_stops_it() {
 #[tokio::test]
 async fn killing_the_owner_mid_stream_loses_nothing() {
     let mut cluster = TestCluster::start(3, 1).await;
-    let id = create(&cluster, 0, slow("failover", 150, 20)).await;
+    let id = cluster.create(0, slow("failover", 150, 20)).await;
     // A reader on replica 1 (a mirror), live through the failover.
     let reader = {
         let r = cluster
@@ -320,7 +267,7 @@ async fn killing_the_owner_mid_stream_loses_nothing() {
         tokio::spawn(read_sse(r))
     };
     wait_until(Duration::from_secs(10), || async {
-        let v = short_poll(&cluster, 2, &id, 0).await;
+        let v = cluster.short_poll(2, &id, 0).await;
         (v["next_after"].as_u64() >= Some(20)).then_some(())
     })
     .await;
@@ -334,14 +281,14 @@ async fn killing_the_owner_mid_stream_loses_nothing() {
     assert_complete(&live, "failover", 150);
 
     // A client that reconnects on the third replica gets the same answer.
-    let again = finished(&cluster, 2, &id).await;
+    let again = cluster.finished(2, &id).await;
     assert_complete(&again, "failover", 150);
 }
 
 #[tokio::test]
 async fn killing_a_generator_mid_stream_continues_on_another() {
     let mut cluster = TestCluster::start(1, 2).await;
-    let id = create(&cluster, 0, slow("generator failover", 120, 20)).await;
+    let id = cluster.create(0, slow("generator failover", 120, 20)).await;
     let reader = {
         let r = cluster
             .http
@@ -352,7 +299,7 @@ async fn killing_a_generator_mid_stream_continues_on_another() {
         tokio::spawn(read_sse(r))
     };
     let busy = wait_until(Duration::from_secs(10), || async {
-        let v = short_poll(&cluster, 0, &id, 0).await;
+        let v = cluster.short_poll(0, &id, 0).await;
         let started = v["next_after"].as_u64() >= Some(10);
         let busy = cluster
             .generators
@@ -380,7 +327,7 @@ async fn stream_with_reader(
     String,
     tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>,
 ) {
-    let id = create(cluster, 0, slow(prompt, max_tokens, 20)).await;
+    let id = cluster.create(0, slow(prompt, max_tokens, 20)).await;
     let r = cluster
         .http
         .get(
@@ -408,7 +355,7 @@ async fn a_nats_restart_mid_stream_is_refilled_from_redis() {
     let mut cluster = TestCluster::start(2, 1).await;
     let (id, reader) = stream_with_reader(&cluster, "nats restart", 150, 1).await;
     wait_until(Duration::from_secs(10), || async {
-        let v = short_poll(&cluster, 1, &id, 0).await;
+        let v = cluster.short_poll(1, &id, 0).await;
         (v["next_after"].as_u64() >= Some(15)).then_some(())
     })
     .await;
@@ -424,7 +371,7 @@ async fn a_redis_restart_mid_stream_keeps_live_streams_going_and_history_whole()
     let mut cluster = TestCluster::start(3, 1).await;
     let (id, reader) = stream_with_reader(&cluster, "redis restart", 150, 1).await;
     wait_until(Duration::from_secs(10), || async {
-        let v = short_poll(&cluster, 1, &id, 0).await;
+        let v = cluster.short_poll(1, &id, 0).await;
         (v["next_after"].as_u64() >= Some(15)).then_some(())
     })
     .await;
@@ -432,7 +379,7 @@ async fn a_redis_restart_mid_stream_keeps_live_streams_going_and_history_whole()
     assert_complete(&collect(reader).await, "redis restart", 150);
     // The owner wrote the lost history back: a replica that never saw the stream resumes it
     // from the start, whole.
-    let events = finished(&cluster, 2, &id).await;
+    let events = cluster.finished(2, &id).await;
     assert_complete(&events, "redis restart", 150);
     // Readiness reflects a dead Redis.
     cluster.redis.process.kill();

@@ -15,7 +15,7 @@ use std::{
 
 use common::{
     SseParser, assert_contiguous,
-    cluster::{EdgeOptions, TestCluster},
+    cluster::{EdgeOptions, TestCluster, expected_text},
     slow, text_of, wait_until,
 };
 use futures::StreamExt as _;
@@ -26,20 +26,6 @@ use tokenfan_edge::{
     stream::StreamStatus,
 };
 use tokio::time::Instant;
-
-/// What the mock generator answers to `prompt` with `seed`, cut at `max_tokens`.
-fn expected_text(prompt: &str, seed: u64, max_tokens: usize) -> String {
-    let messages = [tokenfan_proto::v1::ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    tokenfan_generator::corpus::Corpus::get()
-        .answer(&messages, seed)
-        .into_tokens_from(0)
-        .take(max_tokens)
-        .map(|t| &*t.text)
-        .collect()
-}
 
 /// The current base URLs of the edges (they change when one restarts).
 type Edges = Arc<Mutex<Vec<String>>>;
@@ -260,39 +246,6 @@ fn options(extra: &[&str], persistent_redis: bool) -> EdgeOptions {
     }
 }
 
-async fn create_on(cluster: &TestCluster, edge: usize, body: Value) -> String {
-    let r = cluster
-        .http
-        .post(cluster.edge(edge).url("/v1/streams"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string()
-}
-
-/// Short-polls `id` on `edge` until it ended there; returns its events.
-async fn finished_on(cluster: &TestCluster, edge: usize, id: &str) -> Vec<Value> {
-    let url = cluster.edge(edge).url(&format!("/v1/streams/{id}?after=0"));
-    wait_until(Duration::from_secs(30), || async {
-        let v: Value = cluster
-            .http
-            .get(&url)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (v["status"] != "running").then(|| v["events"].as_array().cloned().unwrap_or_default())
-    })
-    .await
-}
-
 fn reader(
     cluster: &TestCluster,
     id: &str,
@@ -333,7 +286,7 @@ async fn stored_meta(cluster: &TestCluster, id: &str) -> (RedisStore, StreamMeta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_writes_nothing_after_its_lease_moved() {
     let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
-    let id = create_on(&cluster, 0, slow("paused owner", 400, 20)).await;
+    let id = cluster.create(0, slow("paused owner", 400, 20)).await;
     let (on_owner, owner_reader) = reader(&cluster, &id, 0);
     wait_until(Duration::from_secs(10), || async {
         (seen(&on_owner) >= 10).then_some(())
@@ -367,7 +320,7 @@ async fn a_paused_owner_writes_nothing_after_its_lease_moved() {
     let owner_side = owner_reader.await.expect("reader");
     assert_contiguous(&owner_side.events, 1);
     assert_eq!(owner_side.events, b.events, "one history on every replica");
-    let polled = finished_on(&cluster, 0, &id).await;
+    let polled = cluster.finished(0, &id).await;
     assert_eq!(polled, b.events);
     let (store, meta) = stored_meta(&cluster, &id).await;
     assert_eq!(meta.status, StreamStatus::Cancelled);
@@ -380,7 +333,7 @@ async fn a_paused_owner_writes_nothing_after_its_lease_moved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_sent_while_the_owner_is_paused_is_honoured_by_the_next_owner() {
     let cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
-    let id = create_on(&cluster, 0, slow("stop in failover", 400, 20)).await;
+    let id = cluster.create(0, slow("stop in failover", 400, 20)).await;
     let (on_b, b_reader) = reader(&cluster, &id, 1);
     wait_until(Duration::from_secs(10), || async {
         (seen(&on_b) >= 10).then_some(())
@@ -400,7 +353,7 @@ async fn a_stop_sent_while_the_owner_is_paused_is_honoured_by_the_next_owner() {
     assert_eq!(end["finish_reason"], "cancelled", "{end}");
     assert!(b.events.len() < 100, "ended soon after the stop: {end}");
     cluster.edge(0).resume();
-    assert_eq!(finished_on(&cluster, 0, &id).await, b.events);
+    assert_eq!(cluster.finished(0, &id).await, b.events);
     let (store, _) = stored_meta(&cluster, &id).await;
     let violations = check_stream(&store, &id, "stop in failover", 11, 400, &[b]).await;
     assert!(violations.is_empty(), "{violations:#?}");
@@ -409,7 +362,7 @@ async fn a_stop_sent_while_the_owner_is_paused_is_honoured_by_the_next_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restored_from_an_older_snapshot_is_healed_without_a_second_owner() {
     let mut cluster = TestCluster::start_with(2, 1, &options(&[], true)).await;
-    let id = create_on(&cluster, 0, slow("rolled back", 300, 10)).await;
+    let id = cluster.create(0, slow("rolled back", 300, 10)).await;
     let (on_a, a_reader) = reader(&cluster, &id, 0);
     let (on_b, b_reader) = reader(&cluster, &id, 1);
     wait_until(Duration::from_secs(10), || async {
@@ -456,7 +409,7 @@ async fn a_stalled_generator_is_given_up_and_the_stream_resumes_on_another() {
         &options(&["--generator-idle-timeout-secs", "1"], false),
     )
     .await;
-    let id = create_on(&cluster, 0, slow("stalled", 150, 20)).await;
+    let id = cluster.create(0, slow("stalled", 150, 20)).await;
     let (progress, task) = reader(&cluster, &id, 0);
     wait_until(Duration::from_secs(10), || async {
         (seen(&progress) >= 10).then_some(())
@@ -492,7 +445,7 @@ async fn a_stalled_generator_with_no_retry_left_ends_the_stream_with_an_error() 
         ),
     )
     .await;
-    let id = create_on(&cluster, 0, slow("stalled for good", 150, 20)).await;
+    let id = cluster.create(0, slow("stalled for good", 150, 20)).await;
     let (progress, task) = reader(&cluster, &id, 0);
     wait_until(Duration::from_secs(10), || async {
         (seen(&progress) >= 5).then_some(())
@@ -514,7 +467,7 @@ async fn a_stalled_generator_with_no_retry_left_ends_the_stream_with_an_error() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_shutting_down_never_takes_a_stream_over() {
     let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
-    let id = create_on(&cluster, 0, slow("draining follower", 200, 20)).await;
+    let id = cluster.create(0, slow("draining follower", 200, 20)).await;
     let (on_b, b_reader) = reader(&cluster, &id, 1);
     wait_until(Duration::from_secs(10), || async {
         (seen(&on_b) >= 10).then_some(())
@@ -526,7 +479,7 @@ async fn a_replica_shutting_down_never_takes_a_stream_over() {
     assert!(cluster.edges[1].terminate().success());
     drop(b_reader);
     cluster.edge(0).resume();
-    let events = finished_on(&cluster, 0, &id).await;
+    let events = cluster.finished(0, &id).await;
     assert_contiguous(&events, 1);
     assert_eq!(events.last().expect("end")["finish_reason"], "length");
     assert_eq!(

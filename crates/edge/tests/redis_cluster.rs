@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_contiguous, cluster::EdgeOptions, cluster::Generator, read_sse, slow, stream_events,
-    text_of, wait_until,
+    assert_contiguous, cluster::EdgeOptions, cluster::Generator, cluster::expected_text, read_sse,
+    slow, stream_events, text_of, wait_until,
 };
 use serde_json::Value;
 use tokenfan_edge::{
@@ -125,20 +125,6 @@ async fn the_store_survives_a_master_failover() {
     assert_eq!(idle.read(&moved, 0).await.expect("read").len(), 1);
 }
 
-/// What the mock generator answers to `prompt` with seed 11, cut at `max_tokens`.
-fn expected_text(prompt: &str, max_tokens: usize) -> String {
-    let messages = [tokenfan_proto::v1::ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    tokenfan_generator::corpus::Corpus::get()
-        .answer(&messages, 11)
-        .into_tokens_from(0)
-        .take(max_tokens)
-        .map(|t| &*t.text)
-        .collect()
-}
-
 #[tokio::test]
 async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     let mut redis = RedisCluster::start(3, 1);
@@ -217,12 +203,12 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     all.extend(stream_events(&events));
     assert_contiguous(&all, 1);
     assert_eq!(all.last().expect("events")["type"], "done");
-    assert_eq!(text_of(&all), expected_text("redis cluster", 150));
+    assert_eq!(text_of(&all), expected_text("redis cluster", 11, 150));
     // The history written across the failover reads back whole from the new master.
     let stored = short_poll(0, 0).await.expect("short poll");
     let stored = stored["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
-    assert_eq!(text_of(&stored), expected_text("redis cluster", 150));
+    assert_eq!(text_of(&stored), expected_text("redis cluster", 11, 150));
     let fresh = common::cluster::spawn_edge(
         "edge-late",
         &nats.url(),
@@ -243,7 +229,10 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     })
     .await;
     assert_contiguous(&from_store, 1);
-    assert_eq!(text_of(&from_store), expected_text("redis cluster", 150));
+    assert_eq!(
+        text_of(&from_store),
+        expected_text("redis cluster", 11, 150)
+    );
 
     // A new stream after the failover works end to end, resumed on the other replica.
     let r = http
@@ -271,7 +260,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     })
     .await;
     assert_contiguous(&done, 1);
-    assert_eq!(text_of(&done), expected_text("after failover", 20));
+    assert_eq!(text_of(&done), expected_text("after failover", 11, 20));
 }
 
 #[tokio::test]

@@ -307,3 +307,60 @@ pub fn spawn_edge(
         child,
     }
 }
+
+/// What the mock generator answers to `prompt` with `seed`, cut at `max_tokens`: the text every
+/// replica must deliver (the `slow` bodies use seed 11).
+pub fn expected_text(prompt: &str, seed: u64, max_tokens: usize) -> String {
+    let messages = [tokenfan_proto::v1::ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    }];
+    tokenfan_generator::corpus::Corpus::get()
+        .answer(&messages, seed)
+        .into_tokens_from(0)
+        .take(max_tokens)
+        .map(|t| &*t.text)
+        .collect()
+}
+
+impl TestCluster {
+    /// `POST /v1/streams` (201) on edge `edge`; the new stream's id.
+    pub async fn create(&self, edge: usize, body: serde_json::Value) -> String {
+        let r = self
+            .http
+            .post(self.edge(edge).url("/v1/streams"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 201);
+        r.json::<serde_json::Value>().await.expect("json")["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    }
+
+    /// Short-poll of `id` on edge `edge` from `after`.
+    pub async fn short_poll(&self, edge: usize, id: &str, after: u64) -> serde_json::Value {
+        self.http
+            .get(
+                self.edge(edge)
+                    .url(&format!("/v1/streams/{id}?after={after}")),
+            )
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Every event of a stream, short-polled on edge `edge` until it ended there.
+    pub async fn finished(&self, edge: usize, id: &str) -> Vec<serde_json::Value> {
+        super::wait_until(Duration::from_secs(30), || async {
+            let v = self.short_poll(edge, id, 0).await;
+            (v["status"] != "running").then(|| v["events"].as_array().cloned().unwrap_or_default())
+        })
+        .await
+    }
+}

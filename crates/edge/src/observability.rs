@@ -73,6 +73,17 @@ pub fn register_metrics() {
         "Generator calls resumed on the next generator after a retryable failure."
     );
     describe_counter!(
+        "tokenfan_edge_owner_releases_total",
+        "Owners that stopped without a terminal event, by reason: fenced (another replica \
+         claimed the stream), unproven (the store did not confirm the lease for a lease TTL), \
+         handover (shutdown)."
+    );
+    describe_counter!(
+        "tokenfan_edge_store_heals_total",
+        "Histories written back into a store that had lost part of them (an owner's write, or a \
+         Redis restart seen by its run_id)."
+    );
+    describe_counter!(
         "tokenfan_edge_backend_errors_total",
         "Failed NATS or Redis operations (and undecodable messages), by backend (nats, redis)."
     );
@@ -123,12 +134,16 @@ pub fn register_metrics() {
     for backend in ["nats", "redis"] {
         metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => backend).absolute(0);
     }
+    for reason in ["fenced", "unproven", "handover"] {
+        metrics::counter!("tokenfan_edge_owner_releases_total", "reason" => reason).absolute(0);
+    }
     for name in [
         "tokenfan_edge_connections_refused_total",
         "tokenfan_edge_coalesced_events_total",
         "tokenfan_edge_slow_consumer_closes_total",
         "tokenfan_edge_owner_failovers_total",
         "tokenfan_edge_generator_retries_total",
+        "tokenfan_edge_store_heals_total",
         "tokenfan_edge_bus_gaps_total",
         "tokenfan_edge_bus_dropped_batches_total",
         "tokenfan_edge_connections_refused_per_ip_total",

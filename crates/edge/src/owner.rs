@@ -397,7 +397,8 @@ impl Owner {
         let Some(last) = batch.last().map(|e| e.seq) else {
             return Ok(());
         };
-        let mut send = batch.clone();
+        // What to send: the batch, or (after the store lost events) the history it lacks too.
+        let mut resend: Option<Vec<Arc<Event>>> = None;
         let mut backoff = Duration::from_millis(10);
         // Write-backs of a short history, and re-recordings of a forgotten stream: each should
         // succeed at once; a store that keeps refusing them is not one this owner can trust.
@@ -411,7 +412,8 @@ impl Owner {
                 return Err(Release::Unproven);
             }
             let sent = Instant::now();
-            match hub.store.append(&self.state.id, self.epoch, &send).await {
+            let send = resend.as_deref().unwrap_or(&batch);
+            match hub.store.append(&self.state.id, self.epoch, send).await {
                 Ok(stored) if stored.len >= last => {
                     self.proven = sent;
                     if stored.stop_requested {
@@ -429,8 +431,9 @@ impl Owner {
                     );
                     metrics::counter!("tokenfan_edge_store_heals_total").increment(1);
                     repairs += 1;
-                    send = self.history_after(stored.len);
-                    send.extend(batch.iter().cloned());
+                    let mut history = self.history_after(stored.len);
+                    history.extend(batch.iter().cloned());
+                    resend = Some(history);
                     continue;
                 }
                 Ok(stored) => {
@@ -451,8 +454,9 @@ impl Owner {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_WRITE_BACKOFF);
                     }
-                    send = self.history_after(0);
-                    send.extend(batch.iter().cloned());
+                    let mut history = self.history_after(0);
+                    history.extend(batch.iter().cloned());
+                    resend = Some(history);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "store: appending history failed; retrying");

@@ -203,9 +203,11 @@ impl Mirror {
                 self.refill().await;
                 return false;
             }
-            Err(StoreError::NotFound) if self.state.last_seq() > 0 => {
+            Err(StoreError::NotFound) => {
                 // The store forgot the stream (a restart without persistence) and its owner
-                // did not record it again: this replica holds its history, so it does.
+                // did not record it again (it may have handed the stream over while the store
+                // was down): this replica holds its request and history, so it does. A stream
+                // that ended is never here (the mirror stops at the terminal event).
                 let epoch = self.state.epoch() + 1;
                 match self.hub.restore(&self.state, &self.spec, epoch).await {
                     Ok(true) => (epoch, false),

@@ -465,6 +465,30 @@ async fn a_stalled_generator_with_no_retry_left_ends_the_stream_with_an_error() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_lost_with_a_redis_outage_longer_than_the_lease_is_recorded_again() {
+    // Redis without persistence, down for longer than the lease while a stream waits for its
+    // first token: its owner cannot prove its lease and hands it over, and Redis comes back
+    // empty. The replica that follows it records it again and finishes it.
+    let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
+    let body = json!({
+        "prompt": "outage",
+        "max_tokens": 30,
+        "seed": 11,
+        "timing": {"ttft_ms": 6000, "inter_token_ms": 10, "jitter_ms": 0},
+    });
+    let id = cluster.create(0, body).await;
+    let (_, task) = reader(&cluster, &id, 0);
+    cluster.redis.process.kill();
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    cluster.redis.restart();
+    let t = task.await.expect("reader");
+    assert!(t.gave_up.is_none(), "{:?}", t.gave_up);
+    assert_contiguous(&t.events, 1);
+    assert_eq!(t.events.last().expect("end")["finish_reason"], "length");
+    assert_eq!(text_of(&t.events), expected_text("outage", 11, 30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_shutting_down_never_takes_a_stream_over() {
     let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
     let id = cluster.create(0, slow("draining follower", 200, 20)).await;

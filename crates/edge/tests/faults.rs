@@ -469,7 +469,8 @@ async fn a_stream_lost_with_a_redis_outage_longer_than_the_lease_is_recorded_aga
     // Redis without persistence, down for longer than the lease while a stream waits for its
     // first token: its owner cannot prove its lease and hands it over, and Redis comes back
     // empty. The replica that follows it records it again and finishes it.
-    let mut cluster = TestCluster::start_with(2, 1, &options(&[], false)).await;
+    let idle = ["--generator-idle-timeout-secs", "20"];
+    let mut cluster = TestCluster::start_with(2, 1, &options(&idle, false)).await;
     let body = json!({
         "prompt": "outage",
         "max_tokens": 30,

@@ -6,7 +6,10 @@
 #   scripts/cluster.sh kill NAME     kill -9 one process (edge-2, generator-1, nats, redis, …)
 #   scripts/cluster.sh start NAME    start it again with the same command, and wait until ready
 # Ports: nginx 8080 (the entry point), edges 8081-8083 (admin: /metrics, /readyz on
-# 9481-9483), generators 50061-50062 (metrics 9471-9472), NATS 14222, Redis 16379. Logs and pid files: .run/cluster/.
+# 9481-9483), generators 15061-15062 (metrics 9471-9472), NATS 14222, Redis 16379: all below
+# the kernel's ephemeral range (32768-60999 by default), where outgoing connections take their
+# local ports. `up` checks every one is free first and says which is taken and by what.
+# Logs and pid files: .run/cluster/.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +17,8 @@ run="$root/.run/cluster"
 bin="$root/target/release"
 NATS_PORT=14222
 REDIS_PORT=16379
+GENERATOR_PORT_BASE=1506 # generator-1 on 15061, generator-2 on 15062
+PORTS="8080 8081 8082 8083 9481 9482 9483 ${GENERATOR_PORT_BASE}1 ${GENERATOR_PORT_BASE}2 9471 9472 $NATS_PORT $REDIS_PORT"
 
 start() { # name, command...
   local name=$1
@@ -45,6 +50,7 @@ up() {
     nginx:nginx curl:curl
   (cd "$root" && cargo build --release --locked --bins)
   if [ -d "$run" ] && ls "$run"/*.pid >/dev/null 2>&1; then down; fi
+  check_ports
   mkdir -p "$run/nginx-tmp" "$run/redis"
   rm -f "$run"/*.log
 
@@ -57,6 +63,21 @@ up() {
   start nginx nginx -p "$run" -c "$run/nginx.conf" -g 'daemon off;'
   wait_http http://127.0.0.1:8080/healthz nginx
   echo "tokenfan cluster up: http://127.0.0.1:8080/ (edges 8081-8083; logs in $run)"
+}
+
+# Fails, naming the port and its holder, when any port of the topology is in use.
+check_ports() {
+  local port holder taken=0
+  for port in $PORTS; do
+    holder=$(ss -Htanp exclude time-wait "( sport = :$port )" 2>/dev/null | head -n 1)
+    [ -n "$holder" ] || continue
+    taken=1
+    echo "port $port is taken: $holder" >&2
+  done
+  if [ "$taken" = 1 ]; then
+    echo "cluster-up needs the ports above; stop what holds them (make cluster-down if it is an earlier cluster)" >&2
+    return 1
+  fi
 }
 
 # Starts one process of the topology by name and waits until it is ready.
@@ -73,7 +94,7 @@ launch() {
       ;;
     generator-[12])
       local i=${1#generator-}
-      start "$1" "$bin/tokenfan-generator" --listen "127.0.0.1:5006$i" \
+      start "$1" "$bin/tokenfan-generator" --listen "127.0.0.1:$GENERATOR_PORT_BASE$i" \
         --metrics-listen "127.0.0.1:947$i" --allow-faults
       wait_http "http://127.0.0.1:947$i/metrics" "$1"
       ;;
@@ -81,7 +102,7 @@ launch() {
       local i=${1#edge-}
       start "$1" "$bin/tokenfan-edge" --listen "127.0.0.1:808$i" --replica-id "$1" \
         --admin-listen "127.0.0.1:948$i" \
-        --generator http://127.0.0.1:50061,http://127.0.0.1:50062 \
+        --generator "http://127.0.0.1:${GENERATOR_PORT_BASE}1,http://127.0.0.1:${GENERATOR_PORT_BASE}2" \
         --nats-url "nats://127.0.0.1:$NATS_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT"
       wait_http "http://127.0.0.1:948$i/readyz" "$1"
       ;;

@@ -2,21 +2,21 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE_DIR := target/release
-# make run builds the edge alone with the `run` profile (optimised, no debuginfo, quick to
+# make run builds the edge alone with the `quick` profile (optimised, no debuginfo, quick to
 # build on a fresh clone); benchmarks and the cluster use `release`.
-RUN_DIR := target/run
+RUN_DIR := target/quick
 
 .PHONY: run run-generator test test-browser test-clients validate-deploy compose-smoke check-metrics lint fmt build release deps cluster-up cluster-down bench bench-generator bench-edge bench-cluster soak soak-faults fuzz clean
 
 ## run: build and start the edge on its embedded default (no NATS, Redis or separate generator)
 run:
-	$(CARGO) build --profile run --locked -p tokenfan-edge --bin tokenfan-edge
+	$(CARGO) build --profile quick --locked -p tokenfan-edge --bin tokenfan-edge
 	@echo "tokenfan: open http://127.0.0.1:8080/ (Ctrl-C stops it)"
 	$(RUN_DIR)/tokenfan-edge --listen 127.0.0.1:8080
 
 ## run-generator: the mock LLM alone (gRPC on 127.0.0.1:50051, metrics on 127.0.0.1:9464)
 run-generator:
-	$(CARGO) build --profile run --locked -p tokenfan-generator --bin tokenfan-generator
+	$(CARGO) build --profile quick --locked -p tokenfan-generator --bin tokenfan-generator
 	$(RUN_DIR)/tokenfan-generator
 
 ## test: format check, clippy -D warnings, every test (installs what is missing first)

@@ -20,7 +20,8 @@ use jsonwebtoken::{
 use ring::{hmac, rand::SystemRandom, signature as ring_sig};
 use serde_json::Value;
 
-use super::{AuthArgs, check_tenant};
+use super::args::AuthArgs;
+use crate::tenant::check_tenant;
 use crate::error::ApiError;
 
 /// Verifies bearer JWTs and names their tenant.

@@ -10,8 +10,9 @@ use axum::{
 use serde::Deserialize;
 
 use crate::{
-    app::{AppState, TransportGuard},
-    auth::{self, Caller},
+    state::AppState,
+    transports::TransportGuard,
+    tenant::Caller,
     error::ApiError,
     stream::StreamStatus,
     transports::{poll_body, sse::parse_cursor},
@@ -37,7 +38,7 @@ pub async fn poll(
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = auth::stream_for(&app, &caller, &id).await?;
+    let stream = app.stream_for(&caller, &id).await?;
     let after = query
         .after
         .as_deref()

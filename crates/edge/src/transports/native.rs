@@ -10,8 +10,10 @@ use axum::{
 };
 
 use crate::{
-    app::{AppState, request_span},
-    auth::{self, Caller},
+    state::AppState,
+    transports::request_span,
+    auth,
+    tenant::Caller,
     error::ApiError,
     request::{StreamRequest, read_json},
     stream::StreamStatus,
@@ -31,7 +33,7 @@ pub async fn create(
     let span = request_span(&headers, "POST /v1/streams");
     let sse = wants_sse(&headers);
     let transport = if sse { "post_sse" } else { "native" };
-    let stream = auth::create_stream(&app, &caller, spec, &span, transport).await?;
+    let stream = app.create_stream(&caller, spec, &span, transport).await?;
     let ticket = app.security.ticket_for(&stream);
     if sse {
         let sub = stream.subscribe(0)?;
@@ -88,7 +90,7 @@ pub async fn stop(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
+    let stream = app.stream_to_manage(&caller, &id).await?;
     let (code, status) = if stream.status() == StreamStatus::Running {
         (StatusCode::ACCEPTED, app.hub.cancel(&stream).await?)
     } else {
@@ -106,7 +108,7 @@ pub async fn ticket(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
+    let stream = app.stream_to_manage(&caller, &id).await?;
     let Some(ticket) = app.security.ticket_for(&stream) else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,

@@ -17,8 +17,10 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::{AppState, TransportGuard},
-    auth::{self, Caller},
+    state::AppState,
+    transports::TransportGuard,
+    auth,
+    tenant::Caller,
     error::ApiError,
     event::Event,
     observability::{GapMeter, Resume, ResumeResult, requested_cursor},
@@ -256,7 +258,7 @@ pub async fn events(
         replayed,
         result,
     };
-    let stream = match auth::stream_for(&app, &caller, &id).await {
+    let stream = match app.stream_for(&caller, &id).await {
         Ok(stream) => stream,
         Err(e) => {
             if let Some(after) = requested_cursor(&headers, query.after.as_deref()) {

@@ -45,8 +45,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::{
-    state::AppState,
-    tenant::Caller,
     bus::memory::MemoryBus,
     config::{EdgeConfig, StreamLimits},
     error::ApiError,
@@ -54,7 +52,9 @@ use crate::{
     hub::Hub,
     ids::StreamId,
     request::{ROLES, StreamRequest, StreamSpec, parse_json},
+    state::AppState,
     store::{Store, StreamMeta, memory::MemoryStore},
+    tenant::Caller,
     transports::{openai::ChatRequest, sse::parse_cursor, ws},
     upstream::GeneratorPool,
 };
@@ -168,12 +168,17 @@ impl Fixture {
                 let state = hub.get(id).await.expect("the fixture stream");
                 assert_ne!(state.status(), crate::stream::StreamStatus::Running);
             }
-            let security = crate::auth::Security::from_args(&config.auth, false)
-                .expect("authentication off");
+            let security =
+                crate::auth::Security::from_args(&config.auth, false).expect("authentication off");
             AppState {
                 hub,
                 security: Arc::new(security),
-                limiter: Arc::new(crate::limits::Limiter::memory(0.0, 1, 0, crate::limits::LEASE)),
+                limiter: Arc::new(crate::limits::Limiter::memory(
+                    0.0,
+                    1,
+                    0,
+                    crate::limits::LEASE,
+                )),
                 config,
                 shutdown: CancellationToken::new(),
             }

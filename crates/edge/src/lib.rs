@@ -135,7 +135,10 @@ pub async fn start(
         hub: hub.clone(),
         config: config.clone(),
         shutdown: shutdown.clone(),
-        security: Arc::new(Security::from_args(&config.auth, config.tls_cert.is_some())?),
+        security: Arc::new(Security::from_args(
+            &config.auth,
+            config.tls_cert.is_some(),
+        )?),
         limiter: limiter.clone(),
     };
     let router = app::router(state);

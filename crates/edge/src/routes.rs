@@ -56,8 +56,7 @@ pub const MODELS: Route = route("/v1/models", Tickets::No, ErrorShape::OpenAi);
 /// `GET /v1/models/{id}`.
 pub const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorShape::OpenAi);
 /// `POST /v1/chat/completions`.
-pub const CHAT_COMPLETIONS: Route =
-    route("/v1/chat/completions", Tickets::No, ErrorShape::OpenAi);
+pub const CHAT_COMPLETIONS: Route = route("/v1/chat/completions", Tickets::No, ErrorShape::OpenAi);
 /// `POST /v1/streams` (create).
 pub const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorShape::Native);
 /// `GET /v1/streams/{id}` (status, short-poll) and `DELETE` (stop).
@@ -75,8 +74,7 @@ pub const STREAM_POLL: Route = route(
     ErrorShape::Native,
 );
 /// `POST /v1/streams/{id}/ticket`.
-pub const STREAM_TICKET: Route =
-    route("/v1/streams/{id}/ticket", Tickets::No, ErrorShape::Native);
+pub const STREAM_TICKET: Route = route("/v1/streams/{id}/ticket", Tickets::No, ErrorShape::Native);
 /// `/v1/ws` (WebSocket over HTTP/1.1 `GET` + Upgrade, or HTTP/2 extended `CONNECT`).
 pub const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorShape::Native);
 
@@ -139,7 +137,10 @@ mod tests {
     fn paths_find_their_route_and_id() {
         assert_eq!(find("/v1/models"), Some((&MODELS, None)));
         assert_eq!(find("/v1/models/gpt"), Some((&MODEL, Some("gpt"))));
-        assert_eq!(find("/v1/streams/abc/poll"), Some((&STREAM_POLL, Some("abc"))));
+        assert_eq!(
+            find("/v1/streams/abc/poll"),
+            Some((&STREAM_POLL, Some("abc")))
+        );
         assert_eq!(find("/v1/streams/abc/other"), None);
         assert_eq!(find("/v1/streams/abc/events/x"), None);
         assert_eq!(find("/v1/wsx"), None);
@@ -149,7 +150,10 @@ mod tests {
     fn tickets_read_streams_and_open_websockets_only() {
         let get = Method::GET;
         assert_eq!(ticket_scope(&get, "/v1/streams/abc"), Some(Some("abc")));
-        assert_eq!(ticket_scope(&Method::HEAD, "/v1/streams/abc/events"), Some(Some("abc")));
+        assert_eq!(
+            ticket_scope(&Method::HEAD, "/v1/streams/abc/events"),
+            Some(Some("abc"))
+        );
         assert_eq!(ticket_scope(&Method::DELETE, "/v1/streams/abc"), None);
         assert_eq!(ticket_scope(&Method::POST, "/v1/streams/abc/ticket"), None);
         assert_eq!(ticket_scope(&get, "/v1/streams"), None);

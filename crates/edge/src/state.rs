@@ -35,7 +35,11 @@ pub struct AppState {
 impl AppState {
     /// The stream `id` as `caller` may see it: another tenant's stream is 404 exactly like an
     /// unknown one, everywhere; a ticket for another stream is 403.
-    pub async fn stream_for(&self, caller: &Caller, id: &str) -> Result<Arc<StreamState>, ApiError> {
+    pub async fn stream_for(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Arc<StreamState>, ApiError> {
         if !caller.may_read(id) {
             return Err(ticket::out_of_scope());
         }

@@ -205,8 +205,14 @@ impl Security {
             response.insert(TICKET_HEADER, v);
         }
         if let Some(name) = &self.cookie
-            && let Some(cookie) =
-                cookies::ticket_cookie(name, ticket, &stream.id, self.tickets.ttl, self.tls, request)
+            && let Some(cookie) = cookies::ticket_cookie(
+                name,
+                ticket,
+                &stream.id,
+                self.tickets.ttl,
+                self.tls,
+                request,
+            )
         {
             response.append(header::SET_COOKIE, cookie);
         }

@@ -91,7 +91,12 @@ impl RedisLimits {
     }
 
     /// Runs the script's `op` for stream `id` of `tenant`: its verdict and retry delay (ms).
-    async fn script(&self, op: &str, tenant: &str, id: &StreamId) -> Result<(i64, i64), Unreachable> {
+    async fn script(
+        &self,
+        op: &str,
+        tenant: &str,
+        id: &StreamId,
+    ) -> Result<(i64, i64), Unreachable> {
         let mut invocation = LIMIT.prepare_invoke();
         invocation
             .key(keys::tenant_bucket(tenant))
@@ -103,12 +108,15 @@ impl RedisLimits {
             .arg(self.policy.burst)
             .arg(self.policy.max_concurrent);
         let mut conn = self.conn.clone();
-        invocation.invoke_async(&mut conn).await.map_err(|err: ::redis::RedisError| {
-            // Counted once, here, like the store's own Redis calls.
-            metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "redis")
-                .increment(1);
-            Unreachable(err.to_string())
-        })
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|err: ::redis::RedisError| {
+                // Counted once, here, like the store's own Redis calls.
+                metrics::counter!("tokenfan_edge_backend_errors_total", "backend" => "redis")
+                    .increment(1);
+                Unreachable(err.to_string())
+            })
     }
 }
 

@@ -10,11 +10,11 @@ use axum::{
 use serde::Deserialize;
 
 use crate::{
-    state::AppState,
-    transports::TransportGuard,
-    tenant::Caller,
     error::ApiError,
+    state::AppState,
     stream::StreamStatus,
+    tenant::Caller,
+    transports::TransportGuard,
     transports::{poll_body, sse::parse_cursor},
 };
 

@@ -10,13 +10,13 @@ use axum::{
 };
 
 use crate::{
-    state::AppState,
-    transports::request_span,
     auth,
-    tenant::Caller,
     error::ApiError,
     request::{StreamRequest, read_json},
+    state::AppState,
     stream::StreamStatus,
+    tenant::Caller,
+    transports::request_span,
     transports::sse::{self, NativeFramer},
 };
 

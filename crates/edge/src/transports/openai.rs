@@ -18,14 +18,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    state::AppState,
-    transports::request_span,
     auth,
-    tenant::Caller,
     error::{ApiError, OpenAiError},
     event::{Event, EventKind, Usage},
     request::{self, Message, StreamRequest, Timing},
+    state::AppState,
     stream::{Closed, StreamState},
+    tenant::Caller,
+    transports::request_span,
     transports::sse::{self, Framer},
 };
 

@@ -8,9 +8,9 @@ use axum::{
 use serde::Deserialize;
 
 use crate::{
+    error::ApiError,
     state::AppState,
     tenant::Caller,
-    error::ApiError,
     transports::{poll_body, sse::parse_cursor},
 };
 

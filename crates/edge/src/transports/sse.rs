@@ -17,14 +17,14 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    state::AppState,
-    transports::TransportGuard,
     auth,
-    tenant::Caller,
     error::ApiError,
     event::Event,
     observability::{GapMeter, Resume, ResumeResult, requested_cursor},
+    state::AppState,
     stream::{Closed, Subscription},
+    tenant::Caller,
+    transports::TransportGuard,
     transports::openai::OpenAiFramer,
 };
 

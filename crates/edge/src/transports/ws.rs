@@ -35,15 +35,15 @@ use tokio::{
 };
 
 use crate::{
-    state::AppState,
-    transports::{TransportGuard, request_span},
     auth,
-    tenant::Caller,
     error::ApiError,
     ids::StreamId,
     observability::{GapMeter, Resume, ResumeResult},
     request::StreamRequest,
+    state::AppState,
     stream::{Closed, StreamState},
+    tenant::Caller,
+    transports::{TransportGuard, request_span},
 };
 
 /// Frames waiting to be written to one socket.

@@ -100,7 +100,8 @@ def strip_test_items(text):
 
 
 def expand_use_tree(tree):
-    """`crate::{a::b, c::{d as e, self}}` -> [[crate,a,b], [crate,c,d], [crate,c]]."""
+    """`crate::{a::b, c::{d as e, self}}` -> [([crate,a,b], b), ([crate,c,d], e), ([crate,c], c)]:
+    each imported path with the name it is imported as."""
     tokens = re.findall(IDENT + r"|::|[{},*]", tree)
     pos = 0
 
@@ -116,7 +117,7 @@ def expand_use_tree(tree):
 
     def parse_item(prefix):
         nonlocal pos
-        segs = list(prefix)
+        segs, alias = list(prefix), None
         while pos < len(tokens):
             tok = tokens[pos]
             if tok == "{":
@@ -126,21 +127,22 @@ def expand_use_tree(tree):
                 return out
             if tok == "*":
                 pos += 1
-                return [segs]
+                return [(segs, None)]
             if tok == "::":
                 pos += 1
                 continue
             if tok in (",", "}"):
                 break
             if tok == "as":
-                pos += 2  # `as name`
+                alias = tokens[pos + 1] if pos + 1 < len(tokens) else None
+                pos += 2
                 continue
             if tok != "self" or not segs:
                 segs.append(tok)
             pos += 1
-        return [segs]
+        return [(segs, alias or (segs[-1] if segs else None))]
 
-    return [p for p in parse_list([]) if p]
+    return [(p, name) for p, name in parse_list([]) if p]
 
 
 class Crate:
@@ -190,10 +192,10 @@ class Crate:
         out = {}
         text = self.texts.get(modpath, "")
         for m in re.finditer(r"\bpub(\([^)]*\))?\s+use\s+([^;]+);", text):
-            for p in expand_use_tree(m.group(2)):
+            for p, name in expand_use_tree(m.group(2)):
                 absolute = self.absolute(modpath, p)
-                if absolute:
-                    out[absolute[-1]] = absolute
+                if absolute and name:
+                    out[name] = absolute
         return out
 
     def absolute(self, modpath, segs):
@@ -250,7 +252,7 @@ class Crate:
 
             paths = []
             for m in re.finditer(r"\buse\s+([^;]+);", text):
-                paths.extend((scope(m.start()), p) for p in expand_use_tree(m.group(1)))
+                paths.extend((scope(m.start()), p) for p, _ in expand_use_tree(m.group(1)))
             code = re.sub(r"\buse\s+[^;]+;", lambda m: " " * len(m.group(0)), text)
             names = ["crate", "super", "self"] + sorted(self.children[modpath])
             pattern = r"(?<![\w:])((?:" + "|".join(names) + r")(?:::" + IDENT + r")+)"

@@ -139,3 +139,69 @@ impl Limits for MemoryLimits {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limits::LEASE;
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_bucket_refills_at_the_rate_and_concurrency_lapses() {
+        let limiter = Limiter::memory(2.0, 3, 0, LEASE);
+        for _ in 0..3 {
+            limiter
+                .admit("a", &StreamId::random())
+                .await
+                .expect("burst");
+        }
+        let refused = limiter
+            .admit("a", &StreamId::random())
+            .await
+            .expect_err("empty");
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (429, "rate_limited")
+        );
+        assert_eq!(refused.retry_after, Some(1));
+        limiter
+            .admit("b", &StreamId::random())
+            .await
+            .expect("other tenant");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        limiter
+            .admit("a", &StreamId::random())
+            .await
+            .expect("one token back");
+        assert!(limiter.admit("a", &StreamId::random()).await.is_err());
+
+        let policy = Policy {
+            rate: 0.0,
+            burst: 1,
+            max_concurrent: 2,
+            lease: Duration::from_secs(5),
+        };
+        let memory = Arc::new(MemoryLimits::new(policy));
+        let limiter = Arc::new(Limiter::new(policy, memory.clone()));
+        let (one, two) = (StreamId::random(), StreamId::random());
+        limiter.admit("a", &one).await.expect("1");
+        limiter.admit("a", &two).await.expect("2");
+        let refused = limiter
+            .admit("a", &StreamId::random())
+            .await
+            .expect_err("full");
+        assert_eq!(refused.code, "concurrency_limited");
+        limiter.release("a", &one).await;
+        assert_eq!(memory.counted("a"), 1);
+        limiter
+            .admit("a", &StreamId::random())
+            .await
+            .expect("released");
+        // Entries nobody renews lapse.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        limiter.renew("a", &two).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(memory.counted("a"), 1, "only the renewed one is left");
+    }
+}

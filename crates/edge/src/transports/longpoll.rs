@@ -14,8 +14,7 @@ use crate::{
     state::AppState,
     stream::StreamStatus,
     tenant::Caller,
-    transports::TransportGuard,
-    transports::{poll_body, sse::parse_cursor},
+    transports::{TransportGuard, poll_body, sse::parse_cursor},
 };
 
 /// Default wait when the client gives no `timeout_ms`.

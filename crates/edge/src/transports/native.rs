@@ -16,8 +16,10 @@ use crate::{
     state::AppState,
     stream::StreamStatus,
     tenant::Caller,
-    transports::request_span,
-    transports::sse::{self, NativeFramer},
+    transports::{
+        request_span,
+        sse::{self, NativeFramer},
+    },
 };
 
 /// `POST /v1/streams`.

@@ -25,8 +25,10 @@ use crate::{
     state::AppState,
     stream::{Closed, StreamState},
     tenant::Caller,
-    transports::request_span,
-    transports::sse::{self, Framer},
+    transports::{
+        request_span,
+        sse::{self, Framer},
+    },
 };
 
 /// The subset of the Chat Completions request the mock understands; other fields are

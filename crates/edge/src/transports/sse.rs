@@ -24,8 +24,7 @@ use crate::{
     state::AppState,
     stream::{Closed, Subscription},
     tenant::Caller,
-    transports::TransportGuard,
-    transports::openai::OpenAiFramer,
+    transports::{TransportGuard, openai::OpenAiFramer},
 };
 
 /// The reconnection delay EventSource is told to use.

@@ -21,8 +21,7 @@ use ring::{hmac, rand::SystemRandom, signature as ring_sig};
 use serde_json::Value;
 
 use super::args::AuthArgs;
-use crate::error::ApiError;
-use crate::tenant::check_tenant;
+use crate::{error::ApiError, tenant::check_tenant};
 
 /// Verifies bearer JWTs and names their tenant.
 pub struct JwtAuth {

@@ -1,7 +1,8 @@
-//! The HTTP application: shared state, the router, and the small endpoints (models, health,
-//! the demo page). `/metrics` and `/readyz` are on the admin listener ([`crate::admin`]).
+//! The HTTP application: the router (paths from [`crate::routes`], state in
+//! [`crate::state`]), its middleware, and the small endpoints (models, health, the demo
+//! page). `/metrics` and `/readyz` are on the admin listener ([`crate::admin`]).
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{
     Json, Router,
@@ -10,61 +11,56 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{any, get, post},
 };
-use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
+    body_deadline::BodyDeadline,
     config::EdgeConfig,
-    hub::Hub,
     request::MODELS,
+    routes,
+    state::AppState,
     transports::{longpoll, native, openai, shortpoll, sse, ws},
 };
-
-/// State every handler gets; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    /// The stream hub.
-    pub hub: Arc<Hub>,
-    /// The configuration.
-    pub config: Arc<EdgeConfig>,
-    /// Cancelled at shutdown: streaming responses end so clients reconnect elsewhere.
-    pub shutdown: CancellationToken,
-    /// Authentication, tickets and tenant limits.
-    pub security: Arc<crate::auth::Security>,
-}
 
 /// Builds the router with every endpoint, CORS and the body limit.
 pub fn router(state: AppState) -> Router {
     let cors = cors_layer(&state.config);
+    let body_deadline = BodyDeadline {
+        max_bytes: state.config.http.max_body_bytes,
+        timeout: Duration::from_secs(state.config.limits.body_read_timeout_secs),
+    };
     let router = Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
         .route("/style.css", get(style_css))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/healthz", get(crate::admin::healthz))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/streams", post(native::create))
+        .route(routes::MODELS.path, get(models))
+        .route(routes::MODEL.path, get(model))
         .route(
-            "/v1/streams/{id}",
+            routes::CHAT_COMPLETIONS.path,
+            post(openai::chat_completions),
+        )
+        .route(routes::STREAMS.path, post(native::create))
+        .route(
+            routes::STREAM.path,
             get(shortpoll::status).delete(native::stop),
         )
-        .route("/v1/streams/{id}/events", get(sse::events))
-        .route("/v1/streams/{id}/poll", get(longpoll::poll))
-        .route("/v1/streams/{id}/ticket", post(native::ticket))
+        .route(routes::STREAM_EVENTS.path, get(sse::events))
+        .route(routes::STREAM_POLL.path, get(longpoll::poll))
+        .route(routes::STREAM_TICKET.path, post(native::ticket))
         // `any`: WebSocket over HTTP/1.1 (GET + Upgrade) and HTTP/2 (extended CONNECT).
-        .route("/v1/ws", any(ws::upgrade))
+        .route(routes::WS.path, any(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Outermost first: authenticate, then read the body (so an unauthenticated client
         // cannot make the edge wait for its body).
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::limits::body_deadline,
+            body_deadline,
+            crate::body_deadline::body_deadline,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state.security.clone(),
             crate::auth::authenticate,
         ))
         .layer(axum::middleware::from_fn(echo_request_id))
@@ -224,46 +220,4 @@ async fn model(axum::extract::Path(id): axum::extract::Path<String>) -> Response
         Ok(m) => Json(model_json(m.id)).into_response(),
         Err(e) => crate::error::OpenAiError(e).into_response(),
     }
-}
-
-/// Counts an open streaming response or socket in `tokenfan_edge_connections{transport}` and
-/// its delivered events in `tokenfan_edge_events_delivered_total{transport}`.
-pub struct TransportGuard {
-    gauge: metrics::Gauge,
-    delivered: metrics::Counter,
-}
-
-impl TransportGuard {
-    /// Counts one more open connection of `transport`.
-    pub fn new(transport: &'static str) -> Self {
-        let gauge = metrics::gauge!("tokenfan_edge_connections", "transport" => transport);
-        gauge.increment(1.0);
-        Self {
-            gauge,
-            delivered: metrics::counter!(
-                "tokenfan_edge_events_delivered_total", "transport" => transport
-            ),
-        }
-    }
-
-    /// Counts delivered events.
-    pub fn delivered(&self, n: usize) {
-        self.delivered.increment(n as u64);
-    }
-}
-
-impl Drop for TransportGuard {
-    fn drop(&mut self) {
-        self.gauge.decrement(1.0);
-    }
-}
-
-/// The request span for a stream-starting request, continuing the caller's `traceparent`.
-pub fn request_span(headers: &axum::http::HeaderMap, route: &'static str) -> tracing::Span {
-    let span = tracing::info_span!("http.request", otel.name = route, otel.kind = "server");
-    tokenfan_telemetry::propagation::set_parent(
-        &span,
-        tokenfan_telemetry::propagation::extract_http(headers),
-    );
-    span
 }

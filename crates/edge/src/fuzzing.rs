@@ -45,8 +45,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::{
-    app::AppState,
-    auth::Caller,
     bus::memory::MemoryBus,
     config::{EdgeConfig, StreamLimits},
     error::ApiError,
@@ -54,7 +52,9 @@ use crate::{
     hub::Hub,
     ids::StreamId,
     request::{ROLES, StreamRequest, StreamSpec, parse_json},
+    state::AppState,
     store::{Store, StreamMeta, memory::MemoryStore},
+    tenant::Caller,
     transports::{openai::ChatRequest, sse::parse_cursor, ws},
     upstream::GeneratorPool,
 };
@@ -168,12 +168,17 @@ impl Fixture {
                 let state = hub.get(id).await.expect("the fixture stream");
                 assert_ne!(state.status(), crate::stream::StreamStatus::Running);
             }
-            let security = crate::auth::Security::from_config(&config)
-                .await
-                .expect("authentication off");
+            let security =
+                crate::auth::Security::from_args(&config.auth, false).expect("authentication off");
             AppState {
                 hub,
                 security: Arc::new(security),
+                limiter: Arc::new(crate::limits::Limiter::memory(
+                    0.0,
+                    1,
+                    0,
+                    crate::limits::LEASE,
+                )),
                 config,
                 shutdown: CancellationToken::new(),
             }
@@ -893,10 +898,6 @@ fn auth_fixture() -> &'static AuthFixture {
 
 fn build_auth_fixture() -> AuthFixture {
     use crate::auth::{AuthMode, jwt, ticket::TicketKey};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
     let base = || {
         let mut c = EdgeConfig::defaults();
         c.auth.ticket_secret = Some(FUZZ_TICKET_SECRET.parse().expect("secret"));
@@ -913,16 +914,8 @@ fn build_auth_fixture() -> AuthFixture {
     jwts.auth.jwt_issuer = Some(FUZZ_ISSUER.into());
     jwts.auth.jwt_leeway_secs = 0;
     let verifier = jwt::JwtAuth::from_args(&jwts.auth).expect("a verifier");
-    let (keys, jwt_security) = rt.block_on(async {
-        (
-            crate::auth::Security::from_config(&keys)
-                .await
-                .expect("api keys"),
-            crate::auth::Security::from_config(&jwts)
-                .await
-                .expect("jwt"),
-        )
-    });
+    let keys = crate::auth::Security::from_args(&keys.auth, false).expect("api keys");
+    let jwt_security = crate::auth::Security::from_args(&jwts.auth, false).expect("jwt");
     let now = unix_now();
     let token_until = now + 3600;
     let claims: jwt::Claims = [
@@ -1008,7 +1001,7 @@ pub fn jwt(data: &[u8]) {
                 .or_else(|| claims.get("sub"))
                 .and_then(Value::as_str);
             assert_eq!(named, Some(tenant.as_str()), "the tenant is the claim's");
-            assert!(crate::auth::check_tenant(&tenant).is_ok(), "{tenant:?}");
+            assert!(crate::tenant::check_tenant(&tenant).is_ok(), "{tenant:?}");
             let aud_ok = match claims.get("aud") {
                 Some(Value::String(a)) => a == FUZZ_AUDIENCE,
                 Some(Value::Array(a)) => a.iter().any(|v| v == FUZZ_AUDIENCE),
@@ -1110,7 +1103,7 @@ pub fn credentials(data: &[u8]) {
                 mentions(b"$T"),
                 "a ticket caller without the ticket: {data:?}"
             );
-            assert_eq!((&*tenant, stream.as_str()), ("alice", DONE_STREAM));
+            assert_eq!((&*tenant, &*stream), ("alice", DONE_STREAM));
             assert_eq!(until, Some(fx.ticket_until));
             assert_eq!(*method, axum::http::Method::GET, "tickets only read");
         }

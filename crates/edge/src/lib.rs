@@ -12,8 +12,10 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod body_deadline;
 pub mod bus;
 pub mod config;
+pub mod conn_limits;
 pub mod error;
 pub mod event;
 #[doc(hidden)]
@@ -25,11 +27,15 @@ mod mirror;
 pub mod observability;
 mod owner;
 pub mod redis_conn;
+pub mod redis_keys;
 pub mod request;
+pub mod routes;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod stream;
+pub mod tenant;
 #[doc(hidden)]
 pub mod testkit;
 pub mod transports;
@@ -44,9 +50,12 @@ use tokio_util::sync::CancellationToken;
 pub use config::EdgeConfig;
 
 use crate::{
-    app::AppState,
+    auth::Security,
     bus::{Bus, memory::MemoryBus, nats::NatsBus},
     hub::Hub,
+    limits::{Limiter, Limits, memory::MemoryLimits, redis::RedisLimits},
+    redis_conn::RedisConn,
+    state::AppState,
     store::{Store, memory::MemoryStore, redis::RedisStore},
     upstream::{GeneratorPool, Generators, InProcess},
 };
@@ -96,26 +105,41 @@ pub async fn start(
         (Arc::new(pool), None)
     };
     let replica = replica_id(&config, addr);
-    let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
+    // In cluster mode one Redis connection serves the store and the tenant limiter.
+    let (store, bus, redis): (Arc<dyn Store>, Arc<dyn Bus>, Option<RedisConn>) =
         match (&config.nats_url, &config.redis_url) {
-            (Some(nats), Some(redis)) => (
-                Arc::new(RedisStore::connect_with(redis, &config.redis).await?),
-                Arc::new(NatsBus::connect_with(nats, &config.nats, &replica).await?),
-                true,
-            ),
+            (Some(nats), Some(redis)) => {
+                let store = RedisStore::connect_with(redis, &config.redis).await?;
+                let conn = store.connection();
+                (
+                    Arc::new(store),
+                    Arc::new(NatsBus::connect_with(nats, &config.nats, &replica).await?),
+                    Some(conn),
+                )
+            }
             _ => (
                 Arc::new(MemoryStore::default()),
                 Arc::new(MemoryBus::default()),
-                false,
+                None,
             ),
         };
+    let cluster = redis.is_some();
     let hub = Hub::new(config.clone(), replica, generators, store, bus, cluster);
-    let security = Arc::new(auth::Security::from_config(&config).await?);
+    let policy = config.limits.policy();
+    let limits: Arc<dyn Limits> = match redis {
+        Some(conn) if policy.enabled() => Arc::new(RedisLimits::new(conn, policy)),
+        _ => Arc::new(MemoryLimits::new(policy)),
+    };
+    let limiter = Arc::new(Limiter::new(policy, limits));
     let state = AppState {
         hub: hub.clone(),
         config: config.clone(),
         shutdown: shutdown.clone(),
-        security: security.clone(),
+        security: Arc::new(Security::from_args(
+            &config.auth,
+            config.tls_cert.is_some(),
+        )?),
+        limiter: limiter.clone(),
     };
     let router = app::router(state);
 
@@ -142,12 +166,8 @@ pub async fn start(
     tokio::spawn(hub.clone().sweep(background.clone()));
     tokio::spawn(hub.clone().serve_control(background.clone()));
     tokio::spawn(hub.clone().watch_store(background.clone()));
-    tokio::spawn(
-        security
-            .limits
-            .clone()
-            .keep(hub.clone(), background.clone()),
-    );
+    let owner = hub.clone();
+    tokio::spawn(limiter.keep(move || owner.owned_running(), background.clone()));
 
     let task = {
         let hub = hub.clone();

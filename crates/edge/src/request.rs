@@ -93,8 +93,8 @@ pub struct StreamSpec {
     pub model: &'static str,
     /// Token events carry the generator's emit time.
     pub emit_times: bool,
-    /// The tenant that owns the stream ([`crate::auth::DEFAULT_TENANT`] until the caller's
-    /// tenant is set by [`crate::auth::create_stream`]).
+    /// The tenant that owns the stream ([`crate::tenant::DEFAULT_TENANT`] until the caller's
+    /// tenant is set by [`crate::state::AppState::create_stream`]).
     pub tenant: String,
 }
 
@@ -153,7 +153,7 @@ impl StreamRequest {
             timing,
             model: model.id,
             emit_times: self.emit_times.unwrap_or(false),
-            tenant: crate::auth::DEFAULT_TENANT.to_owned(),
+            tenant: crate::tenant::DEFAULT_TENANT.to_owned(),
         })
     }
 }
@@ -172,7 +172,7 @@ struct SpecJson {
 }
 
 fn default_tenant() -> String {
-    crate::auth::DEFAULT_TENANT.to_owned()
+    crate::tenant::DEFAULT_TENANT.to_owned()
 }
 
 impl StreamSpec {

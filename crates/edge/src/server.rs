@@ -52,7 +52,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::limits::{IpPermit, PerIp};
+use crate::conn_limits::{IpPermit, PerIp};
 
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);

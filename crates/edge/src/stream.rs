@@ -146,7 +146,7 @@ impl StreamState {
             owned: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             touched_at: Mutex::new(None),
-            tenant: Arc::from(crate::auth::DEFAULT_TENANT),
+            tenant: Arc::from(crate::tenant::DEFAULT_TENANT),
             spec_json: Arc::from(""),
             traceparent: Mutex::new(None),
         }

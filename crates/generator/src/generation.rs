@@ -18,7 +18,11 @@ use tokenfan_proto::v1::{
 use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
-use crate::{corpus::Tokens, rng::mix, stats::Stats};
+use crate::{
+    corpus::Tokens,
+    rng::mix,
+    stats::{Outcome, Stats},
+};
 
 /// When tokens are due: time to first token, then a steady gap with deterministic jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,31 +238,6 @@ fn unix_nanos() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// How a generation ended, as counted in `tokenfan_generator_generations_total{outcome}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The answer ended naturally.
-    Stop,
-    /// `max_tokens` cut the answer.
-    Length,
-    /// An injected fault failed the call.
-    Fault,
-    /// The caller went away (or a stalled call was dropped).
-    Cancelled,
-}
-
-impl Outcome {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Stop => "stop",
-            Outcome::Length => "length",
-            Outcome::Fault => "fault",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
 }
 
 /// Counts one generation as active from creation until drop, then records its outcome.

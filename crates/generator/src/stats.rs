@@ -13,8 +13,6 @@ use metrics::{
     Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram,
 };
 
-use crate::generation::Outcome;
-
 /// Counters of one generator server.
 pub struct Stats {
     active: AtomicUsize,
@@ -136,5 +134,30 @@ impl Stats {
 
     pub(crate) fn rejected(&self) {
         self.rejected.increment(1);
+    }
+}
+
+/// How a generation ended, as counted in `tokenfan_generator_generations_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The answer ended naturally.
+    Stop,
+    /// `max_tokens` cut the answer.
+    Length,
+    /// An injected fault failed the call.
+    Fault,
+    /// The caller went away (or a stalled call was dropped).
+    Cancelled,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Stop => "stop",
+            Outcome::Length => "length",
+            Outcome::Fault => "fault",
+            Outcome::Cancelled => "cancelled",
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::{collections::HashMap, path::Path};
 
 use ring::digest;
 
-use super::check_tenant;
+use crate::tenant::check_tenant;
 
 /// Key digests → tenant.
 pub struct ApiKeys {

@@ -20,8 +20,8 @@ use jsonwebtoken::{
 use ring::{hmac, rand::SystemRandom, signature as ring_sig};
 use serde_json::Value;
 
-use super::{AuthArgs, check_tenant};
-use crate::error::ApiError;
+use super::args::AuthArgs;
+use crate::{error::ApiError, tenant::check_tenant};
 
 /// Verifies bearer JWTs and names their tenant.
 pub struct JwtAuth {

@@ -6,13 +6,18 @@
 //! URL-safe, so a ticket goes into a query string or a cookie as it is. Replicas that share
 //! `--ticket-secret` accept each other's tickets.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use ring::hmac;
 
-use crate::ids::StreamId;
+use crate::{error::ApiError, ids::StreamId};
 
 /// What every ticket starts with (and how a cookie value is told apart from a credential).
 pub const PREFIX: &str = "tft1.";
+
+/// Response header carrying a new stream's ticket.
+pub const TICKET_HEADER: &str = "x-stream-ticket";
 
 /// Longer strings are not even parsed.
 const MAX_LEN: usize = 1024;
@@ -108,6 +113,69 @@ impl TicketKey {
             expires_at,
         })
     }
+}
+
+/// The time now, in Unix seconds (what ticket and JWT expiries are written in).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A ticket just issued.
+#[derive(Debug, Clone)]
+pub struct IssuedTicket {
+    /// The ticket.
+    pub token: String,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// Issues and checks this edge's tickets: the key and how long a ticket lasts.
+#[derive(Debug)]
+pub struct Tickets {
+    key: TicketKey,
+    /// How long a new ticket stays valid.
+    pub ttl: Duration,
+}
+
+impl Tickets {
+    /// Tickets signed with `key`, valid for `ttl`.
+    pub fn new(key: TicketKey, ttl: Duration) -> Self {
+        Self { key, ttl }
+    }
+
+    /// A ticket for reading stream `id` of `tenant`, from now for the ticket TTL.
+    pub fn issue(&self, id: &StreamId, tenant: &str) -> IssuedTicket {
+        let expires_at = unix_now() + self.ttl.as_secs();
+        IssuedTicket {
+            token: self.key.sign(id, tenant, expires_at),
+            expires_at,
+        }
+    }
+
+    /// What `ticket` grants, or a 401 saying why it is refused.
+    pub fn check(&self, ticket: &str) -> Result<TicketClaims, ApiError> {
+        self.key.verify(ticket, unix_now()).map_err(|e| match e {
+            TicketError::Invalid => ApiError::unauthorized(
+                "invalid_ticket",
+                "the stream ticket is malformed or its signature does not match",
+            ),
+            TicketError::Expired => ApiError::unauthorized(
+                "expired_ticket",
+                "the stream ticket has expired; ask for a new one",
+            ),
+        })
+    }
+}
+
+/// 403 for a ticket used beyond its one stream (or to create, stop or mint).
+pub fn out_of_scope() -> ApiError {
+    ApiError::forbidden(
+        "ticket_scope",
+        "a stream ticket only lets its holder read that one stream",
+    )
 }
 
 #[cfg(test)]

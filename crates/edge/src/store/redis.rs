@@ -59,30 +59,8 @@ use crate::{
 /// How long [`RedisStore::ping`] waits for `PONG`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The Redis keys of a stream. The only place that knows their names.
-pub mod keys {
-    use crate::ids::StreamId;
-
-    /// `tokenfan:{<id>}:meta`, a HASH.
-    pub fn meta(id: &StreamId) -> String {
-        format!("tokenfan:{{{id}}}:meta")
-    }
-
-    /// `tokenfan:{<id>}:events`, a LIST of event JSON (element `i` is seq `i + 1`).
-    pub fn events(id: &StreamId) -> String {
-        format!("tokenfan:{{{id}}}:events")
-    }
-
-    /// `tokenfan:{<id>}:batches`, a LIST of `"<epoch> <first> <last>"`.
-    pub fn batches(id: &StreamId) -> String {
-        format!("tokenfan:{{{id}}}:batches")
-    }
-
-    /// `tokenfan:{<id>}:lease`, a STRING (the owner) with a TTL.
-    pub fn lease(id: &StreamId) -> String {
-        format!("tokenfan:{{{id}}}:lease")
-    }
-}
+/// The keys of a stream (the edge's key names live in [`crate::redis_keys`]).
+pub use crate::redis_keys as keys;
 
 /// `KEYS`: meta, events, lease, batches. `ARGV`: owner, lease ttl ms, keep ms, then field/value
 /// pairs of the meta hash (including `epoch`).
@@ -319,6 +297,11 @@ impl RedisStore {
         Ok(Self { conn })
     }
 
+    /// The store's connection, for sharing (the tenant limiter runs its script on it).
+    pub fn connection(&self) -> RedisConn {
+        self.conn.clone()
+    }
+
     /// Runs `op` on a connection; a connection that turns out to be dead (Redis restarted
     /// since its last use) is replaced by the manager, and `op` runs once more on the new one.
     async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
@@ -457,7 +440,7 @@ impl Store for RedisStore {
         // epochs, to epoch 0.
         let tenant = fields
             .remove("tenant")
-            .unwrap_or_else(|| crate::auth::DEFAULT_TENANT.to_owned());
+            .unwrap_or_else(|| crate::tenant::DEFAULT_TENANT.to_owned());
         let epoch = fields
             .remove("epoch")
             .map_or(Ok(0), |e| e.parse::<u64>())

@@ -10,11 +10,11 @@ use axum::{
 use serde::Deserialize;
 
 use crate::{
-    app::{AppState, TransportGuard},
-    auth::{self, Caller},
     error::ApiError,
+    state::AppState,
     stream::StreamStatus,
-    transports::{poll_body, sse::parse_cursor},
+    tenant::Caller,
+    transports::{TransportGuard, poll_body, sse::parse_cursor},
 };
 
 /// Default wait when the client gives no `timeout_ms`.
@@ -37,7 +37,7 @@ pub async fn poll(
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = auth::stream_for(&app, &caller, &id).await?;
+    let stream = app.stream_for(&caller, &id).await?;
     let after = query
         .after
         .as_deref()

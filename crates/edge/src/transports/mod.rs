@@ -1,4 +1,5 @@
-//! Transports: each turns hub subscriptions into one wire format and nothing more.
+//! Transports: each turns hub subscriptions into one wire format and nothing more; here, what
+//! they share (the poll body, the connection metrics guard, the request span).
 
 pub mod longpoll;
 pub mod native;
@@ -49,4 +50,46 @@ pub fn poll_body(
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// Counts an open streaming response or socket in `tokenfan_edge_connections{transport}` and
+/// its delivered events in `tokenfan_edge_events_delivered_total{transport}`.
+pub struct TransportGuard {
+    gauge: metrics::Gauge,
+    delivered: metrics::Counter,
+}
+
+impl TransportGuard {
+    /// Counts one more open connection of `transport`.
+    pub fn new(transport: &'static str) -> Self {
+        let gauge = metrics::gauge!("tokenfan_edge_connections", "transport" => transport);
+        gauge.increment(1.0);
+        Self {
+            gauge,
+            delivered: metrics::counter!(
+                "tokenfan_edge_events_delivered_total", "transport" => transport
+            ),
+        }
+    }
+
+    /// Counts delivered events.
+    pub fn delivered(&self, n: usize) {
+        self.delivered.increment(n as u64);
+    }
+}
+
+impl Drop for TransportGuard {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// The request span for a stream-starting request, continuing the caller's `traceparent`.
+pub fn request_span(headers: &axum::http::HeaderMap, route: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("http.request", otel.name = route, otel.kind = "server");
+    tokenfan_telemetry::propagation::set_parent(
+        &span,
+        tokenfan_telemetry::propagation::extract_http(headers),
+    );
+    span
 }

@@ -10,12 +10,16 @@ use axum::{
 };
 
 use crate::{
-    app::{AppState, request_span},
-    auth::{self, Caller},
+    auth,
     error::ApiError,
     request::{StreamRequest, read_json},
+    state::AppState,
     stream::StreamStatus,
-    transports::sse::{self, NativeFramer},
+    tenant::Caller,
+    transports::{
+        request_span,
+        sse::{self, NativeFramer},
+    },
 };
 
 /// `POST /v1/streams`.
@@ -31,7 +35,7 @@ pub async fn create(
     let span = request_span(&headers, "POST /v1/streams");
     let sse = wants_sse(&headers);
     let transport = if sse { "post_sse" } else { "native" };
-    let stream = auth::create_stream(&app, &caller, spec, &span, transport).await?;
+    let stream = app.create_stream(&caller, spec, &span, transport).await?;
     let ticket = app.security.ticket_for(&stream);
     if sse {
         let sub = stream.subscribe(0)?;
@@ -88,7 +92,7 @@ pub async fn stop(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
+    let stream = app.stream_to_manage(&caller, &id).await?;
     let (code, status) = if stream.status() == StreamStatus::Running {
         (StatusCode::ACCEPTED, app.hub.cancel(&stream).await?)
     } else {
@@ -106,7 +110,7 @@ pub async fn ticket(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stream = auth::stream_to_manage(&app, &caller, &id).await?;
+    let stream = app.stream_to_manage(&caller, &id).await?;
     let Some(ticket) = app.security.ticket_for(&stream) else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,

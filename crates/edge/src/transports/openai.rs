@@ -18,13 +18,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    app::{AppState, request_span},
-    auth::{self, Caller},
+    auth,
     error::{ApiError, OpenAiError},
     event::{Event, EventKind, Usage},
     request::{self, Message, StreamRequest, Timing},
+    state::AppState,
     stream::{Closed, StreamState},
-    transports::sse::{self, Framer},
+    tenant::Caller,
+    transports::{
+        request_span,
+        sse::{self, Framer},
+    },
 };
 
 /// The subset of the Chat Completions request the mock understands; other fields are
@@ -209,7 +213,7 @@ pub async fn chat_completions(
     let (native, streaming, include_usage) = chat.into_native()?;
     let spec = native.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/chat/completions");
-    let stream = auth::create_stream(&app, &caller, spec, &span, "openai").await?;
+    let stream = app.create_stream(&caller, spec, &span, "openai").await?;
     let sub = stream.subscribe(0)?;
     if streaming {
         let framer = OpenAiFramer::new(&stream, true, false, include_usage);

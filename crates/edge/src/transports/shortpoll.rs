@@ -8,9 +8,9 @@ use axum::{
 use serde::Deserialize;
 
 use crate::{
-    app::AppState,
-    auth::{self, Caller},
     error::ApiError,
+    state::AppState,
+    tenant::Caller,
     transports::{poll_body, sse::parse_cursor},
 };
 
@@ -29,7 +29,7 @@ pub async fn status(
     query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let stream = auth::stream_for(&app, &caller, &id).await?;
+    let stream = app.stream_for(&caller, &id).await?;
     let after = query
         .after
         .as_deref()

@@ -17,13 +17,14 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::{AppState, TransportGuard},
-    auth::{self, Caller},
+    auth,
     error::ApiError,
     event::Event,
     observability::{GapMeter, Resume, ResumeResult, requested_cursor},
+    state::AppState,
     stream::{Closed, Subscription},
-    transports::openai::OpenAiFramer,
+    tenant::Caller,
+    transports::{TransportGuard, openai::OpenAiFramer},
 };
 
 /// The reconnection delay EventSource is told to use.
@@ -256,7 +257,7 @@ pub async fn events(
         replayed,
         result,
     };
-    let stream = match auth::stream_for(&app, &caller, &id).await {
+    let stream = match app.stream_for(&caller, &id).await {
         Ok(stream) => stream,
         Err(e) => {
             if let Some(after) = requested_cursor(&headers, query.after.as_deref()) {

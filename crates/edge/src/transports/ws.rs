@@ -35,13 +35,15 @@ use tokio::{
 };
 
 use crate::{
-    app::{AppState, TransportGuard, request_span},
-    auth::{self, Caller},
+    auth,
     error::ApiError,
     ids::StreamId,
     observability::{GapMeter, Resume, ResumeResult},
     request::StreamRequest,
+    state::AppState,
     stream::{Closed, StreamState},
+    tenant::Caller,
+    transports::{TransportGuard, request_span},
 };
 
 /// Frames waiting to be written to one socket.
@@ -484,7 +486,7 @@ async fn handle_text(
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
             let span = request_span(&HeaderMap::new(), "WS start");
-            let stream = match auth::create_stream(app, caller, spec, &span, "ws").await {
+            let stream = match app.create_stream(caller, spec, &span, "ws").await {
                 Ok(s) => s,
                 Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
             };
@@ -512,9 +514,9 @@ async fn handle_text(
                 result,
             };
             let found = if kind == "cancel" {
-                auth::stream_to_manage(app, caller, &msg.stream_id).await
+                app.stream_to_manage(caller, &msg.stream_id).await
             } else {
-                auth::stream_for(app, caller, &msg.stream_id).await
+                app.stream_for(caller, &msg.stream_id).await
             };
             let stream = match found {
                 Ok(s) => s,

@@ -1,0 +1,163 @@
+//! The `/v1/…` API routes: their paths and what each one allows, in one table.
+//!
+//! The router ([`crate::app::router`]) mounts its handlers on these paths; authentication
+//! ([`crate::auth`]) reads from the same entries which routes a stream ticket may stand in for
+//! a credential on, and error responses made before a handler runs (authentication, the body
+//! deadline) take the error shape of the route asked for ([`error_response`]).
+
+use axum::{
+    http::Method,
+    response::{IntoResponse as _, Response},
+};
+
+use crate::error::{ApiError, OpenAiError};
+
+/// One API route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The path as the router writes it (`{id}` matches one path segment).
+    pub path: &'static str,
+    /// Whether a stream ticket is accepted here instead of a credential.
+    pub tickets: Tickets,
+    /// The shape of this route's error bodies.
+    pub errors: ErrorShape,
+}
+
+/// Where a stream ticket may stand in for a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tickets {
+    /// Never: a credential is needed.
+    No,
+    /// On `GET`/`HEAD` of the stream named by the path's `{id}`.
+    ReadStream,
+    /// On any method; each stream it then asks for is checked (the WebSocket's `subscribe`).
+    PerMessage,
+}
+
+/// The shape of a route's error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error":{"code","message"}}` ([`ApiError`]).
+    Native,
+    /// OpenAI's ([`OpenAiError`]).
+    OpenAi,
+}
+
+const fn route(path: &'static str, tickets: Tickets, errors: ErrorShape) -> Route {
+    Route {
+        path,
+        tickets,
+        errors,
+    }
+}
+
+/// `GET /v1/models`.
+pub const MODELS: Route = route("/v1/models", Tickets::No, ErrorShape::OpenAi);
+/// `GET /v1/models/{id}`.
+pub const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorShape::OpenAi);
+/// `POST /v1/chat/completions`.
+pub const CHAT_COMPLETIONS: Route = route("/v1/chat/completions", Tickets::No, ErrorShape::OpenAi);
+/// `POST /v1/streams` (create).
+pub const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorShape::Native);
+/// `GET /v1/streams/{id}` (status, short-poll) and `DELETE` (stop).
+pub const STREAM: Route = route("/v1/streams/{id}", Tickets::ReadStream, ErrorShape::Native);
+/// `GET /v1/streams/{id}/events` (SSE).
+pub const STREAM_EVENTS: Route = route(
+    "/v1/streams/{id}/events",
+    Tickets::ReadStream,
+    ErrorShape::Native,
+);
+/// `GET /v1/streams/{id}/poll` (long-poll).
+pub const STREAM_POLL: Route = route(
+    "/v1/streams/{id}/poll",
+    Tickets::ReadStream,
+    ErrorShape::Native,
+);
+/// `POST /v1/streams/{id}/ticket`.
+pub const STREAM_TICKET: Route = route("/v1/streams/{id}/ticket", Tickets::No, ErrorShape::Native);
+/// `/v1/ws` (WebSocket over HTTP/1.1 `GET` + Upgrade, or HTTP/2 extended `CONNECT`).
+pub const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorShape::Native);
+
+/// Every API route.
+pub const API: &[Route] = &[
+    MODELS,
+    MODEL,
+    CHAT_COMPLETIONS,
+    STREAMS,
+    STREAM,
+    STREAM_EVENTS,
+    STREAM_POLL,
+    STREAM_TICKET,
+    WS,
+];
+
+/// The route `path` asks for, and the value of its `{id}` segment if it has one.
+pub fn find(path: &str) -> Option<(&'static Route, Option<&str>)> {
+    API.iter().find_map(|route| {
+        let mut id = None;
+        let mut pattern = route.path.split('/');
+        let mut given = path.split('/');
+        loop {
+            match (pattern.next(), given.next()) {
+                (None, None) => return Some((route, id)),
+                (Some(p), Some(g)) if p.starts_with('{') => id = Some(g),
+                (Some(p), Some(g)) if p == g => {}
+                _ => return None,
+            }
+        }
+    })
+}
+
+/// Whether a stream ticket may stand in for a credential on `method path`: `Some(Some(id))`
+/// to read stream `id`, `Some(None)` where each stream asked for is checked later, `None` not
+/// at all.
+pub fn ticket_scope<'p>(method: &Method, path: &'p str) -> Option<Option<&'p str>> {
+    let (route, id) = find(path)?;
+    match route.tickets {
+        Tickets::No => None,
+        Tickets::PerMessage => Some(None),
+        Tickets::ReadStream => (*method == Method::GET || *method == Method::HEAD).then_some(id),
+    }
+}
+
+/// `error` in the shape of the route `path` asks for (OpenAI's on the OpenAI routes, native
+/// elsewhere and on unknown paths).
+pub fn error_response(path: &str, error: ApiError) -> Response {
+    match find(path).map(|(route, _)| route.errors) {
+        Some(ErrorShape::OpenAi) => OpenAiError(error).into_response(),
+        _ => error.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_find_their_route_and_id() {
+        assert_eq!(find("/v1/models"), Some((&MODELS, None)));
+        assert_eq!(find("/v1/models/gpt"), Some((&MODEL, Some("gpt"))));
+        assert_eq!(
+            find("/v1/streams/abc/poll"),
+            Some((&STREAM_POLL, Some("abc")))
+        );
+        assert_eq!(find("/v1/streams/abc/other"), None);
+        assert_eq!(find("/v1/streams/abc/events/x"), None);
+        assert_eq!(find("/v1/wsx"), None);
+    }
+
+    #[test]
+    fn tickets_read_streams_and_open_websockets_only() {
+        let get = Method::GET;
+        assert_eq!(ticket_scope(&get, "/v1/streams/abc"), Some(Some("abc")));
+        assert_eq!(
+            ticket_scope(&Method::HEAD, "/v1/streams/abc/events"),
+            Some(Some("abc"))
+        );
+        assert_eq!(ticket_scope(&Method::DELETE, "/v1/streams/abc"), None);
+        assert_eq!(ticket_scope(&Method::POST, "/v1/streams/abc/ticket"), None);
+        assert_eq!(ticket_scope(&get, "/v1/streams"), None);
+        assert_eq!(ticket_scope(&Method::CONNECT, "/v1/ws"), Some(None));
+        assert_eq!(ticket_scope(&get, "/v1/models"), None);
+    }
+}

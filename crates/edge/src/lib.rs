@@ -39,7 +39,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::EdgeConfig;
 
@@ -61,9 +61,43 @@ pub struct Running {
     pub hub: Arc<Hub>,
     /// Counters of the embedded generator, when there is one.
     pub embedded_generator: Option<Arc<tokenfan_generator::Stats>>,
-    /// Resolves when the edge stopped (after `shutdown` and the drain).
+    /// Resolves when the edge stopped (after `shutdown`, the drain and every task).
     pub task: JoinHandle<()>,
 }
+
+/// The edge's cancellation tree and the tracker of every task it spawns. [`start`] cancels
+/// the phases in order (see `stop`); cancelling `root` stops everything at once.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    root: CancellationToken,
+    /// Phase 1, stop accepting: the listener stops, streaming responses and sockets end
+    /// (clients reconnect elsewhere), `/readyz` answers 503.
+    pub accepting: CancellationToken,
+    /// Phase 2, in a cluster: owners stop without a terminal event and the other replicas take
+    /// their streams over.
+    pub handover: CancellationToken,
+    /// Phase 3: the background loops (sweep, control requests, store watch, tenant limits,
+    /// readiness checks, the admin listener).
+    pub background: CancellationToken,
+    /// Every task the edge spawns; all of them are waited for last.
+    pub tasks: TaskTracker,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        let root = CancellationToken::new();
+        Self {
+            accepting: root.child_token(),
+            handover: root.child_token(),
+            background: root.child_token(),
+            root,
+            tasks: TaskTracker::new(),
+        }
+    }
+}
+
+/// How long the tasks still running after the drain get to finish.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Starts the edge on `listener` and returns once it accepts connections; cancel `shutdown`
 /// to stop it (then await [`Running::task`]).
@@ -86,85 +120,129 @@ pub async fn start(
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
     };
-
-    let (generators, embedded_generator): (Arc<dyn Generators>, _) = if config.generator.is_empty()
-    {
-        let (generator, stats) = embedded_generator(&config).await?;
-        (Arc::new(generator), Some(stats))
-    } else {
-        let pool = GeneratorPool::new(&config.generator, config.streams.generator_connections)?;
-        (Arc::new(pool), None)
-    };
+    let (generators, embedded_generator) = generators(&config).await?;
     let replica = replica_id(&config, addr);
-    let (store, bus, cluster): (Arc<dyn Store>, Arc<dyn Bus>, bool) =
-        match (&config.nats_url, &config.redis_url) {
-            (Some(nats), Some(redis)) => (
-                Arc::new(RedisStore::connect_with(redis, &config.redis).await?),
-                Arc::new(NatsBus::connect_with(nats, &config.nats, &replica).await?),
-                true,
-            ),
-            _ => (
-                Arc::new(MemoryStore::default()),
-                Arc::new(MemoryBus::default()),
-                false,
-            ),
-        };
-    let hub = Hub::new(config.clone(), replica, generators, store, bus, cluster);
+    let (store, bus, cluster) = backends(&config, &replica).await?;
+    let lifecycle = Lifecycle::default();
+    let hub = Hub::new(
+        config.clone(),
+        replica,
+        generators,
+        store,
+        bus,
+        cluster,
+        &lifecycle,
+    );
     let security = Arc::new(auth::Security::from_config(&config).await?);
-    let state = AppState {
+    let router = app::router(AppState {
         hub: hub.clone(),
         config: config.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: lifecycle.accepting.clone(),
         security: security.clone(),
-    };
-    let router = app::router(state);
-
-    let background = CancellationToken::new();
+    });
     let readiness = admin::Readiness::default();
-    tokio::spawn(
-        readiness
-            .clone()
-            .keep_checking(hub.clone(), background.clone()),
-    );
     let admin_router = admin::router(admin::AdminState {
         metrics,
-        readiness,
-        shutdown: shutdown.clone(),
+        readiness: readiness.clone(),
+        shutdown: lifecycle.accepting.clone(),
     });
-    let admin_stop = background.clone();
-    tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
-        if let Err(err) = serve.await {
-            tracing::error!(%err, "the admin listener failed");
-        }
-    });
-    tokio::spawn(hub.clone().sweep(background.clone()));
-    tokio::spawn(hub.clone().serve_control(background.clone()));
-    tokio::spawn(hub.clone().watch_store(background.clone()));
-    tokio::spawn(
-        security
-            .limits
-            .clone()
-            .keep(hub.clone(), background.clone()),
-    );
-
-    let task = {
-        let hub = hub.clone();
-        let config = config.clone();
-        tokio::spawn(async move {
-            let limits = server::ConnectionLimits::from_config(&config);
-            server::serve(listener, router, tls, limits, shutdown).await;
-            hub.drain(config.shutdown_grace()).await;
-            background.cancel();
-        })
-    };
+    let admin = (admin_listener, admin_router, readiness);
+    spawn_background(&lifecycle, &hub, &security, admin);
+    let serving = lifecycle.tasks.spawn(server::serve(
+        listener,
+        router,
+        tls,
+        server::ConnectionLimits::from_config(&config),
+        lifecycle.clone(),
+    ));
+    let task = tokio::spawn(stop(lifecycle, shutdown, serving, hub.clone(), config));
     Ok(Running {
         addr,
         admin_addr,
         hub,
         embedded_generator,
         task,
+    })
+}
+
+/// Waits for `shutdown`, then stops the edge in order: stop accepting (and let open
+/// connections finish, bounded), drain or hand over the streams, stop the background loops,
+/// wait (bounded) for every task left. The embedded generator has nothing of its own to
+/// stop: its generations run inside the owners' tasks.
+async fn stop(
+    lifecycle: Lifecycle,
+    shutdown: CancellationToken,
+    serving: JoinHandle<()>,
+    hub: Arc<Hub>,
+    config: Arc<EdgeConfig>,
+) {
+    shutdown.cancelled().await;
+    lifecycle.accepting.cancel();
+    let _ = serving.await;
+    hub.drain(config.shutdown_grace()).await;
+    lifecycle.background.cancel();
+    lifecycle.tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, lifecycle.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks still running after the shutdown; leaving them");
+    }
+    lifecycle.root.cancel();
+}
+
+/// The background loops, on the lifecycle's tracker until its `background` phase.
+fn spawn_background(
+    lifecycle: &Lifecycle,
+    hub: &Arc<Hub>,
+    security: &Arc<auth::Security>,
+    (admin_listener, admin_router, readiness): (TcpListener, axum::Router, admin::Readiness),
+) {
+    let (tasks, stop) = (&lifecycle.tasks, &lifecycle.background);
+    tasks.spawn(readiness.keep_checking(hub.clone(), stop.clone()));
+    let admin_stop = stop.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+        if let Err(err) = serve.await {
+            tracing::error!(%err, "the admin listener failed");
+        }
+    });
+    tasks.spawn(hub.clone().sweep(stop.clone()));
+    tasks.spawn(hub.clone().serve_control(stop.clone()));
+    tasks.spawn(hub.clone().watch_store(stop.clone()));
+    tasks.spawn(security.limits.clone().keep(hub.clone(), stop.clone()));
+}
+
+/// The generators: the configured ones, else the embedded mock generator (and its counters).
+async fn generators(
+    config: &EdgeConfig,
+) -> anyhow::Result<(Arc<dyn Generators>, Option<Arc<tokenfan_generator::Stats>>)> {
+    if config.generator.is_empty() {
+        let (generator, stats) = embedded_generator(config).await?;
+        return Ok((Arc::new(generator), Some(stats)));
+    }
+    let pool = GeneratorPool::new(&config.generator, config.streams.generator_connections)?;
+    Ok((Arc::new(pool), None))
+}
+
+/// The history store and the bus: Redis and NATS when both are configured (a cluster: true),
+/// else in memory.
+async fn backends(
+    config: &EdgeConfig,
+    replica: &str,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn Bus>, bool)> {
+    Ok(match (&config.nats_url, &config.redis_url) {
+        (Some(nats), Some(redis)) => (
+            Arc::new(RedisStore::connect_with(redis, &config.redis).await?),
+            Arc::new(NatsBus::connect_with(nats, &config.nats, replica).await?),
+            true,
+        ),
+        _ => (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryBus::default()),
+            false,
+        ),
     })
 }
 

@@ -337,10 +337,7 @@ impl Limiter {
                 let result = self.script(conn, "admit", tenant, id).await;
                 result.map_err(|err| {
                     tracing::warn!(%err, "redis: checking tenant limits failed");
-                    ApiError::unavailable(
-                        "store_unavailable",
-                        "stream limits are unreachable right now; retry shortly",
-                    )
+                    ApiError::LimitsUnavailable
                 })?
             }
         };
@@ -350,26 +347,24 @@ impl Limiter {
             0 => {
                 metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "concurrent")
                     .increment(1);
-                Err(ApiError::rate_limited(
-                    "concurrency_limited",
-                    format!(
+                Err(ApiError::ConcurrencyLimited {
+                    message: format!(
                         "this tenant already has {} running streams; stop one or wait",
                         self.max_concurrent
                     ),
                     retry_after,
-                ))
+                })
             }
             _ => {
                 metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "rate")
                     .increment(1);
-                Err(ApiError::rate_limited(
-                    "rate_limited",
-                    format!(
+                Err(ApiError::RateLimited {
+                    message: format!(
                         "this tenant may start {} streams per second (bursts of {}); retry later",
                         self.rate, self.burst
                     ),
                     retry_after,
-                ))
+                })
             }
         }
     }
@@ -495,13 +490,13 @@ impl Limiter {
     /// Releases `stream` as soon as it ends here. If this replica stops owning it (handed
     /// over, or taken over by another replica), the task ends and the new owner's
     /// [`Limiter::keep`] takes over.
-    pub fn track(self: &Arc<Self>, stream: &Arc<StreamState>) {
+    pub fn track(self: &Arc<Self>, hub: &Hub, stream: &Arc<StreamState>) {
         if self.max_concurrent == 0 || !lock(&self.tracked).insert(stream.id.clone()) {
             return;
         }
         let limiter = self.clone();
         let stream = stream.clone();
-        tokio::spawn(async move {
+        hub.spawn(async move {
             let mut check = tokio::time::interval(KEEP_EVERY);
             loop {
                 tokio::select! {
@@ -541,7 +536,7 @@ impl Limiter {
                         .await;
                 }
                 for stream in &owned {
-                    self.track(stream);
+                    self.track(&hub, stream);
                 }
             }
             if let Backend::Memory(tenants) = &self.backend {
@@ -633,11 +628,11 @@ pub async fn body_deadline(State(app): State<AppState>, request: Request, next: 
                 .run(Request::from_parts(parts, Body::from(bytes)))
                 .await;
         }
-        Ok(Err(err)) if too_large(&err) => ApiError::body_too_large(limit),
-        Ok(Err(_)) => ApiError::bad_request("invalid_body", "the request body could not be read"),
+        Ok(Err(err)) if too_large(&err) => ApiError::BodyTooLarge(limit),
+        Ok(Err(_)) => ApiError::InvalidBody,
         Err(_) => {
             metrics::counter!("tokenfan_edge_body_timeouts_total").increment(1);
-            ApiError::body_timeout(secs)
+            ApiError::BodyTimeout(secs)
         }
     };
     let mut response = error_response(parts.uri.path(), error);
@@ -676,10 +671,10 @@ mod tests {
             .await
             .expect_err("empty");
         assert_eq!(
-            (refused.status.as_u16(), refused.code),
+            (refused.status().as_u16(), refused.code()),
             (429, "rate_limited")
         );
-        assert_eq!(refused.retry_after, Some(1));
+        assert_eq!(refused.retry_after(), Some(1));
         limiter
             .admit("b", &StreamId::random())
             .await
@@ -699,7 +694,7 @@ mod tests {
             .admit("a", &StreamId::random())
             .await
             .expect_err("full");
-        assert_eq!(refused.code, "concurrency_limited");
+        assert_eq!(refused.code(), "concurrency_limited");
         limiter.release("a", &one).await;
         assert_eq!(limiter.counted("a"), 1);
         limiter
@@ -725,7 +720,7 @@ mod tests {
         limiter.admit("t", &ids[1]).await.expect("2");
         let refused = limiter.admit("t", &ids[2]).await.expect_err("full");
         assert_eq!(
-            (refused.code, refused.retry_after),
+            (refused.code(), refused.retry_after()),
             ("concurrency_limited", Some(1))
         );
         limiter
@@ -751,7 +746,7 @@ mod tests {
             .await
             .expect_err("empty");
         assert_eq!(
-            (refused.code, refused.retry_after),
+            (refused.code(), refused.retry_after()),
             ("rate_limited", Some(1))
         );
         let mut conn = redis::Client::open(server.url())

@@ -627,6 +627,7 @@ mod tests {
             Arc::new(MemoryStore::default()),
             Arc::new(MemoryBus::default()),
             false,
+            &crate::Lifecycle::default(),
         );
         let spec = StreamRequest {
             prompt: Some("p".into()),

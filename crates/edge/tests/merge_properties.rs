@@ -284,7 +284,7 @@ proptest! {
                         }
                         Err(e) => {
                             prop_assert!(after > limit, "refused {after} within {limit}");
-                            prop_assert_eq!(e.code, "cursor_out_of_range");
+                            prop_assert_eq!(e.code(), "cursor_out_of_range");
                         }
                     }
                 }
@@ -309,7 +309,7 @@ proptest! {
                         }
                         Err(e) => {
                             prop_assert!(after > limit);
-                            prop_assert_eq!(e.code, "cursor_out_of_range");
+                            prop_assert_eq!(e.code(), "cursor_out_of_range");
                         }
                     }
                 }
@@ -463,6 +463,7 @@ async fn mirror_case(
         store.clone(),
         bus.clone(),
         true,
+        &tokenfan_edge::Lifecycle::default(),
     );
     // The owner created the stream and holds its lease for the whole case: no takeover.
     let id = StreamId::random();
@@ -524,7 +525,7 @@ async fn mirror_case(
             }
             Err(e) => {
                 prop_assert!(!running && after > last, "refused {after}: {e}");
-                prop_assert_eq!(e.code, "cursor_out_of_range");
+                prop_assert_eq!(e.code(), "cursor_out_of_range");
             }
         }
         *state = Some(found);

@@ -27,7 +27,7 @@ use axum::{
     extract::{FromRequestParts, Request, State},
     http::{HeaderMap, HeaderValue, Method, Uri, header, request::Parts},
     middleware::Next,
-    response::{IntoResponse, Response},
+    response::Response,
 };
 
 use self::{
@@ -38,7 +38,7 @@ use self::{
 use crate::{
     app::AppState,
     config::EdgeConfig,
-    error::{ApiError, OpenAiError},
+    error::{ApiError, ErrorFormat},
     ids::StreamId,
     limits::Limiter,
     request::StreamSpec,
@@ -284,7 +284,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             tracing::error!("no caller on the request: the auth middleware is not installed");
-            ApiError::internal()
+            ApiError::Internal
         })
     }
 }
@@ -381,9 +381,7 @@ impl Security {
             Verifier::None => return Ok((Caller::anonymous(), None)),
             Verifier::ApiKeys(keys) => (
                 keys.tenant(credential)
-                    .ok_or_else(|| {
-                        ApiError::unauthorized("invalid_credentials", "unknown API key")
-                    })?
+                    .ok_or_else(|| ApiError::InvalidCredentials("unknown API key".into()))?
                     .to_owned(),
                 None,
             ),
@@ -399,14 +397,10 @@ impl Security {
         self.tickets
             .verify(ticket, unix_now())
             .map_err(|e| match e {
-                TicketError::Invalid => ApiError::unauthorized(
-                    "invalid_ticket",
-                    "the stream ticket is malformed or its signature does not match",
+                TicketError::Invalid => ApiError::InvalidTicket(
+                    "the stream ticket is malformed or its signature does not match".into(),
                 ),
-                TicketError::Expired => ApiError::unauthorized(
-                    "expired_ticket",
-                    "the stream ticket has expired; ask for a new one",
-                ),
+                TicketError::Expired => ApiError::ExpiredTicket,
             })
     }
 
@@ -444,9 +438,8 @@ impl Security {
                 })
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "invalid_credentials",
-                        "the Authorization header must be `Bearer <credential>`",
+                    ApiError::InvalidCredentials(
+                        "the Authorization header must be `Bearer <credential>`".into(),
                     )
                 })?;
             return self.verify_credential(credential);
@@ -460,9 +453,8 @@ impl Security {
             match parsed {
                 Ok(q) => tickets.extend(q.0.ticket),
                 Err(_) if query.contains("ticket=") => {
-                    return Err(ApiError::unauthorized(
-                        "invalid_ticket",
-                        "`ticket` must appear once in the query",
+                    return Err(ApiError::InvalidTicket(
+                        "`ticket` must appear once in the query".into(),
                     ));
                 }
                 Err(_) => {}
@@ -511,13 +503,7 @@ impl Security {
         if out_of_scope {
             return Err(ticket_scope());
         }
-        Err(error.unwrap_or_else(|| {
-            ApiError::unauthorized(
-                "missing_credentials",
-                "this endpoint needs `Authorization: Bearer <credential>` (or a stream ticket \
-                 to read a stream)",
-            )
-        }))
+        Err(error.unwrap_or(ApiError::MissingCredentials))
     }
 
     /// A ticket for reading `stream`, when authentication is on.
@@ -605,10 +591,7 @@ fn cookies<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'
 }
 
 fn ticket_scope() -> ApiError {
-    ApiError::forbidden(
-        "ticket_scope",
-        "a stream ticket only lets its holder read that one stream",
-    )
+    ApiError::TicketScope
 }
 
 /// Whether `path` answers in the OpenAI error shape.
@@ -618,11 +601,12 @@ pub fn openai_route(path: &str) -> bool {
 
 /// `error` in the shape the route uses (OpenAI's on the OpenAI routes, native elsewhere).
 pub fn error_response(path: &str, error: ApiError) -> Response {
-    if openai_route(path) {
-        OpenAiError(error).into_response()
+    let format = if openai_route(path) {
+        ErrorFormat::OpenAi
     } else {
-        error.into_response()
-    }
+        ErrorFormat::Native
+    };
+    error.into_response_as(format)
 }
 
 /// Middleware: authenticates every `/v1/…` request and hands the [`Caller`] to the handler;
@@ -647,7 +631,7 @@ pub async fn authenticate(
             next.run(request).await
         }
         Err(error) => {
-            metrics::counter!("tokenfan_edge_auth_refusals_total", "code" => error.code)
+            metrics::counter!("tokenfan_edge_auth_refusals_total", "code" => error.code())
                 .increment(1);
             error_response(request.uri().path(), error)
         }
@@ -719,7 +703,7 @@ pub async fn create_stream(
         .await
     {
         Ok(stream) => {
-            limits.track(&stream);
+            limits.track(&app.hub, &stream);
             Ok(stream)
         }
         Err(error) => {

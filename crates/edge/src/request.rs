@@ -380,7 +380,7 @@ mod tests {
             let err = parse(body).expect_err(body);
             assert_eq!(err.status(), 400, "{body}");
             assert_eq!(err.code(), code, "{body}");
-            assert!(err.message.contains(needle), "{body}: {}", err.message);
+            assert!(err.message().contains(needle), "{body}: {}", err.message());
         }
         let err = parse(r#"{"prompt":"a","model":"gpt-9"}"#).expect_err("unknown model");
         assert_eq!(

@@ -581,7 +581,7 @@ async fn mirror_case(
             // The mirror's history is always a prefix of the owner's.
             let (_, events) = state
                 .events_after(0)
-                .map_err(|e| TestCaseError::fail(e.message))?;
+                .map_err(|e| TestCaseError::fail(e.message()))?;
             prop_assert!(events.len() <= produced);
             for (e, s) in events.iter().zip(&source) {
                 prop_assert_eq!(e.json(), s.json());
@@ -615,7 +615,7 @@ async fn mirror_case(
     );
     let (_, events) = state
         .events_after(0)
-        .map_err(|e| TestCaseError::fail(e.message))?;
+        .map_err(|e| TestCaseError::fail(e.message()))?;
     prop_assert_eq!(events.len(), total, "the whole history, once");
     for (e, s) in events.iter().zip(&source) {
         prop_assert_eq!(e.seq, s.seq);

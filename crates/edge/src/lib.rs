@@ -72,15 +72,15 @@ pub struct Lifecycle {
     root: CancellationToken,
     /// Phase 1, stop accepting: the listener stops, streaming responses and sockets end
     /// (clients reconnect elsewhere), `/readyz` answers 503.
-    pub accepting: CancellationToken,
+    pub(crate) accepting: CancellationToken,
     /// Phase 2, in a cluster: owners stop without a terminal event and the other replicas take
     /// their streams over.
-    pub handover: CancellationToken,
+    pub(crate) handover: CancellationToken,
     /// Phase 3: the background loops (sweep, control requests, store watch, tenant limits,
     /// readiness checks, the admin listener).
-    pub background: CancellationToken,
+    pub(crate) background: CancellationToken,
     /// Every task the edge spawns; all of them are waited for last.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Default for Lifecycle {

@@ -496,6 +496,7 @@ impl Limiter {
         }
         let limiter = self.clone();
         let stream = stream.clone();
+        let handover = hub.handover.clone();
         hub.spawn(async move {
             let mut check = tokio::time::interval(KEEP_EVERY);
             loop {
@@ -504,6 +505,7 @@ impl Limiter {
                         limiter.release(stream.tenant(), &stream.id).await;
                         break;
                     }
+                    () = handover.cancelled() => break,
                     _ = check.tick() => {
                         if !stream.is_owned() {
                             break;

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::{error::ApiError, hub::Hub};
 
 /// How often readiness is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -95,13 +95,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": {"code": "not_found",
-                    "message": "the admin listener serves /metrics, /readyz and /healthz"}})),
-            )
-        })
+        .fallback(|| async { ApiError::AdminNotFound })
         .with_state(state)
 }
 

@@ -16,6 +16,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::{
     body_deadline::BodyDeadline,
     config::EdgeConfig,
+    error::{ApiError, ErrorFormat},
     request::MODELS,
     routes,
     state::AppState,
@@ -126,20 +127,12 @@ async fn echo_request_id(
     response
 }
 
-async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}})),
-    )
-        .into_response()
+async fn not_found() -> ApiError {
+    ApiError::NotFound
 }
 
-async fn method_not_allowed() -> Response {
-    let body = serde_json::json!({"error": {
-        "code": "method_not_allowed",
-        "message": "this endpoint does not accept that method",
-    }});
-    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 const INDEX_HTML: &str = include_str!("../../../web/index.html");
@@ -218,6 +211,6 @@ async fn models() -> Response {
 async fn model(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
     match crate::request::resolve_model(Some(&id)) {
         Ok(m) => Json(model_json(m.id)).into_response(),
-        Err(e) => crate::error::OpenAiError(e).into_response(),
+        Err(e) => e.into_response_as(ErrorFormat::OpenAi),
     }
 }

@@ -45,11 +45,11 @@ pub async fn body_deadline(
                 .run(Request::from_parts(parts, Body::from(bytes)))
                 .await;
         }
-        Ok(Err(err)) if too_large(&err) => ApiError::body_too_large(limit),
-        Ok(Err(_)) => ApiError::bad_request("invalid_body", "the request body could not be read"),
+        Ok(Err(err)) if too_large(&err) => ApiError::BodyTooLarge(limit),
+        Ok(Err(_)) => ApiError::InvalidBody,
         Err(_) => {
             metrics::counter!("tokenfan_edge_body_timeouts_total").increment(1);
-            ApiError::body_timeout(deadline.timeout.as_secs())
+            ApiError::BodyTimeout(deadline.timeout.as_secs())
         }
     };
     let mut response = routes::error_response(parts.uri.path(), error);

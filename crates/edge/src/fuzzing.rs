@@ -163,7 +163,16 @@ impl Fixture {
                 GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool"),
             );
             let bus = Arc::new(MemoryBus::default());
-            let hub = Hub::new(config.clone(), "fuzz".into(), generators, store, bus, true);
+            let lifecycle = crate::Lifecycle::default();
+            let hub = Hub::new(
+                config.clone(),
+                "fuzz".into(),
+                generators,
+                store,
+                bus,
+                true,
+                &lifecycle,
+            );
             for id in streams.keys() {
                 let state = hub.get(id).await.expect("the fixture stream");
                 assert_ne!(state.status(), crate::stream::StreamStatus::Running);
@@ -498,12 +507,12 @@ fn check_spec(spec: &StreamSpec, limits: &StreamLimits) {
 }
 
 fn check_refusal(e: &ApiError) {
-    match e.code {
-        "invalid_json" | "invalid_request" => assert_eq!(e.status, StatusCode::BAD_REQUEST),
-        "model_not_found" => assert_eq!(e.status, StatusCode::NOT_FOUND),
+    match e.code() {
+        "invalid_json" | "invalid_request" => assert_eq!(e.status(), StatusCode::BAD_REQUEST),
+        "model_not_found" => assert_eq!(e.status(), StatusCode::NOT_FOUND),
         other => panic!("unexpected refusal {other}: {e}"),
     }
-    assert!(!e.message.is_empty());
+    assert!(!e.message().is_empty());
 }
 
 /// Sends one body to the native and the OpenAI validation, directly and through the router,
@@ -526,8 +535,8 @@ pub fn stream_request(data: &[u8]) {
             (StatusCode::SERVICE_UNAVAILABLE, "capacity")
         ),
         Err(e) => {
-            assert_eq!((status, code), (e.status, e.code), "{body}");
-            assert_eq!(body["error"]["message"], e.message.as_str());
+            assert_eq!((status, code), (e.status(), e.code()), "{body}");
+            assert_eq!(body["error"]["message"], e.message().as_str());
         }
     }
 
@@ -535,7 +544,7 @@ pub fn stream_request(data: &[u8]) {
     let (status, body) = fx.post_json("/v1/chat/completions", data);
     let code = openai_error(status, &body);
     match &chat {
-        Err(e) => assert_eq!((status, code), (e.status, e.code), "{body}"),
+        Err(e) => assert_eq!((status, code), (e.status(), e.code()), "{body}"),
         Ok(_) => match code {
             "capacity" => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
             "invalid_request" => assert_eq!(status, StatusCode::BAD_REQUEST),
@@ -578,10 +587,10 @@ fn check_parse_cursor(value: &str) {
         }
         (Err(e), None) => {
             assert_eq!(
-                (e.status, e.code),
+                (e.status(), e.code()),
                 (StatusCode::BAD_REQUEST, "invalid_cursor")
             );
-            assert!(e.message.starts_with("after: "), "{}", e.message);
+            assert!(e.message().starts_with("after: "), "{}", e.message());
         }
         (got, want) => panic!("{value:?}: parsed {got:?}, the rule says {want:?}"),
     }
@@ -1012,12 +1021,12 @@ pub fn jwt(data: &[u8]) {
             assert!(until >= unix_now(), "accepted an expired token: {until}");
         }
         Err(e) => {
-            assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{e:?}");
+            assert_eq!(e.status(), StatusCode::UNAUTHORIZED, "{e:?}");
             assert!(
-                ["invalid_credentials", "expired_credentials"].contains(&e.code),
+                ["invalid_credentials", "expired_credentials"].contains(&e.code()),
                 "{e:?}"
             );
-            assert!(!e.message.is_empty());
+            assert!(!e.message().is_empty());
         }
     }
 }
@@ -1109,10 +1118,10 @@ pub fn credentials(data: &[u8]) {
         }
         Err(e) => {
             assert!(
-                e.status == StatusCode::UNAUTHORIZED || e.status == StatusCode::FORBIDDEN,
+                e.status() == StatusCode::UNAUTHORIZED || e.status() == StatusCode::FORBIDDEN,
                 "{e:?}"
             );
-            assert!(!e.code.is_empty() && !e.message.is_empty(), "{e:?}");
+            assert!(!e.code().is_empty() && !e.message().is_empty(), "{e:?}");
         }
     }
 }

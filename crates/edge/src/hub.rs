@@ -22,6 +22,7 @@ use crate::{
     config::EdgeConfig,
     error::ApiError,
     ids::StreamId,
+    lifecycle::Lifecycle,
     mirror::Mirror,
     owner::Owner,
     request::StreamSpec,
@@ -50,15 +51,15 @@ pub struct Hub {
     pub(crate) bus: Arc<dyn Bus>,
     /// Whether other replicas share the store and bus (streams may live elsewhere).
     cluster: bool,
-    /// Cancelled at shutdown in cluster mode: owners stop without a terminal event and the
-    /// other replicas take their streams over.
-    pub(crate) handover: CancellationToken,
     streams: Mutex<HashMap<StreamId, Arc<StreamState>>>,
     /// Streams whose history expired, until when they are remembered (answered with 410
     /// `history_expired` rather than 404), and their tenant. Bounded by `max_streams`.
     expired: Mutex<HashMap<StreamId, (std::time::Instant, Arc<str>)>>,
-    /// Owner tasks; awaited on shutdown.
-    tasks: TaskTracker,
+    /// The edge's shutdown phases and task tracker: every task of the hub goes on it; its
+    /// `handover` phase hands the streams over.
+    lifecycle: Lifecycle,
+    /// Counts the owner and mirror tasks (spawned on `tasks`), which the drain waits for.
+    streams_tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Hub {
@@ -70,7 +71,8 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub over these backends; `cluster` when other replicas share them.
+    /// A hub over these backends; `cluster` when other replicas share them. Its tasks go on
+    /// `lifecycle`'s tracker; `lifecycle.handover` hands its streams over.
     pub fn new(
         config: Arc<EdgeConfig>,
         replica: String,
@@ -78,6 +80,7 @@ impl Hub {
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         cluster: bool,
+        lifecycle: &Lifecycle,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -86,11 +89,25 @@ impl Hub {
             store,
             bus,
             cluster,
-            handover: CancellationToken::new(),
             streams: Mutex::new(HashMap::new()),
             expired: Mutex::new(HashMap::new()),
-            tasks: TaskTracker::new(),
+            lifecycle: lifecycle.clone(),
+            streams_tasks: TaskTracker::new(),
         })
+    }
+
+    /// Spawns `task` on the edge's tracker (waited for at shutdown).
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.lifecycle.spawn(task)
+    }
+
+    /// The edge's shutdown phases and task tracker.
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 
     /// The configuration.
@@ -175,7 +192,7 @@ impl Hub {
         {
             let mut map = self.map();
             if map.len() >= self.config.streams.max_streams {
-                return Err(ApiError::capacity(format!(
+                return Err(ApiError::Capacity(format!(
                     "this replica already holds {} streams",
                     map.len()
                 )));
@@ -187,10 +204,7 @@ impl Hub {
         if let Err(err) = self.store.create(&id, meta, self.lease_terms()).await {
             self.map().remove(&id);
             tracing::warn!(%err, "store: recording a new stream failed");
-            return Err(ApiError::unavailable(
-                "store_unavailable",
-                "stream history is unreachable right now; retry shortly",
-            ));
+            return Err(ApiError::StoreUnavailable);
         }
         self.spawn_owner(state.clone(), spec, parent, transport, epoch);
         Ok(state)
@@ -263,7 +277,10 @@ impl Hub {
             epoch,
             proven: tokio::time::Instant::now(),
         };
-        self.tasks.spawn(owner.run().instrument(span));
+        self.spawn(
+            self.streams_tasks
+                .track_future(owner.run().instrument(span)),
+        );
     }
 
     /// Follows a stream another replica owns.
@@ -273,7 +290,7 @@ impl Hub {
             state,
             spec,
         };
-        self.tasks.spawn(mirror.run());
+        self.spawn(self.streams_tasks.track_future(mirror.run()));
     }
 
     /// Drops a mirror nobody here follows any more.
@@ -299,11 +316,11 @@ impl Hub {
         id: &str,
         tenant: Option<&str>,
     ) -> Result<Arc<StreamState>, ApiError> {
-        let id = StreamId::parse(id).ok_or_else(ApiError::stream_not_found)?;
+        let id = StreamId::parse(id).ok_or(ApiError::StreamNotFound)?;
         let foreign = |owner: &str| tenant.is_some_and(|t| t != owner);
         if let Some(state) = self.map().get(&id) {
             if foreign(state.tenant()) {
-                return Err(ApiError::stream_not_found());
+                return Err(ApiError::StreamNotFound);
             }
             return Ok(state.clone());
         }
@@ -314,31 +331,28 @@ impl Hub {
             .get(&id)
         {
             if foreign(owner) {
-                return Err(ApiError::stream_not_found());
+                return Err(ApiError::StreamNotFound);
             }
-            return Err(ApiError::history_expired(0));
+            return Err(ApiError::HistoryExpired(0));
         }
         if !self.cluster {
-            return Err(ApiError::stream_not_found());
+            return Err(ApiError::StreamNotFound);
         }
         let meta = match self.store.meta(&id).await {
             Ok(meta) => meta,
-            Err(StoreError::NotFound) => return Err(ApiError::stream_not_found()),
-            Err(StoreError::Expired(after)) => return Err(ApiError::history_expired(after)),
+            Err(StoreError::NotFound) => return Err(ApiError::StreamNotFound),
+            Err(StoreError::Expired(after)) => return Err(ApiError::HistoryExpired(after)),
             Err(err) => {
                 tracing::warn!(%err, "store: looking a stream up failed");
-                return Err(ApiError::unavailable(
-                    "store_unavailable",
-                    "stream history is unreachable right now; retry shortly",
-                ));
+                return Err(ApiError::StoreUnavailable);
             }
         };
         if foreign(&meta.tenant) {
-            return Err(ApiError::stream_not_found());
+            return Err(ApiError::StreamNotFound);
         }
         let mut spec = StreamSpec::from_json(&meta.spec_json).ok_or_else(|| {
             tracing::error!(stream_id = %id, "store: unreadable stream spec");
-            ApiError::internal()
+            ApiError::Internal
         })?;
         spec.tenant = meta.tenant;
         let max_seq = u64::from(spec.max_tokens) + 1;
@@ -350,7 +364,7 @@ impl Hub {
         // Fill the history before anyone subscribes, so a finished stream answers at once.
         match self.store.read(&id, 0).await {
             Ok(events) => state.publish(&events),
-            Err(StoreError::Expired(after)) => return Err(ApiError::history_expired(after)),
+            Err(StoreError::Expired(after)) => return Err(ApiError::HistoryExpired(after)),
             Err(err) => tracing::warn!(%err, "store: reading history failed; the mirror retries"),
         }
         let (state, fresh) = {
@@ -397,7 +411,7 @@ impl Hub {
             "status",
             match &result {
                 Ok(status) => status.as_str(),
-                Err(e) => e.code,
+                Err(e) => e.code(),
             },
         );
         result
@@ -417,10 +431,7 @@ impl Hub {
             }
             Err(err) => {
                 tracing::warn!(%err, "store: recording a stop failed");
-                return Err(ApiError::unavailable(
-                    "store_unavailable",
-                    "stream history is unreachable right now; retry shortly",
-                ));
+                return Err(ApiError::StoreUnavailable);
             }
         }
         if state.is_owned() {
@@ -575,9 +586,9 @@ impl Hub {
     /// `grace` to finish; the rest are cancelled with their terminal events written.
     pub async fn drain(&self, grace: Duration) {
         if self.cluster {
-            self.handover.cancel();
-            self.tasks.close();
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+            self.lifecycle.handover.cancel();
+            self.streams_tasks.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.streams_tasks.wait()).await;
             return;
         }
         let running: Vec<Arc<StreamState>> = self
@@ -593,8 +604,8 @@ impl Hub {
                 s.cancel.cancel();
             }
         }
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.streams_tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.streams_tasks.wait()).await;
     }
 }
 

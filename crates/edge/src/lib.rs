@@ -22,6 +22,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod hub;
 pub mod ids;
+pub mod lifecycle;
 pub mod limits;
 mod mirror;
 pub mod observability;
@@ -48,6 +49,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use config::EdgeConfig;
+pub use lifecycle::Lifecycle;
 
 use crate::{
     auth::Security,
@@ -70,9 +72,12 @@ pub struct Running {
     pub hub: Arc<Hub>,
     /// Counters of the embedded generator, when there is one.
     pub embedded_generator: Option<Arc<tokenfan_generator::Stats>>,
-    /// Resolves when the edge stopped (after `shutdown` and the drain).
+    /// Resolves when the edge stopped (after `shutdown`, the drain and every task).
     pub task: JoinHandle<()>,
 }
+
+/// How long the tasks still running after the drain get to finish.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Starts the edge on `listener` and returns once it accepts connections; cancel `shutdown`
 /// to stop it (then await [`Running::task`]).
@@ -95,90 +100,46 @@ pub async fn start(
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
     };
-
-    let (generators, embedded_generator): (Arc<dyn Generators>, _) = if config.generator.is_empty()
-    {
-        let (generator, stats) = embedded_generator(&config).await?;
-        (Arc::new(generator), Some(stats))
-    } else {
-        let pool = GeneratorPool::new(&config.generator, config.streams.generator_connections)?;
-        (Arc::new(pool), None)
-    };
+    let (generators, embedded_generator) = generators(&config).await?;
     let replica = replica_id(&config, addr);
-    // In cluster mode one Redis connection serves the store and the tenant limiter.
-    let (store, bus, redis): (Arc<dyn Store>, Arc<dyn Bus>, Option<RedisConn>) =
-        match (&config.nats_url, &config.redis_url) {
-            (Some(nats), Some(redis)) => {
-                let store = RedisStore::connect_with(redis, &config.redis).await?;
-                let conn = store.connection();
-                (
-                    Arc::new(store),
-                    Arc::new(NatsBus::connect_with(nats, &config.nats, &replica).await?),
-                    Some(conn),
-                )
-            }
-            _ => (
-                Arc::new(MemoryStore::default()),
-                Arc::new(MemoryBus::default()),
-                None,
-            ),
-        };
-    let cluster = redis.is_some();
-    let hub = Hub::new(config.clone(), replica, generators, store, bus, cluster);
-    let policy = config.limits.policy();
-    let limits: Arc<dyn Limits> = match redis {
-        Some(conn) if policy.enabled() => Arc::new(RedisLimits::new(conn, policy)),
-        _ => Arc::new(MemoryLimits::new(policy)),
-    };
-    let limiter = Arc::new(Limiter::new(policy, limits));
-    let state = AppState {
+    let (store, bus, redis) = backends(&config, &replica).await?;
+    let lifecycle = Lifecycle::default();
+    let hub = Hub::new(
+        config.clone(),
+        replica,
+        generators,
+        store,
+        bus,
+        redis.is_some(),
+        &lifecycle,
+    );
+    let limiter = limiter(&config, redis);
+    let router = app::router(AppState {
         hub: hub.clone(),
         config: config.clone(),
-        shutdown: shutdown.clone(),
+        shutdown: lifecycle.accepting.clone(),
         security: Arc::new(Security::from_args(
             &config.auth,
             config.tls_cert.is_some(),
         )?),
         limiter: limiter.clone(),
-    };
-    let router = app::router(state);
-
-    let background = CancellationToken::new();
+    });
     let readiness = admin::Readiness::default();
-    tokio::spawn(
-        readiness
-            .clone()
-            .keep_checking(hub.clone(), background.clone()),
-    );
     let admin_router = admin::router(admin::AdminState {
         metrics,
-        readiness,
-        shutdown: shutdown.clone(),
+        readiness: readiness.clone(),
+        shutdown: lifecycle.accepting.clone(),
     });
-    let admin_stop = background.clone();
-    tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
-        if let Err(err) = serve.await {
-            tracing::error!(%err, "the admin listener failed");
-        }
-    });
-    tokio::spawn(hub.clone().sweep(background.clone()));
-    tokio::spawn(hub.clone().serve_control(background.clone()));
-    tokio::spawn(hub.clone().watch_store(background.clone()));
-    let owner = hub.clone();
-    tokio::spawn(limiter.keep(move || owner.owned_running(), background.clone()));
-
-    let task = {
-        let hub = hub.clone();
-        let config = config.clone();
-        tokio::spawn(async move {
-            let limits = server::ConnectionLimits::from_config(&config);
-            server::serve(listener, router, tls, limits, shutdown).await;
-            hub.drain(config.shutdown_grace()).await;
-            background.cancel();
-        })
-    };
+    let admin = (admin_listener, admin_router, readiness);
+    spawn_background(&lifecycle, &hub, &limiter, admin);
+    let serving = lifecycle.tasks.spawn(server::serve(
+        listener,
+        router,
+        tls,
+        server::ConnectionLimits::from_config(&config),
+        lifecycle.clone(),
+    ));
+    let task = tokio::spawn(stop(lifecycle, shutdown, serving, hub.clone(), config));
     Ok(Running {
         addr,
         admin_addr,
@@ -186,6 +147,106 @@ pub async fn start(
         embedded_generator,
         task,
     })
+}
+
+/// Waits for `shutdown`, then stops the edge in order: stop accepting (and let open
+/// connections finish, bounded), drain or hand over the streams, stop the background loops,
+/// wait (bounded) for every task left. The embedded generator has nothing of its own to
+/// stop: its generations run inside the owners' tasks.
+async fn stop(
+    lifecycle: Lifecycle,
+    shutdown: CancellationToken,
+    serving: JoinHandle<()>,
+    hub: Arc<Hub>,
+    config: Arc<EdgeConfig>,
+) {
+    shutdown.cancelled().await;
+    lifecycle.accepting.cancel();
+    let _ = serving.await;
+    hub.drain(config.shutdown_grace()).await;
+    lifecycle.background.cancel();
+    lifecycle.tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, lifecycle.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks still running after the shutdown; leaving them");
+    }
+    lifecycle.root.cancel();
+}
+
+/// The background loops, on the lifecycle's tracker until its `background` phase.
+fn spawn_background(
+    lifecycle: &Lifecycle,
+    hub: &Arc<Hub>,
+    limiter: &Arc<Limiter>,
+    (admin_listener, admin_router, readiness): (TcpListener, axum::Router, admin::Readiness),
+) {
+    let (tasks, stop) = (&lifecycle.tasks, &lifecycle.background);
+    tasks.spawn(readiness.keep_checking(hub.clone(), stop.clone()));
+    let admin_stop = stop.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await });
+        if let Err(err) = serve.await {
+            tracing::error!(%err, "the admin listener failed");
+        }
+    });
+    tasks.spawn(hub.clone().sweep(stop.clone()));
+    tasks.spawn(hub.clone().serve_control(stop.clone()));
+    tasks.spawn(hub.clone().watch_store(stop.clone()));
+    let owner = hub.clone();
+    tasks.spawn(
+        limiter
+            .clone()
+            .keep(move || owner.owned_running(), lifecycle.clone()),
+    );
+}
+
+/// The generators: the configured ones, else the embedded mock generator (and its counters).
+async fn generators(
+    config: &EdgeConfig,
+) -> anyhow::Result<(Arc<dyn Generators>, Option<Arc<tokenfan_generator::Stats>>)> {
+    if config.generator.is_empty() {
+        let (generator, stats) = embedded_generator(config).await?;
+        return Ok((Arc::new(generator), Some(stats)));
+    }
+    let pool = GeneratorPool::new(&config.generator, config.streams.generator_connections)?;
+    Ok((Arc::new(pool), None))
+}
+
+/// The history store and the bus: Redis and NATS when both are configured (a cluster; then
+/// also the store's Redis connection, which the tenant limiter shares), else in memory.
+async fn backends(
+    config: &EdgeConfig,
+    replica: &str,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn Bus>, Option<RedisConn>)> {
+    Ok(match (&config.nats_url, &config.redis_url) {
+        (Some(nats), Some(redis)) => {
+            let store = RedisStore::connect_with(redis, &config.redis).await?;
+            let conn = store.connection();
+            (
+                Arc::new(store),
+                Arc::new(NatsBus::connect_with(nats, &config.nats, replica).await?),
+                Some(conn),
+            )
+        }
+        _ => (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryBus::default()),
+            None,
+        ),
+    })
+}
+
+/// The tenant limiter: in Redis (shared by every replica) in a cluster, else in memory.
+fn limiter(config: &EdgeConfig, redis: Option<RedisConn>) -> Arc<Limiter> {
+    let policy = config.limits.policy();
+    let limits: Arc<dyn Limits> = match redis {
+        Some(conn) if policy.enabled() => Arc::new(RedisLimits::new(conn, policy)),
+        _ => Arc::new(MemoryLimits::new(policy)),
+    };
+    Arc::new(Limiter::new(policy, limits))
 }
 
 /// This replica's id (in leases, logs and traces): `--replica-id`, else the host name (the pod

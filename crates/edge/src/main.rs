@@ -32,14 +32,14 @@ async fn main() -> anyhow::Result<()> {
         embedded_generator = embedded,
         "tokenfan-edge listening"
     );
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            tokenfan_telemetry::signals::terminated().await;
+    let mut stopped = running.task;
+    tokio::select! {
+        result = &mut stopped => result?,
+        () = tokenfan_telemetry::signals::terminated() => {
             shutdown.cancel();
+            stopped.await?;
         }
-    });
-    running.task.await?;
+    }
     telemetry.shutdown().await;
     Ok(())
 }

@@ -184,7 +184,7 @@ impl Mirror {
     /// owning it here. Never during this replica's shutdown, and never a stream whose end is
     /// known (here or in the store).
     async fn take_over(&self) -> bool {
-        if self.hub.handover.is_cancelled() {
+        if self.hub.lifecycle().handover.is_cancelled() {
             return false;
         }
         let store = &self.hub.store;

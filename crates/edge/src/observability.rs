@@ -264,10 +264,10 @@ impl ResumeResult {
 
     /// The result of a resume refused with `error`.
     pub fn of_error(error: &ApiError) -> Self {
-        match error.code {
-            "history_expired" => ResumeResult::Expired,
-            "stream_not_found" => ResumeResult::Unknown,
-            "cursor_out_of_range" => ResumeResult::Invalid,
+        match error {
+            ApiError::HistoryExpired(_) => ResumeResult::Expired,
+            ApiError::StreamNotFound => ResumeResult::Unknown,
+            ApiError::CursorOutOfRange { .. } => ResumeResult::Invalid,
             _ => ResumeResult::Error,
         }
     }
@@ -401,11 +401,11 @@ mod tests {
         assert_eq!(ResumeResult::of_subscription(&s, 2, 2), ResumeResult::Live);
         assert_eq!(ResumeResult::of_subscription(&s, 5, 2), ResumeResult::Live);
         assert_eq!(
-            ResumeResult::of_error(&ApiError::history_expired(3)),
+            ResumeResult::of_error(&ApiError::HistoryExpired(3)),
             ResumeResult::Expired
         );
         assert_eq!(
-            ResumeResult::of_error(&ApiError::stream_not_found()),
+            ResumeResult::of_error(&ApiError::StreamNotFound),
             ResumeResult::Unknown
         );
     }

@@ -188,7 +188,7 @@ impl Owner {
             Release::Handover => "handover",
         })
         .increment(1);
-        if !self.hub.handover.is_cancelled() {
+        if !self.hub.lifecycle().handover.is_cancelled() {
             self.hub.follow(self.state.clone(), self.spec.clone());
         }
     }
@@ -253,7 +253,7 @@ impl Owner {
             },
             () = self.state.cancel.cancelled() => return Attempt::Cancelled,
             () = detached.as_mut() => return Attempt::Cancelled,
-            () = hub.handover.cancelled() => return Attempt::Released(Release::Handover),
+            () = hub.lifecycle().handover.cancelled() => return Attempt::Released(Release::Handover),
             () = &mut stall => return stalled(),
         };
         let lease_every = config.lease_ttl() / 3;
@@ -267,7 +267,7 @@ impl Owner {
                     tracing::info!("no subscriber for the detach grace: cancelling");
                     return Attempt::Cancelled;
                 }
-                () = hub.handover.cancelled() => return Attempt::Released(Release::Handover),
+                () = hub.lifecycle().handover.cancelled() => return Attempt::Released(Release::Handover),
                 _ = lease.tick() => {
                     if let Err(why) = self.renew().await {
                         return Attempt::Released(why);
@@ -627,6 +627,7 @@ mod tests {
             Arc::new(MemoryStore::default()),
             Arc::new(MemoryBus::default()),
             false,
+            &crate::Lifecycle::default(),
         );
         let spec = StreamRequest {
             prompt: Some("p".into()),

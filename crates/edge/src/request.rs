@@ -230,7 +230,7 @@ pub fn resolve_model(name: Option<&str>) -> Result<&'static Model, ApiError> {
     MODELS
         .iter()
         .find(|m| m.id == name)
-        .ok_or_else(|| ApiError::model_not_found(name))
+        .ok_or_else(|| ApiError::ModelNotFound(name.to_owned()))
 }
 
 fn check_bound(field: &str, value: Option<u32>, max: u32) -> Result<(), ApiError> {
@@ -272,36 +272,33 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
         })
         .unwrap_or(false);
     if !is_json {
-        return Err(ApiError::unsupported_media_type());
+        return Err(ApiError::UnsupportedMediaType);
     }
     let bytes = axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::body_too_large(limit))?;
+        .map_err(|_| ApiError::BodyTooLarge(limit))?;
     parse_json(&bytes)
 }
 
 /// Parses JSON bytes into `T` with a precise 400 on failure.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if std::str::from_utf8(bytes).is_err() {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "the body is not valid UTF-8",
-        ));
+        return Err(ApiError::InvalidJson("the body is not valid UTF-8".into()));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() {
-            let mut err = ApiError::bad_request("invalid_request", format!("{path}: {inner}"));
-            err.param = (path != ".").then_some(path);
-            err
+            ApiError::InvalidRequest {
+                message: format!("{path}: {inner}"),
+                param: (path != ".").then_some(path),
+            }
         } else {
-            ApiError::bad_request("invalid_json", inner.to_string())
+            ApiError::InvalidJson(inner.to_string())
         }
     })?;
-    de.end()
-        .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
+    de.end().map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     Ok(value)
 }
 
@@ -381,13 +378,16 @@ mod tests {
             ),
         ] {
             let err = parse(body).expect_err(body);
-            assert_eq!(err.status, 400, "{body}");
-            assert_eq!(err.code, code, "{body}");
-            assert!(err.message.contains(needle), "{body}: {}", err.message);
+            assert_eq!(err.status(), 400, "{body}");
+            assert_eq!(err.code(), code, "{body}");
+            assert!(err.message().contains(needle), "{body}: {}", err.message());
         }
         let err = parse(r#"{"prompt":"a","model":"gpt-9"}"#).expect_err("unknown model");
-        assert_eq!((err.status.as_u16(), err.code), (404, "model_not_found"));
+        assert_eq!(
+            (err.status().as_u16(), err.code()),
+            (404, "model_not_found")
+        );
         let err = parse_json::<StreamRequest>(b"{\"prompt\":\"\xff\"}").expect_err("utf-8");
-        assert_eq!(err.code, "invalid_json");
+        assert_eq!(err.code(), "invalid_json");
     }
 }

@@ -5,12 +5,9 @@
 //! a credential on, and error responses made before a handler runs (authentication, the body
 //! deadline) take the error shape of the route asked for ([`error_response`]).
 
-use axum::{
-    http::Method,
-    response::{IntoResponse as _, Response},
-};
+use axum::{http::Method, response::Response};
 
-use crate::error::{ApiError, OpenAiError};
+use crate::error::{ApiError, ErrorFormat};
 
 /// One API route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +17,7 @@ pub struct Route {
     /// Whether a stream ticket is accepted here instead of a credential.
     pub tickets: Tickets,
     /// The shape of this route's error bodies.
-    pub errors: ErrorShape,
+    pub errors: ErrorFormat,
 }
 
 /// Where a stream ticket may stand in for a credential.
@@ -34,16 +31,7 @@ pub enum Tickets {
     PerMessage,
 }
 
-/// The shape of a route's error bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorShape {
-    /// `{"error":{"code","message"}}` ([`ApiError`]).
-    Native,
-    /// OpenAI's ([`OpenAiError`]).
-    OpenAi,
-}
-
-const fn route(path: &'static str, tickets: Tickets, errors: ErrorShape) -> Route {
+const fn route(path: &'static str, tickets: Tickets, errors: ErrorFormat) -> Route {
     Route {
         path,
         tickets,
@@ -52,31 +40,31 @@ const fn route(path: &'static str, tickets: Tickets, errors: ErrorShape) -> Rout
 }
 
 /// `GET /v1/models`.
-pub const MODELS: Route = route("/v1/models", Tickets::No, ErrorShape::OpenAi);
+pub const MODELS: Route = route("/v1/models", Tickets::No, ErrorFormat::OpenAi);
 /// `GET /v1/models/{id}`.
-pub const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorShape::OpenAi);
+pub const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorFormat::OpenAi);
 /// `POST /v1/chat/completions`.
-pub const CHAT_COMPLETIONS: Route = route("/v1/chat/completions", Tickets::No, ErrorShape::OpenAi);
+pub const CHAT_COMPLETIONS: Route = route("/v1/chat/completions", Tickets::No, ErrorFormat::OpenAi);
 /// `POST /v1/streams` (create).
-pub const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorShape::Native);
+pub const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorFormat::Native);
 /// `GET /v1/streams/{id}` (status, short-poll) and `DELETE` (stop).
-pub const STREAM: Route = route("/v1/streams/{id}", Tickets::ReadStream, ErrorShape::Native);
+pub const STREAM: Route = route("/v1/streams/{id}", Tickets::ReadStream, ErrorFormat::Native);
 /// `GET /v1/streams/{id}/events` (SSE).
 pub const STREAM_EVENTS: Route = route(
     "/v1/streams/{id}/events",
     Tickets::ReadStream,
-    ErrorShape::Native,
+    ErrorFormat::Native,
 );
 /// `GET /v1/streams/{id}/poll` (long-poll).
 pub const STREAM_POLL: Route = route(
     "/v1/streams/{id}/poll",
     Tickets::ReadStream,
-    ErrorShape::Native,
+    ErrorFormat::Native,
 );
 /// `POST /v1/streams/{id}/ticket`.
-pub const STREAM_TICKET: Route = route("/v1/streams/{id}/ticket", Tickets::No, ErrorShape::Native);
+pub const STREAM_TICKET: Route = route("/v1/streams/{id}/ticket", Tickets::No, ErrorFormat::Native);
 /// `/v1/ws` (WebSocket over HTTP/1.1 `GET` + Upgrade, or HTTP/2 extended `CONNECT`).
-pub const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorShape::Native);
+pub const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorFormat::Native);
 
 /// Every API route.
 pub const API: &[Route] = &[
@@ -123,10 +111,8 @@ pub fn ticket_scope<'p>(method: &Method, path: &'p str) -> Option<Option<&'p str
 /// `error` in the shape of the route `path` asks for (OpenAI's on the OpenAI routes, native
 /// elsewhere and on unknown paths).
 pub fn error_response(path: &str, error: ApiError) -> Response {
-    match find(path).map(|(route, _)| route.errors) {
-        Some(ErrorShape::OpenAi) => OpenAiError(error).into_response(),
-        _ => error.into_response(),
-    }
+    let format = find(path).map_or(ErrorFormat::Native, |(route, _)| route.errors);
+    error.into_response_as(format)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     pin::Pin,
     sync::{
@@ -36,7 +36,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use axum::Router;
+use axum::{Router, response::IntoResponse as _};
 use hyper::server::conn::{http1, http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -52,7 +52,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::conn_limits::{IpPermit, PerIp};
+use crate::{
+    conn_limits::{IpPermit, PerIp},
+    error::ApiError,
+};
 
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
@@ -100,25 +103,34 @@ impl ConnectionLimits {
     }
 }
 
-/// Accepts connections until `shutdown`, then waits (bounded) for open ones to finish.
+/// Accepts connections until `lifecycle.accepting`, then waits (bounded) for open ones to
+/// finish. Every task it starts goes on `lifecycle.tasks`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
     limits: ConnectionLimits,
-    shutdown: CancellationToken,
+    lifecycle: crate::Lifecycle,
 ) {
-    let header_read_timeout = limits.header_read_timeout;
-    let protocols = Arc::new(Protocols::new(header_read_timeout));
-    let connections = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let caps = Caps {
-        global: permits.clone(),
-        per_ip: limits.per_ip.clone(),
+    let acceptor = Acceptor {
+        serving: Serving {
+            protocols: Arc::new(Protocols::new(limits.header_read_timeout)),
+            router,
+            tls,
+            header_read_timeout: limits.header_read_timeout,
+            shutdown: lifecycle.accepting,
+        },
+        caps: Caps {
+            global: Arc::new(Semaphore::new(limits.max_connections)),
+            per_ip: limits.per_ip.clone(),
+        },
+        // Refusals in progress (each takes up to ~3 s); past this many, excess connections
+        // are just closed.
+        refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        connections: TaskTracker::new(),
+        write_timeout: limits.write_timeout,
+        tasks: lifecycle.tasks,
     };
-    // Refusals in progress (each takes up to ~3 s); past this many, excess connections are
-    // just closed.
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -130,30 +142,54 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = shutdown.cancelled() => break,
+            () = acceptor.serving.shutdown.cancelled() => break,
         };
+        acceptor.admit(tcp, peer);
+    }
+    drop(listener);
+    acceptor.connections.close();
+    if tokio::time::timeout(CONNECTION_DRAIN, acceptor.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+/// What accepting a connection needs.
+struct Acceptor {
+    serving: Serving,
+    caps: Caps,
+    refusals: Arc<Semaphore>,
+    /// Counts the open connections (their tasks are on `tasks`), for the drain.
+    connections: TaskTracker,
+    write_timeout: Duration,
+    tasks: TaskTracker,
+}
+
+/// What serving an accepted connection needs.
+#[derive(Clone)]
+struct Serving {
+    protocols: Arc<Protocols>,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: Duration,
+    /// Stop accepting: open connections are asked to finish.
+    shutdown: CancellationToken,
+}
+
+impl Acceptor {
+    /// Serves `tcp` when both caps have room; else answers it with the refusal.
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let Some(ip_permit) = limits.per_ip.try_acquire(peer.ip()) else {
+        let Some(ip_permit) = self.caps.per_ip.try_acquire(peer.ip()) else {
             metrics::counter!("tokenfan_edge_connections_refused_per_ip_total").increment(1);
-            if let Ok(slot) = refusals.clone().try_acquire_owned() {
-                tokio::spawn(async move {
-                    refuse(tcp, PER_IP_REFUSAL).await;
-                    drop(slot);
-                });
-            }
-            continue;
+            return self.refuse(tcp, ApiError::TooManyConnections);
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(permit) = self.caps.global.clone().try_acquire_owned() else {
             metrics::counter!("tokenfan_edge_connections_refused_total").increment(1);
-            if let Ok(slot) = refusals.clone().try_acquire_owned() {
-                tokio::spawn(async move {
-                    refuse(tcp, CAPACITY_REFUSAL).await;
-                    drop(slot);
-                });
-            }
-            continue;
+            return self.refuse(tcp, connections_full());
         };
-        let protocols = protocols.clone();
         let connection = Arc::new(Connection {
             _base: Permits {
                 _global: permit,
@@ -163,65 +199,78 @@ pub async fn serve(
             upgraded: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             kill: CancellationToken::new(),
-            caps: caps.clone(),
+            caps: self.caps.clone(),
             ip: peer.ip(),
-            write_timeout: limits.write_timeout,
+            write_timeout: self.write_timeout,
+            tasks: self.tasks.clone(),
         });
+        let serve = self.serving.clone().connection(tcp, peer, connection);
+        self.tasks.spawn(self.connections.track_future(serve));
+    }
+
+    /// Answers `tcp` with `refusal` in a task of its own, while fewer than [`MAX_REFUSALS`]
+    /// are; else just closes it.
+    fn refuse(&self, tcp: TcpStream, refusal: ApiError) {
+        if let Ok(slot) = self.refusals.clone().try_acquire_owned() {
+            self.tasks.spawn(async move {
+                refuse(tcp, refusal).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Serves one accepted connection (TLS handshake or protocol sniffing first) until it ends.
+/// The permits go with the last holder of `connection`: this task, or an upgraded WebSocket
+/// that still runs.
+impl Serving {
+    async fn connection(self, tcp: TcpStream, peer: SocketAddr, connection: Arc<Connection>) {
+        let Self {
+            protocols,
+            router,
+            tls,
+            header_read_timeout,
+            shutdown,
+        } = self;
+        let kill = connection.kill.clone();
         let service = TowerToHyperService::new(Counted {
-            router: router.clone(),
+            router,
             connection: connection.clone(),
         });
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        connections.spawn(async move {
-            let kill = connection.kill.clone();
-            let result = match tls {
-                None => {
-                    let mut tcp = tcp;
-                    let Some((protocol, prefix)) = sniff(&mut tcp, header_read_timeout).await
-                    else {
-                        return;
-                    };
-                    let io = Deadline::new(Prefixed::new(prefix, tcp), connection.clone());
-                    protocols
-                        .serve(io, protocol, service, &shutdown, &kill)
-                        .await
-                }
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(err)) => {
-                                tracing::debug!(%peer, %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    let protocol = match stream.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => Protocol::Http2,
-                        _ => Protocol::Http1,
-                    };
-                    let io = Deadline::new(stream, connection.clone());
-                    protocols
-                        .serve(io, protocol, service, &shutdown, &kill)
-                        .await
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%peer, %err, "connection ended with an error");
+        let result = match tls {
+            None => {
+                let mut tcp = tcp;
+                let Some((protocol, prefix)) = sniff(&mut tcp, header_read_timeout).await else {
+                    return;
+                };
+                let io = Deadline::new(Prefixed::new(prefix, tcp), connection);
+                protocols
+                    .serve(io, protocol, service, &shutdown, &kill)
+                    .await
             }
-            // The permits go with the last holder of `connection`: this task, or an upgraded
-            // WebSocket that still runs.
-        });
-    }
-    drop(listener);
-    connections.close();
-    if tokio::time::timeout(CONNECTION_DRAIN, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain period; closing them");
+            Some(acceptor) => {
+                let stream =
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                let protocol = match stream.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Protocol::Http2,
+                    _ => Protocol::Http1,
+                };
+                let io = Deadline::new(stream, connection);
+                protocols
+                    .serve(io, protocol, service, &shutdown, &kill)
+                    .await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(%peer, %err, "connection ended with an error");
+        }
     }
 }
 
@@ -467,6 +516,8 @@ struct Connection {
     caps: Caps,
     ip: IpAddr,
     write_timeout: Duration,
+    /// The edge's tracker (the connection's watchdogs run on it).
+    tasks: TaskTracker,
 }
 
 impl Connection {
@@ -485,16 +536,16 @@ impl Connection {
     }
 
     /// Counts a new request; past the first in flight it needs a slot of its own.
-    fn open_request(self: &Arc<Self>) -> Result<ConnectionSlot, (&'static str, &'static str)> {
+    fn open_request(self: &Arc<Self>) -> Result<ConnectionSlot, ApiError> {
         let mut open = lock(&self.open);
         if open.0 >= 1 {
             let Some(ip) = self.caps.per_ip.try_acquire(self.ip) else {
                 metrics::counter!("tokenfan_edge_connections_refused_per_ip_total").increment(1);
-                return Err(PER_IP_REFUSAL);
+                return Err(ApiError::TooManyConnections);
             };
             let Ok(global) = self.caps.global.clone().try_acquire_owned() else {
                 metrics::counter!("tokenfan_edge_connections_refused_total").increment(1);
-                return Err(CAPACITY_REFUSAL);
+                return Err(connections_full());
             };
             open.1.push(Permits {
                 _global: global,
@@ -571,7 +622,7 @@ impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
         use tower::ServiceExt as _;
         let slot = match self.connection.open_request() {
             Ok(slot) => slot,
-            Err(refusal) => return Box::pin(async move { Ok(refusal_response(refusal)) }),
+            Err(refusal) => return Box::pin(async move { Ok(refusal.into_response()) }),
         };
         request.extensions_mut().insert(slot.clone());
         let connection = self.connection.clone();
@@ -593,23 +644,6 @@ impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
             }))
         })
     }
-}
-
-fn refusal_response((status, body): (&str, &str)) -> axum::response::Response {
-    let status = if status.starts_with("429") {
-        http::StatusCode::TOO_MANY_REQUESTS
-    } else {
-        http::StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut response = axum::response::Response::new(axum::body::Body::from(body.to_owned()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(1));
-    response
 }
 
 /// A response body holding its request's slot (and, for an HTTP/2 stream, its watchdog).
@@ -662,10 +696,11 @@ impl Watchdog {
         let stop = CancellationToken::new();
         let timeout = connection.write_timeout;
         let kill = connection.kill.clone();
+        let tasks = connection.tasks.clone();
         let connection = Arc::downgrade(connection);
         let watched = since.clone();
         let stopped = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut wake = tokio::time::Instant::now() + timeout;
             loop {
                 tokio::select! {
@@ -780,22 +815,17 @@ where
 /// Connections being refused at once, at most.
 const MAX_REFUSALS: usize = 1024;
 
-/// Over `--max-connections`: the server is full.
-const CAPACITY_REFUSAL: (&str, &str) = (
-    "503 Service Unavailable",
-    r#"{"error":{"code":"capacity","message":"too many connections; retry shortly"}}"#,
-);
-/// Over `--max-connections-per-ip`: this client holds too many.
-const PER_IP_REFUSAL: (&str, &str) = (
-    "429 Too Many Requests",
-    r#"{"error":{"code":"too_many_connections","message":"this address has too many open connections; close some or retry shortly"}}"#,
-);
+/// Over `--max-connections`: the server is full (over `--max-connections-per-ip` is
+/// [`ApiError::TooManyConnections`]).
+fn connections_full() -> ApiError {
+    ApiError::Capacity("too many connections; retry shortly".into())
+}
 
 /// Answers a connection over a cap with a bare status and closes it: waits (briefly) for the
 /// request's headers first, since HTTP clients refuse an answer that comes before their
 /// request, and reads a little after, since closing with unread data resets the connection
 /// and the client could lose the answer. At most about 3 s per refused connection.
-async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
+async fn refuse(mut tcp: tokio::net::TcpStream, refusal: ApiError) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut buf = [0u8; 4096];
     let mut seen: Vec<u8> = Vec::new();
@@ -814,8 +844,13 @@ async fn refuse(mut tcp: tokio::net::TcpStream, (status, body): (&str, &str)) {
     ) {
         return; // the client left
     }
+    let status = refusal.status();
+    let body = refusal.body().to_string();
+    let retry_after = refusal.retry_after().unwrap_or(1);
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: {retry_after}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(response.as_bytes())).await;

@@ -80,7 +80,7 @@ impl AppState {
             .await
         {
             Ok(stream) => {
-                self.limiter.track(&stream);
+                self.limiter.track(&stream, self.hub.lifecycle());
                 Ok(stream)
             }
             Err(error) => {

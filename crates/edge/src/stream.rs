@@ -268,7 +268,7 @@ impl StreamState {
             last
         };
         if after > limit {
-            return Err(ApiError::cursor_out_of_range(after, last));
+            return Err(ApiError::CursorOutOfRange { after, last });
         }
         Ok(())
     }

@@ -284,7 +284,7 @@ proptest! {
                         }
                         Err(e) => {
                             prop_assert!(after > limit, "refused {after} within {limit}");
-                            prop_assert_eq!(e.code, "cursor_out_of_range");
+                            prop_assert_eq!(e.code(), "cursor_out_of_range");
                         }
                     }
                 }
@@ -309,7 +309,7 @@ proptest! {
                         }
                         Err(e) => {
                             prop_assert!(after > limit);
-                            prop_assert_eq!(e.code, "cursor_out_of_range");
+                            prop_assert_eq!(e.code(), "cursor_out_of_range");
                         }
                     }
                 }
@@ -463,6 +463,7 @@ async fn mirror_case(
         store.clone(),
         bus.clone(),
         true,
+        &tokenfan_edge::Lifecycle::default(),
     );
     // The owner created the stream and holds its lease for the whole case: no takeover.
     let id = StreamId::random();
@@ -524,7 +525,7 @@ async fn mirror_case(
             }
             Err(e) => {
                 prop_assert!(!running && after > last, "refused {after}: {e}");
-                prop_assert_eq!(e.code, "cursor_out_of_range");
+                prop_assert_eq!(e.code(), "cursor_out_of_range");
             }
         }
         *state = Some(found);
@@ -580,7 +581,7 @@ async fn mirror_case(
             // The mirror's history is always a prefix of the owner's.
             let (_, events) = state
                 .events_after(0)
-                .map_err(|e| TestCaseError::fail(e.message))?;
+                .map_err(|e| TestCaseError::fail(e.message()))?;
             prop_assert!(events.len() <= produced);
             for (e, s) in events.iter().zip(&source) {
                 prop_assert_eq!(e.json(), s.json());
@@ -614,7 +615,7 @@ async fn mirror_case(
     );
     let (_, events) = state
         .events_after(0)
-        .map_err(|e| TestCaseError::fail(e.message))?;
+        .map_err(|e| TestCaseError::fail(e.message()))?;
     prop_assert_eq!(events.len(), total, "the whole history, once");
     for (e, s) in events.iter().zip(&source) {
         prop_assert_eq!(e.seq, s.seq);

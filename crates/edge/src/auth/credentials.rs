@@ -40,9 +40,7 @@ impl Verifier {
             Self::None => return Ok((Caller::anonymous(), None)),
             Self::ApiKeys(keys) => (
                 keys.tenant(credential)
-                    .ok_or_else(|| {
-                        ApiError::unauthorized("invalid_credentials", "unknown API key")
-                    })?
+                    .ok_or_else(|| ApiError::InvalidCredentials("unknown API key".into()))?
                     .to_owned(),
                 None,
             ),

@@ -115,10 +115,10 @@ impl JwtAuth {
             _ => None,
         }
         .ok_or_else(|| {
-            ApiError::unauthorized(
-                "invalid_credentials",
-                format!("tokens signed with {:?} are not accepted", header.alg),
-            )
+            ApiError::InvalidCredentials(format!(
+                "tokens signed with {:?} are not accepted",
+                header.alg
+            ))
         })?;
         let data =
             jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, &self.validation)
@@ -129,17 +129,13 @@ impl JwtAuth {
             .or_else(|| claims.get("sub"))
             .and_then(Value::as_str)
             .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "invalid_credentials",
-                    format!(
-                        "the token has no string `{}` (or `sub`) claim naming the tenant",
-                        self.tenant_claim
-                    ),
-                )
+                ApiError::InvalidCredentials(format!(
+                    "the token has no string `{}` (or `sub`) claim naming the tenant",
+                    self.tenant_claim
+                ))
             })?;
-        check_tenant(tenant).map_err(|why| {
-            ApiError::unauthorized("invalid_credentials", format!("the token's tenant {why}"))
-        })?;
+        check_tenant(tenant)
+            .map_err(|why| ApiError::InvalidCredentials(format!("the token's tenant {why}")))?;
         // `exp` is required and checked above; a number in range.
         let exp = claims
             .get("exp")
@@ -167,41 +163,29 @@ impl JwtAuth {
         }
         match &self.rs256[..] {
             [(_, key)] => Ok(Some(key)),
-            _ => Err(ApiError::unauthorized(
-                "invalid_credentials",
-                "the token's `kid` names no key this server knows",
+            _ => Err(ApiError::InvalidCredentials(
+                "the token's `kid` names no key this server knows".into(),
             )),
         }
     }
 }
 
 fn refusal(e: &JwtError) -> ApiError {
-    let (code, message) = match e.kind() {
-        ErrorKind::ExpiredSignature => ("expired_credentials", "the token has expired"),
-        ErrorKind::ImmatureSignature => ("invalid_credentials", "the token is not valid yet (nbf)"),
-        ErrorKind::InvalidAudience => (
-            "invalid_credentials",
-            "the token's audience (aud) is not accepted",
-        ),
-        ErrorKind::InvalidIssuer => (
-            "invalid_credentials",
-            "the token's issuer (iss) is not accepted",
-        ),
-        ErrorKind::MissingRequiredClaim(_) => (
-            "invalid_credentials",
-            "the token lacks a required claim (exp, and aud/iss when configured)",
-        ),
-        ErrorKind::InvalidSignature => ("invalid_credentials", "the token's signature is invalid"),
-        ErrorKind::InvalidAlgorithm => (
-            "invalid_credentials",
-            "the token's algorithm is not accepted",
-        ),
-        _ => (
-            "invalid_credentials",
-            "the credential is neither a known API key nor a valid JWT",
-        ),
+    let message = match e.kind() {
+        ErrorKind::ExpiredSignature => {
+            return ApiError::ExpiredCredentials("the token has expired".into());
+        }
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+        ErrorKind::InvalidAudience => "the token's audience (aud) is not accepted",
+        ErrorKind::InvalidIssuer => "the token's issuer (iss) is not accepted",
+        ErrorKind::MissingRequiredClaim(_) => {
+            "the token lacks a required claim (exp, and aud/iss when configured)"
+        }
+        ErrorKind::InvalidSignature => "the token's signature is invalid",
+        ErrorKind::InvalidAlgorithm => "the token's algorithm is not accepted",
+        _ => "the credential is neither a known API key nor a valid JWT",
     };
-    ApiError::unauthorized(code, message)
+    ApiError::InvalidCredentials(message.into())
 }
 
 fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {

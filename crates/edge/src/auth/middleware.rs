@@ -32,7 +32,7 @@ pub async fn authenticate(
             next.run(request).await
         }
         Err(error) => {
-            metrics::counter!("tokenfan_edge_auth_refusals_total", "code" => error.code)
+            metrics::counter!("tokenfan_edge_auth_refusals_total", "code" => error.code())
                 .increment(1);
             routes::error_response(request.uri().path(), error)
         }
@@ -46,7 +46,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             tracing::error!("no caller on the request: the auth middleware is not installed");
-            ApiError::internal()
+            ApiError::Internal
         })
     }
 }

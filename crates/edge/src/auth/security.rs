@@ -99,9 +99,8 @@ impl Security {
                 })
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "invalid_credentials",
-                        "the Authorization header must be `Bearer <credential>`",
+                    ApiError::InvalidCredentials(
+                        "the Authorization header must be `Bearer <credential>`".into(),
                     )
                 })?;
             return self.verifier.verify(credential);
@@ -142,13 +141,7 @@ impl Security {
         if out_of_scope {
             return Err(ticket::out_of_scope());
         }
-        Err(error.unwrap_or_else(|| {
-            ApiError::unauthorized(
-                "missing_credentials",
-                "this endpoint needs `Authorization: Bearer <credential>` (or a stream ticket \
-                 to read a stream)",
-            )
-        }))
+        Err(error.unwrap_or(ApiError::MissingCredentials))
     }
 
     /// The tickets (`?ticket=`, the cookie) and credentials (the cookie) a request without an
@@ -166,9 +159,8 @@ impl Security {
             match parsed {
                 Ok(q) => tickets.extend(q.0.ticket),
                 Err(_) if query.contains("ticket=") => {
-                    return Err(ApiError::unauthorized(
-                        "invalid_ticket",
-                        "`ticket` must appear once in the query",
+                    return Err(ApiError::InvalidTicket(
+                        "`ticket` must appear once in the query".into(),
                     ));
                 }
                 Err(_) => {}

@@ -158,24 +158,17 @@ impl Tickets {
     /// What `ticket` grants, or a 401 saying why it is refused.
     pub fn check(&self, ticket: &str) -> Result<TicketClaims, ApiError> {
         self.key.verify(ticket, unix_now()).map_err(|e| match e {
-            TicketError::Invalid => ApiError::unauthorized(
-                "invalid_ticket",
-                "the stream ticket is malformed or its signature does not match",
+            TicketError::Invalid => ApiError::InvalidTicket(
+                "the stream ticket is malformed or its signature does not match".into(),
             ),
-            TicketError::Expired => ApiError::unauthorized(
-                "expired_ticket",
-                "the stream ticket has expired; ask for a new one",
-            ),
+            TicketError::Expired => ApiError::ExpiredTicket,
         })
     }
 }
 
 /// 403 for a ticket used beyond its one stream (or to create, stop or mint).
 pub fn out_of_scope() -> ApiError {
-    ApiError::forbidden(
-        "ticket_scope",
-        "a stream ticket only lets its holder read that one stream",
-    )
+    ApiError::TicketScope
 }
 
 #[cfg(test)]

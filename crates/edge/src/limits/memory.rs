@@ -161,10 +161,10 @@ mod tests {
             .await
             .expect_err("empty");
         assert_eq!(
-            (refused.status.as_u16(), refused.code),
+            (refused.status().as_u16(), refused.code()),
             (429, "rate_limited")
         );
-        assert_eq!(refused.retry_after, Some(1));
+        assert_eq!(refused.retry_after(), Some(1));
         limiter
             .admit("b", &StreamId::random())
             .await
@@ -191,7 +191,7 @@ mod tests {
             .admit("a", &StreamId::random())
             .await
             .expect_err("full");
-        assert_eq!(refused.code, "concurrency_limited");
+        assert_eq!(refused.code(), "concurrency_limited");
         limiter.release("a", &one).await;
         assert_eq!(memory.counted("a"), 1);
         limiter

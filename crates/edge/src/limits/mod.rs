@@ -29,9 +29,7 @@ use std::{
     time::Duration,
 };
 
-use tokio_util::sync::CancellationToken;
-
-use crate::{error::ApiError, ids::StreamId, stream::StreamState};
+use crate::{error::ApiError, ids::StreamId, lifecycle::Lifecycle, stream::StreamState};
 
 /// How long a counted stream stays counted without a renewal.
 pub const LEASE: Duration = Duration::from_secs(30);
@@ -225,10 +223,7 @@ impl Limiter {
         }
         let verdict = self.limits.admit(tenant, id).await.map_err(|err| {
             tracing::warn!(%err, "redis: checking tenant limits failed");
-            ApiError::unavailable(
-                "store_unavailable",
-                "stream limits are unreachable right now; retry shortly",
-            )
+            ApiError::LimitsUnavailable
         })?;
         let retry_after = |ms: u64| ms.div_ceil(1000).max(1);
         match verdict {
@@ -236,26 +231,24 @@ impl Limiter {
             Verdict::TooManyRunning(ms) => {
                 metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "concurrent")
                     .increment(1);
-                Err(ApiError::rate_limited(
-                    "concurrency_limited",
-                    format!(
+                Err(ApiError::ConcurrencyLimited {
+                    message: format!(
                         "this tenant already has {} running streams; stop one or wait",
                         self.policy.max_concurrent
                     ),
-                    retry_after(ms),
-                ))
+                    retry_after: retry_after(ms),
+                })
             }
             Verdict::TooFast(ms) => {
                 metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "rate")
                     .increment(1);
-                Err(ApiError::rate_limited(
-                    "rate_limited",
-                    format!(
+                Err(ApiError::RateLimited {
+                    message: format!(
                         "this tenant may start {} streams per second (bursts of {}); retry later",
                         self.policy.rate, self.policy.burst
                     ),
-                    retry_after(ms),
-                ))
+                    retry_after: retry_after(ms),
+                })
             }
         }
     }
@@ -279,14 +272,16 @@ impl Limiter {
 
     /// Releases `stream` as soon as it ends here. If this replica stops owning it (handed
     /// over, or taken over by another replica), the task ends and the new owner's
-    /// [`Limiter::keep`] takes over.
-    pub fn track(self: &Arc<Self>, stream: &Arc<StreamState>) {
+    /// [`Limiter::keep`] takes over. The task is on `lifecycle`'s tracker and ends at
+    /// handover.
+    pub fn track(self: &Arc<Self>, stream: &Arc<StreamState>, lifecycle: &Lifecycle) {
         if self.policy.max_concurrent == 0 || !lock(&self.tracked).insert(stream.id.clone()) {
             return;
         }
         let limiter = self.clone();
         let stream = stream.clone();
-        tokio::spawn(async move {
+        let handover = lifecycle.handover.clone();
+        lifecycle.spawn(async move {
             let mut check = tokio::time::interval(KEEP_EVERY);
             loop {
                 tokio::select! {
@@ -294,6 +289,7 @@ impl Limiter {
                         limiter.release(stream.tenant(), &stream.id).await;
                         break;
                     }
+                    () = handover.cancelled() => break,
                     _ = check.tick() => {
                         if !stream.is_owned() {
                             break;
@@ -305,13 +301,13 @@ impl Limiter {
         });
     }
 
-    /// Every [`KEEP_EVERY`] until `shutdown`: renews the entries of the running streams this
+    /// Every [`KEEP_EVERY`] until `lifecycle`'s background phase: renews the entries of the running streams this
     /// replica owns (`owned`: the hub's, including ones taken over from a dead replica, which
     /// it then tracks), and forgets idle tenants' in-memory state.
     pub async fn keep(
         self: Arc<Self>,
         owned: impl Fn() -> Vec<Arc<StreamState>>,
-        shutdown: CancellationToken,
+        lifecycle: Lifecycle,
     ) {
         if !self.policy.enabled() {
             return;
@@ -321,7 +317,7 @@ impl Limiter {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
+                () = lifecycle.background.cancelled() => return,
             }
             if self.policy.max_concurrent > 0 {
                 let owned = owned();
@@ -330,7 +326,7 @@ impl Limiter {
                         .await;
                 }
                 for stream in &owned {
-                    self.track(stream);
+                    self.track(stream, &lifecycle);
                 }
             }
             self.limits.forget_idle();

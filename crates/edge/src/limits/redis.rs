@@ -199,7 +199,7 @@ mod tests {
         limiter.admit("t", &ids[1]).await.expect("2");
         let refused = limiter.admit("t", &ids[2]).await.expect_err("full");
         assert_eq!(
-            (refused.code, refused.retry_after),
+            (refused.code(), refused.retry_after()),
             ("concurrency_limited", Some(1))
         );
         limiter
@@ -225,7 +225,7 @@ mod tests {
             .await
             .expect_err("empty");
         assert_eq!(
-            (refused.code, refused.retry_after),
+            (refused.code(), refused.retry_after()),
             ("rate_limited", Some(1))
         );
         let mut conn = redis::Client::open(server.url())

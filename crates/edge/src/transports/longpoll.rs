@@ -36,7 +36,7 @@ pub async fn poll(
     Path(id): Path<String>,
     query: Result<Query<PollQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let stream = app.stream_for(&caller, &id).await?;
     let after = query
         .after

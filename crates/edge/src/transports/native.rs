@@ -112,13 +112,7 @@ pub async fn ticket(
 ) -> Result<Response, ApiError> {
     let stream = app.stream_to_manage(&caller, &id).await?;
     let Some(ticket) = app.security.ticket_for(&stream) else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            ..ApiError::bad_request(
-                "not_found",
-                "tickets are issued only when authentication is on (--auth)",
-            )
-        });
+        return Err(ApiError::TicketsDisabled);
     };
     let body = serde_json::json!({
         "stream_id": stream.id.as_str(),

@@ -103,40 +103,12 @@ struct Part {
 }
 
 impl ChatRequest {
-    fn into_native(self) -> Result<(StreamRequest, bool, bool), ApiError> {
-        let model = self.model.ok_or_else(|| {
+    /// The native request, and how the answer is to be delivered.
+    fn into_native(mut self) -> Result<(StreamRequest, Delivery), ApiError> {
+        let model = self.model.take().ok_or_else(|| {
             ApiError::invalid_field("model", "you must provide a model parameter")
         })?;
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid_field("n", "only n=1 is supported"));
-        }
-        if self.tools.as_ref().is_some_and(non_empty)
-            || self.functions.as_ref().is_some_and(non_empty)
-        {
-            return Err(ApiError::invalid_field(
-                "tools",
-                "tool calling is not supported by the mock models",
-            ));
-        }
-        if let Some(format) = &self.response_format
-            && format.kind != "text"
-        {
-            let mut e = ApiError::invalid_field(
-                "response_format",
-                format!(
-                    "response_format type {:?} is not supported by the mock models (only \"text\")",
-                    format.kind
-                ),
-            );
-            e.param = Some("response_format".into());
-            return Err(e);
-        }
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::invalid_field(
-                "logprobs",
-                "logprobs are not supported by the mock models",
-            ));
-        }
+        self.check_supported()?;
         let seed = match &self.seed {
             None => None,
             Some(n) => Some(seed_of(n).ok_or_else(|| {
@@ -155,34 +127,15 @@ impl ChatRequest {
             .ok_or_else(|| ApiError::invalid_field("messages", "messages is required"))?
             .into_iter()
             .enumerate()
-            .map(|(i, m)| {
-                let content = match m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t,
-                    Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
-                        for p in parts {
-                            if p.kind != "text" {
-                                return Err(ApiError::invalid_field(
-                                    &format!("messages[{i}].content"),
-                                    format!("content parts of type {:?} are not supported", p.kind),
-                                ));
-                            }
-                            text.push_str(p.text.as_deref().unwrap_or(""));
-                        }
-                        text
-                    }
-                };
-                // The deprecated `function` role (a function's result) is text, like `tool`.
-                let role = if m.role == "function" {
-                    "tool".to_owned()
-                } else {
-                    m.role
-                };
-                Ok(Message { role, content })
-            })
+            .map(|(i, m)| m.into_native(i))
             .collect::<Result<Vec<_>, _>>()?;
-        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let delivery = if stream {
+            Delivery::Chunks {
+                include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            }
+        } else {
+            Delivery::Whole
+        };
         let native = StreamRequest {
             messages: Some(messages),
             prompt: None,
@@ -192,8 +145,81 @@ impl ChatRequest {
             model: Some(model),
             emit_times: self.emit_times,
         };
-        Ok((native, stream, include_usage))
+        Ok((native, delivery))
     }
+
+    /// Refuses what the mock models cannot do (several choices, tools, structured output,
+    /// logprobs).
+    fn check_supported(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid_field("n", "only n=1 is supported"));
+        }
+        if self.tools.as_ref().is_some_and(non_empty)
+            || self.functions.as_ref().is_some_and(non_empty)
+        {
+            return Err(ApiError::invalid_field(
+                "tools",
+                "tool calling is not supported by the mock models",
+            ));
+        }
+        if let Some(format) = &self.response_format
+            && format.kind != "text"
+        {
+            return Err(ApiError::invalid_field(
+                "response_format",
+                format!(
+                    "response_format type {:?} is not supported by the mock models (only \"text\")",
+                    format.kind
+                ),
+            ));
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid_field(
+                "logprobs",
+                "logprobs are not supported by the mock models",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ChatMessage {
+    /// The native message (`i`: its index, for errors).
+    fn into_native(self, i: usize) -> Result<Message, ApiError> {
+        let content = match self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid_field(
+                            &format!("messages[{i}].content"),
+                            format!("content parts of type {:?} are not supported", p.kind),
+                        ));
+                    }
+                    text.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                text
+            }
+        };
+        // The deprecated `function` role (a function's result) is text, like `tool`.
+        let role = if self.role == "function" {
+            "tool".to_owned()
+        } else {
+            self.role
+        };
+        Ok(Message { role, content })
+    }
+}
+
+/// How a chat completion is answered (`stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// `stream: false`: one completion object once the answer is whole.
+    Whole,
+    /// `stream: true`: SSE chunks; `include_usage` (`stream_options`) adds the usage chunk.
+    Chunks { include_usage: bool },
 }
 
 fn non_empty(v: &Value) -> bool {
@@ -210,13 +236,18 @@ pub async fn chat_completions(
 ) -> Result<Response, OpenAiError> {
     let chat: ChatRequest =
         request::read_json(&headers, body, app.config.http.max_body_bytes).await?;
-    let (native, streaming, include_usage) = chat.into_native()?;
+    let (native, delivery) = chat.into_native()?;
     let spec = native.validate(&app.config.streams)?;
     let span = request_span(&headers, "POST /v1/chat/completions");
     let stream = app.create_stream(&caller, spec, &span, "openai").await?;
     let sub = stream.subscribe(0)?;
-    if streaming {
-        let framer = OpenAiFramer::new(&stream, true, false, include_usage);
+    if let Delivery::Chunks { include_usage } = delivery {
+        let framing = OpenAiFraming {
+            role_chunk: true,
+            retry_hint: false,
+            include_usage,
+        };
+        let framer = OpenAiFramer::new(&stream, framing);
         let expires = expires.map(|axum::Extension(e)| e);
         let mut response = sse::response_until(&app, sub, framer, "openai", expires);
         let ticket = app.security.ticket_for(&stream);
@@ -238,7 +269,7 @@ async fn complete(
         let batch = sub
             .next_batch()
             .await
-            .map_err(|_| OpenAiError(ApiError::internal()))?;
+            .map_err(|_| OpenAiError(ApiError::Internal))?;
         for event in batch {
             match event.text() {
                 Some(t) => text.push_str(t),
@@ -251,25 +282,28 @@ async fn complete(
             finish_reason: crate::event::FinishReason::Cancelled,
             ..
         } => {
-            return Err(ApiError::unavailable(
-                "stream_cancelled",
-                "the stream was cancelled before it finished",
-            )
-            .into());
+            return Err(ApiError::CancelledBeforeFinish.into());
         }
         EventKind::Done {
             finish_reason,
             usage,
         } => (finish_reason.as_str(), *usage),
         EventKind::Error { code, message } => {
+            // The generator refused the request: the request's fault (400).
             let error = if *code == "invalid_request" {
-                ApiError::bad_request(code, message.clone())
+                ApiError::InvalidRequest {
+                    message: message.clone(),
+                    param: None,
+                }
             } else {
-                ApiError::unavailable(code, message.clone())
+                ApiError::GeneratorFailed {
+                    code,
+                    message: message.clone(),
+                }
             };
             return Err(error.into());
         }
-        EventKind::Token { .. } => return Err(ApiError::internal().into()),
+        EventKind::Token { .. } => return Err(ApiError::Internal.into()),
     };
     let body = json!({
         "id": format!("chatcmpl-{}", stream.id),
@@ -307,24 +341,30 @@ pub struct OpenAiFramer {
     id: String,
     model: &'static str,
     created: u64,
-    role_chunk: bool,
-    retry: bool,
-    include_usage: bool,
+    framing: OpenAiFraming,
     failed: bool,
     last_seq: u64,
 }
 
+/// What an OpenAI chunk stream sends besides the answer's chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenAiFraming {
+    /// The role chunk first (the answer is read from its beginning).
+    pub role_chunk: bool,
+    /// The EventSource `retry:` hint first (`GET …/events?format=openai`).
+    pub retry_hint: bool,
+    /// The usage chunk at the end (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
 impl OpenAiFramer {
-    /// A framer for `stream`; `role_chunk` when starting from the beginning, `retry` to send
-    /// the EventSource `retry:` hint.
-    pub fn new(stream: &StreamState, role_chunk: bool, retry: bool, include_usage: bool) -> Self {
+    /// A framer for `stream`.
+    pub fn new(stream: &StreamState, framing: OpenAiFraming) -> Self {
         Self {
             id: format!("chatcmpl-{}", stream.id),
             model: stream.model,
             created: stream.created_unix,
-            role_chunk,
-            retry,
-            include_usage,
+            framing,
             failed: false,
             last_seq: 0,
         }
@@ -352,7 +392,7 @@ impl OpenAiFramer {
             "system_fingerprint": "tokenfan",
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
-        if self.include_usage {
+        if self.framing.include_usage {
             chunk["usage"] = Value::Null;
         }
         if let Some(t) = emitted_at {
@@ -375,10 +415,10 @@ fn write_data(out: &mut BytesMut, seq: Option<u64>, value: &Value) {
 
 impl Framer for OpenAiFramer {
     fn start(&mut self, out: &mut BytesMut) {
-        if self.retry {
+        if self.framing.retry_hint {
             out.extend_from_slice(sse::RETRY);
         }
-        if self.role_chunk {
+        if self.framing.role_chunk {
             self.chunk(
                 out,
                 Some(0),
@@ -404,9 +444,9 @@ impl Framer for OpenAiFramer {
             } if finish_reason.as_str() != "cancelled" => {
                 // Only the last chunk of the ending carries the terminal `id:`, so a client
                 // cut off between the finish and usage chunks resumes and gets both.
-                let finish_id = (!self.include_usage).then_some(event.seq);
+                let finish_id = (!self.framing.include_usage).then_some(event.seq);
                 self.chunk(out, finish_id, json!({}), Some(finish_reason.as_str()));
-                if self.include_usage {
+                if self.framing.include_usage {
                     let chunk = json!({
                         "id": self.id,
                         "object": "chat.completion.chunk",
@@ -421,15 +461,15 @@ impl Framer for OpenAiFramer {
             }
             EventKind::Done { .. } => {
                 self.failed = true;
-                let error = OpenAiError(ApiError::bad_request(
-                    "stream_cancelled",
-                    "the stream was cancelled",
-                ));
+                let error = OpenAiError(ApiError::StreamCancelled);
                 write_data(out, Some(event.seq), &error.body());
             }
             EventKind::Error { code, message } => {
                 self.failed = true;
-                let error = OpenAiError(ApiError::unavailable(code, message.clone()));
+                let error = OpenAiError(ApiError::GeneratorFailed {
+                    code,
+                    message: message.clone(),
+                });
                 write_data(out, Some(event.seq), &error.body());
             }
         }
@@ -438,20 +478,16 @@ impl Framer for OpenAiFramer {
     fn interrupted(&mut self, out: &mut BytesMut) {
         // Without this the client would see the answer end without `[DONE]` or an error, and
         // SDKs would take the cut answer as complete.
-        let error = OpenAiError(ApiError::unavailable(
-            "server_shutdown",
-            format!(
-                "the server is restarting and the answer was cut; resume with GET /v1/streams/{}/events?format=openai&after={}",
-                self.id.trim_start_matches("chatcmpl-"),
-                self.last_seq
-            ),
-        ));
+        let error = OpenAiError(ApiError::ServerShutdown(format!(
+            "the server is restarting and the answer was cut; resume with GET /v1/streams/{}/events?format=openai&after={}",
+            self.id.trim_start_matches("chatcmpl-"),
+            self.last_seq
+        )));
         write_data(out, None, &error.body());
     }
 
     fn credentials_expired(&mut self, out: &mut BytesMut) {
-        let error = OpenAiError(ApiError::unauthorized(
-            "credentials_expired",
+        let error = OpenAiError(ApiError::CredentialsExpired(
             "the credential this stream was opened with has expired",
         ));
         write_data(out, None, &error.body());
@@ -462,12 +498,9 @@ impl Framer for OpenAiFramer {
             Closed::Finished if !self.failed => out.extend_from_slice(b"data: [DONE]\n\n"),
             Closed::Finished => {}
             Closed::SlowConsumer { last_seq } => {
-                let error = OpenAiError(ApiError::bad_request(
-                    "slow_consumer",
-                    format!(
-                        "the client fell too far behind; resume with GET /v1/streams/<id>/events?format=openai&after={last_seq}"
-                    ),
-                ));
+                let error = OpenAiError(ApiError::SlowConsumer(format!(
+                    "the client fell too far behind; resume with GET /v1/streams/<id>/events?format=openai&after={last_seq}"
+                )));
                 write_data(out, None, &error.body());
             }
         }

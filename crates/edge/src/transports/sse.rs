@@ -24,7 +24,10 @@ use crate::{
     state::AppState,
     stream::{Closed, Subscription},
     tenant::Caller,
-    transports::{TransportGuard, openai::OpenAiFramer},
+    transports::{
+        TransportGuard,
+        openai::{OpenAiFramer, OpenAiFraming},
+    },
 };
 
 /// The reconnection delay EventSource is told to use.
@@ -43,15 +46,11 @@ pub trait Framer: Send + 'static {
     fn interrupted(&mut self, _out: &mut BytesMut) {}
     /// The credential or ticket the response was opened with expired: the last bytes.
     fn credentials_expired(&mut self, out: &mut BytesMut) {
-        let body = serde_json::json!({
-            "type": "error",
-            "code": "credentials_expired",
-            "message": "the credential or ticket this stream was opened with has expired; \
-                        reconnect with a fresh one (resume with Last-Event-ID or ?after=)",
-        });
-        out.extend_from_slice(b"event: error\ndata: ");
-        out.extend_from_slice(body.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
+        ApiError::CredentialsExpired(
+            "the credential or ticket this stream was opened with has expired; reconnect with \
+             a fresh one (resume with Last-Event-ID or ?after=)",
+        )
+        .write_sse(out);
     }
 }
 
@@ -71,14 +70,10 @@ impl Framer for NativeFramer {
         if let Closed::SlowConsumer { last_seq } = reason {
             // Not a stream event (no id, no seq): EventSource reconnects with its
             // Last-Event-ID; fetch clients resume with GET …/events?after=<last_seq>.
-            let body = serde_json::json!({
-                "type": "error",
-                "code": "slow_consumer",
-                "message": format!("the client fell too far behind; resume after seq {last_seq}"),
-            });
-            out.extend_from_slice(b"event: error\ndata: ");
-            out.extend_from_slice(body.to_string().as_bytes());
-            out.extend_from_slice(b"\n\n");
+            ApiError::SlowConsumer(format!(
+                "the client fell too far behind; resume after seq {last_seq}"
+            ))
+            .write_sse(out);
         }
     }
 }
@@ -231,11 +226,49 @@ pub struct EventsQuery {
 /// Parses a cursor from a query parameter or `Last-Event-ID`.
 pub fn parse_cursor(name: &str, value: &str) -> Result<u64, ApiError> {
     value.trim().parse::<u64>().map_err(|_| {
-        ApiError::bad_request(
-            "invalid_cursor",
-            format!("{name}: {value:?} is not a non-negative integer seq"),
-        )
+        ApiError::InvalidCursor(format!(
+            "{name}: {value:?} is not a non-negative integer seq"
+        ))
     })
+}
+
+/// The cursor of a `GET …/events`: `Last-Event-ID` (when not blank), else `?after=`, else 0.
+fn cursor(headers: &HeaderMap, after: Option<&str>) -> Result<u64, ApiError> {
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::InvalidCursor("Last-Event-ID is not text".into()))
+        })
+        .transpose()?
+        .filter(|v| !v.trim().is_empty());
+    match (last_event_id, after) {
+        (Some(v), _) => parse_cursor("Last-Event-ID", v),
+        (None, Some(v)) => parse_cursor("after", v),
+        (None, None) => Ok(0),
+    }
+}
+
+/// The event format of a `GET …/events` (`?format=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Native events (the default).
+    Native,
+    /// Chat Completions chunks.
+    OpenAi,
+}
+
+impl Format {
+    fn of(format: Option<&str>) -> Result<Self, ApiError> {
+        match format {
+            None | Some("native") => Ok(Self::Native),
+            Some("openai") => Ok(Self::OpenAi),
+            Some(other) => Err(ApiError::invalid_field(
+                "format",
+                format!("{other:?} is not one of native, openai"),
+            )),
+        }
+    }
 }
 
 /// `GET /v1/streams/{id}/events`: EventSource-friendly SSE with resume.
@@ -248,7 +281,7 @@ pub async fn events(
     expires: Option<axum::Extension<auth::CredentialExpiry>>,
 ) -> Result<Response, ApiError> {
     let expires = expires.map(|axum::Extension(e)| e);
-    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     // A request naming a cursor is a resume: counted and traced whatever its result.
     let resume = |after: u64, replayed: u64, result: ResumeResult| Resume {
         transport: "sse",
@@ -279,34 +312,16 @@ pub async fn events(
             );
         }
     };
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| ApiError::bad_request("invalid_cursor", "Last-Event-ID is not text"))
-        })
-        .transpose()?
-        .filter(|v| !v.trim().is_empty());
-    let after = match (last_event_id, query.after.as_deref()) {
-        (Some(v), _) => parse_cursor("Last-Event-ID", v)?,
-        (None, Some(v)) => parse_cursor("after", v)?,
-        (None, None) => 0,
-    };
-    let openai = match query.format.as_deref() {
-        None | Some("native") => false,
-        Some("openai") => true,
-        Some(other) => {
-            return Err(ApiError::invalid_field(
-                "format",
-                format!("{other:?} is not one of native, openai"),
-            ));
-        }
-    };
+    let after = cursor(&headers, query.after.as_deref())?;
+    let format = Format::of(query.format.as_deref())?;
     // Positioned at or past the end: 204 tells EventSource to stop reconnecting.
     if stream.ended_at().is_some() && after >= stream.last_seq() {
         if after > stream.last_seq() {
             record(after, 0, ResumeResult::Invalid);
-            return Err(ApiError::cursor_out_of_range(after, stream.last_seq()));
+            return Err(ApiError::CursorOutOfRange {
+                after,
+                last: stream.last_seq(),
+            });
         }
         record(after, 0, ResumeResult::Finished);
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -320,9 +335,13 @@ pub async fn events(
         backlog.saturating_sub(after),
         ResumeResult::of_subscription(&stream, after, backlog),
     );
-    Ok(if openai {
-        let include_usage = query.include_usage.unwrap_or(false);
-        let framer = OpenAiFramer::new(&stream, after == 0, true, include_usage);
+    Ok(if format == Format::OpenAi {
+        let framing = OpenAiFraming {
+            role_chunk: after == 0,
+            retry_hint: true,
+            include_usage: query.include_usage.unwrap_or(false),
+        };
+        let framer = OpenAiFramer::new(&stream, framing);
         response_until(&app, sub, framer, "sse", expires)
     } else {
         response_until(&app, sub, NativeFramer, "sse", expires)

@@ -23,7 +23,7 @@ use axum::{
             CloseFrame, Message, Utf8Bytes, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
         },
     },
-    http::{HeaderMap, StatusCode, Uri, header},
+    http::{HeaderMap, Uri, header},
     response::{IntoResponse, Response},
 };
 use futures::{Sink, SinkExt as _, Stream, StreamExt as _};
@@ -41,10 +41,11 @@ use crate::{
     observability::{GapMeter, Resume, ResumeResult},
     request::StreamRequest,
     state::AppState,
-    stream::{Closed, StreamState},
+    stream::{Closed, StreamState, Subscription},
     tenant::Caller,
     transports::{TransportGuard, request_span},
 };
+use tokio_tungstenite::tungstenite;
 
 /// Frames waiting to be written to one socket.
 const OUTGOING: usize = 256;
@@ -84,17 +85,15 @@ pub async fn upgrade(
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
-            let status = rejection.status();
-            let error = ApiError::bad_request("websocket_required", rejection.body_text());
-            return (status, axum::Json(error.body())).into_response();
+            return ApiError::WebSocketRequired {
+                status: rejection.status(),
+                message: rejection.body_text(),
+            }
+            .into_response();
         }
     };
     if !origin_allowed(&app, &headers, &uri) {
-        let error = ApiError {
-            status: StatusCode::FORBIDDEN,
-            ..ApiError::bad_request("origin_not_allowed", "this Origin may not open a WebSocket")
-        };
-        return error.into_response();
+        return ApiError::OriginNotAllowed.into_response();
     }
     let limit = app.config.http.ws_max_message_bytes;
     // A small read buffer: tungstenite's default (128 KiB) dominates an idle socket's memory.
@@ -133,32 +132,77 @@ fn origin_allowed(app: &AppState, headers: &HeaderMap, uri: &Uri) -> bool {
     matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
 }
 
-/// What the client sends.
+/// A message from the client; `type` says which (docs/protocol.md, "Client → server").
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    /// Creates a stream and follows it from its start.
+    Start(StartMsg),
+    /// Follows a stream from a cursor.
+    Subscribe(StreamMsg),
+    /// Stops a stream (the terminal event answers).
+    Cancel(StreamMsg),
+    /// Stops following a stream.
+    Unsubscribe(StreamMsg),
+    /// Asks for a `pong`.
+    Ping(PingMsg),
+    /// Any other `type`.
+    #[serde(other)]
+    Unknown,
+}
+
+/// `start`: no other keys.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartMsg {
-    #[serde(rename = "type")]
-    _type: String,
     request_id: Option<String>,
     /// Parsed separately: a bad request body is `invalid_request`, as on `POST /v1/streams`.
     request: Value,
 }
 
+/// `subscribe`, `cancel`, `unsubscribe`: no other keys.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StreamMsg {
-    #[serde(rename = "type")]
-    _type: String,
     request_id: Option<String>,
     stream_id: String,
     #[serde(default)]
     after: u64,
 }
 
+impl StreamMsg {
+    /// The resume this message makes (a `subscribe` with `after` > 0).
+    fn resume(&self, replayed: u64, result: ResumeResult) -> Resume<'_> {
+        Resume {
+            transport: "ws",
+            stream_id: &self.stream_id,
+            after: self.after,
+            replayed,
+            result,
+        }
+    }
+}
+
+/// `ping`: other keys are ignored.
+#[derive(Debug, Deserialize)]
+struct PingMsg {
+    /// Echoed in the `pong` when present (even when `null`).
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+}
+
+/// Some value, `null` included (a missing key is `None` through `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
 /// One subscription of the socket; its forwarder ends with the stream or is aborted.
 struct Subscribed {
     forwarder: JoinHandle<()>,
 }
+
+/// How the socket ends: the close frame's code and reason.
+type Close = (u16, &'static str);
 
 /// Serves one socket for `caller` until the peer leaves, stops answering pings, stops reading,
 /// keeps breaking a limit, or the server shuts down.
@@ -179,152 +223,23 @@ pub async fn serve_until<S, R>(
     expires: Option<auth::CredentialExpiry>,
     slot: Option<crate::server::ConnectionSlot>,
     mut sink: S,
-    mut incoming: R,
+    incoming: R,
 ) where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
 {
-    let expired = async move {
-        match expires {
-            Some(e) => tokio::time::sleep_until(e.deadline()).await,
-            None => std::future::pending().await,
-        }
-    };
-    let guard = Arc::new(TransportGuard::new("ws"));
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING);
     let (control, mut control_rx) = mpsc::channel::<Message>(CONTROL);
-    let mut subs: HashMap<StreamId, Subscribed> = HashMap::new();
-    let http = &app.config.http;
-    let ping_every = Duration::from_secs(http.ws_ping_secs);
-    let write_timeout = Duration::from_secs(http.write_timeout_secs);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    // After a long stall, do not fire the missed pings back to back.
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut socket = SocketLimits::new(
-        http.ws_messages_per_sec,
-        Arc::new(Semaphore::new(http.ws_max_pending_cancels)),
+    let write_timeout = Duration::from_secs(app.config.http.write_timeout_secs);
+    let mut socket = Socket::new(&app, &caller, tx);
+    let reader = socket.read(incoming, &control, expires);
+    let writer = write(
+        &mut sink,
+        &mut control_rx,
+        &mut rx,
+        write_timeout,
+        slot.as_ref(),
     );
-    let reader = async {
-        let mut unanswered = 0u32;
-        let mut expired = std::pin::pin!(expired);
-        loop {
-            let reply = tokio::select! {
-                msg = incoming.next() => match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        unanswered = 0;
-                        if !socket.admit() {
-                            if socket.strikes > WS_STRIKES {
-                                return Some((CLOSE_POLICY, "message rate limit exceeded"));
-                            }
-                            Some(rate_limited(http.ws_messages_per_sec))
-                        } else {
-                            handle_text(&app, &caller, &text, &mut subs, &tx, &guard, &mut socket)
-                                .await
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        unanswered = 0;
-                        if socket.admit() {
-                            let e = json!({"type": "error", "code": "unsupported_frame",
-                                "message": "binary frames are not supported; send JSON text"});
-                            Some(text_msg(&e))
-                        } else if socket.strikes > WS_STRIKES {
-                            return Some((CLOSE_POLICY, "message rate limit exceeded"));
-                        } else {
-                            Some(rate_limited(http.ws_messages_per_sec))
-                        }
-                    }
-                    Some(Ok(Message::Pong(_))) => {
-                        unanswered = 0;
-                        None
-                    }
-                    Some(Ok(Message::Ping(_))) => None, // the library answers pings itself
-                    Some(Ok(Message::Close(_))) | None => return None,
-                    Some(Err(err)) => {
-                        let text = err.to_string().to_ascii_lowercase();
-                        let too_big = text.contains("too long") || text.contains("capacity");
-                        return too_big.then_some((CLOSE_TOO_BIG, "message too big"));
-                    }
-                },
-                // Never waits for the writer: a stuck write cannot hold the ping check back.
-                _ = ping.tick() => {
-                    if unanswered >= 2 {
-                        return Some((CLOSE_POLICY, "ping timeout"));
-                    }
-                    unanswered += 1;
-                    Some(Message::Ping(Default::default()))
-                }
-                () = app.shutdown.cancelled() => {
-                    return Some((CLOSE_RESTART, "server restarting; reconnect"));
-                }
-                () = expired.as_mut() => {
-                    metrics::counter!("tokenfan_edge_credentials_expired_total", "transport" => "ws")
-                        .increment(1);
-                    let _ = control.try_send(error_msg(
-                        "credentials_expired",
-                        "the credential or ticket this socket was opened with has expired; \
-                         reconnect with a fresh one",
-                        None,
-                        None,
-                    ));
-                    return Some((CLOSE_POLICY, "credentials expired"));
-                }
-            };
-            if socket.strikes > WS_STRIKES {
-                return Some((CLOSE_POLICY, "too many refused messages"));
-            }
-            if let Some(reply) = reply
-                && control.try_send(reply).is_err()
-            {
-                return Some((CLOSE_POLICY, "the client does not read its replies"));
-            }
-        }
-    };
-    let writer = async {
-        loop {
-            // Replies first: the client waits for them; events can lag.
-            let first = tokio::select! {
-                biased;
-                Some(m) = control_rx.recv() => m,
-                Some(m) = rx.recv() => m,
-                else => return None,
-            };
-            // Each step (one message, the flush) gets the whole timeout: a slow client that
-            // still takes bytes is not closed for the size of a burst. The socket's own write
-            // deadline (the same timeout) may fire first and fail the step: both mean the
-            // client stopped reading; other errors mean it is gone.
-            let step = |result: Result<Result<(), S::Error>, _>| match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) if slot.as_ref().is_some_and(|s| s.write_timed_out()) => {
-                    Err(Some(WRITE_TIMEOUT))
-                }
-                Ok(Err(_)) => Err(None),
-                Err(_) => {
-                    match &slot {
-                        Some(slot) => slot.count_write_timeout(),
-                        None => metrics::counter!(
-                            "tokenfan_edge_write_timeouts_total", "transport" => "ws"
-                        )
-                        .increment(1),
-                    }
-                    Err(Some(WRITE_TIMEOUT))
-                }
-            };
-            let mut next = Some(first);
-            while let Some(message) = next {
-                let fed = tokio::time::timeout(write_timeout, sink.feed(message)).await;
-                if let Err(close) = step(fed) {
-                    return close;
-                }
-                // Write everything else already queued, then flush once.
-                next = control_rx.try_recv().ok().or_else(|| rx.try_recv().ok());
-            }
-            let flushed = tokio::time::timeout(write_timeout, sink.flush()).await;
-            if let Err(close) = step(flushed) {
-                return close;
-            }
-        }
-    };
     let (close, by_reader) = tokio::select! {
         close = reader => (close, true),
         close = writer => (close, false),
@@ -339,9 +254,7 @@ pub async fn serve_until<S, R>(
         };
         let _ = tokio::time::timeout(CLOSE_WRITE, flush).await;
     }
-    for (_, s) in subs.drain() {
-        s.forwarder.abort();
-    }
+    socket.unsubscribe_all();
     if let Some((code, reason)) = close {
         let frame = CloseFrame {
             code,
@@ -353,8 +266,59 @@ pub async fn serve_until<S, R>(
     let _ = tokio::time::timeout(CLOSE_WRITE, sink.close()).await;
 }
 
+/// Writes replies (first: the client waits for them; events can lag) and events to `sink`,
+/// flushing once per burst, until both queues end or a write fails.
+async fn write<S: Sink<Message> + Unpin>(
+    sink: &mut S,
+    control_rx: &mut mpsc::Receiver<Message>,
+    rx: &mut mpsc::Receiver<Message>,
+    write_timeout: Duration,
+    slot: Option<&crate::server::ConnectionSlot>,
+) -> Option<Close> {
+    // Each step (one message, the flush) gets the whole timeout: a slow client that still
+    // takes bytes is not closed for the size of a burst. The socket's own write deadline (the
+    // same timeout) may fire first and fail the step: both mean the client stopped reading;
+    // other errors mean it is gone.
+    let step = |result: Result<Result<(), S::Error>, _>| match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) if slot.is_some_and(|s| s.write_timed_out()) => Err(Some(WRITE_TIMEOUT)),
+        Ok(Err(_)) => Err(None),
+        Err(_) => {
+            match slot {
+                Some(slot) => slot.count_write_timeout(),
+                None => {
+                    metrics::counter!("tokenfan_edge_write_timeouts_total", "transport" => "ws")
+                        .increment(1)
+                }
+            }
+            Err(Some(WRITE_TIMEOUT))
+        }
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(m) = control_rx.recv() => m,
+            Some(m) = rx.recv() => m,
+            else => return None,
+        };
+        let mut next = Some(first);
+        while let Some(message) = next {
+            let fed = tokio::time::timeout(write_timeout, sink.feed(message)).await;
+            if let Err(close) = step(fed) {
+                return close;
+            }
+            // Write everything else already queued, then flush once.
+            next = control_rx.try_recv().ok().or_else(|| rx.try_recv().ok());
+        }
+        let flushed = tokio::time::timeout(write_timeout, sink.flush()).await;
+        if let Err(close) = step(flushed) {
+            return close;
+        }
+    }
+}
+
 /// The close for a client that stopped reading.
-const WRITE_TIMEOUT: (u16, &str) = (CLOSE_POLICY, "write timeout: the client does not read");
+const WRITE_TIMEOUT: Close = (CLOSE_POLICY, "write timeout: the client does not read");
 
 /// One socket's message rate (a token bucket of `2 × rate`) and its cancels in flight.
 struct SocketLimits {
@@ -396,306 +360,430 @@ impl SocketLimits {
     }
 }
 
-fn rate_limited(per_sec: u32) -> Message {
-    metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "ws_messages").increment(1);
-    error_msg(
-        "rate_limited",
-        &format!(
-            "a socket may send {per_sec} messages per second; this one was not handled (the \
-             socket is closed if it goes on)"
-        ),
-        None,
-        None,
-    )
+/// A protocol error as a WebSocket message.
+fn error_msg(error: &ApiError, stream_id: Option<&str>, request_id: Option<&str>) -> Message {
+    Message::Text(error.ws_message(stream_id, request_id).into())
 }
 
-fn text_msg(value: &Value) -> Message {
-    Message::Text(value.to_string().into())
+/// What the reader does after one incoming frame.
+enum Step {
+    /// Queue this reply (or nothing) and read on.
+    Reply(Option<Message>),
+    /// Close the socket (None: without a close frame).
+    Close(Option<Close>),
 }
 
-fn error_msg(
-    code: &str,
-    message: &str,
-    stream_id: Option<&str>,
-    request_id: Option<&str>,
-) -> Message {
-    let mut e = json!({"type": "error", "code": code, "message": message});
-    if let Some(id) = stream_id {
-        e["stream_id"] = json!(id);
-    }
-    if let Some(id) = request_id {
-        e["request_id"] = json!(id);
-    }
-    text_msg(&e)
+/// One socket's side of the protocol: its subscriptions, the queue their events go to, and its
+/// limits.
+struct Socket<'a> {
+    app: &'a AppState,
+    caller: &'a Caller,
+    subs: HashMap<StreamId, Subscribed>,
+    /// Events (and `started`) for the writer.
+    tx: mpsc::Sender<Message>,
+    guard: Arc<TransportGuard>,
+    limits: SocketLimits,
 }
 
-async fn handle_text(
-    app: &AppState,
-    caller: &Caller,
-    text: &str,
-    subs: &mut HashMap<StreamId, Subscribed>,
-    tx: &mpsc::Sender<Message>,
-    guard: &Arc<TransportGuard>,
-    limits: &mut SocketLimits,
-) -> Option<Message> {
-    subs.retain(|_, s| !s.forwarder.is_finished());
-    let value: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return Some(error_msg("invalid_json", &e.to_string(), None, None)),
-    };
-    let kind = value
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let request_id = value
-        .get("request_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let bad = |e: serde_json::Error| {
-        Some(error_msg(
-            "invalid_message",
-            &e.to_string(),
-            None,
-            request_id.as_deref(),
-        ))
-    };
-    match kind.as_str() {
-        "ping" => {
-            let mut pong = json!({"type": "pong"});
-            if let Some(id) = value.get("id") {
-                pong["id"] = id.clone();
-            }
-            Some(text_msg(&pong))
-        }
-        "start" => {
-            let msg: StartMsg = match serde_json::from_value(value) {
-                Ok(m) => m,
-                Err(e) => return bad(e),
-            };
-            let rid = msg.request_id.as_deref();
-            if subs.len() >= app.config.http.ws_max_subscriptions {
-                return Some(too_many(app, None, rid));
-            }
-            let request: StreamRequest = match serde_json::from_value(msg.request) {
-                Ok(r) => r,
-                Err(e) => return Some(error_msg("invalid_request", &e.to_string(), None, rid)),
-            };
-            let spec = match request.validate(&app.config.streams) {
-                Ok(spec) => spec,
-                Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
-            };
-            let span = request_span(&HeaderMap::new(), "WS start");
-            let stream = match app.create_stream(caller, spec, &span, "ws").await {
-                Ok(s) => s,
-                Err(e) => return Some(error_msg(e.code, &e.message, None, rid)),
-            };
-            let mut started = json!({"type": "started", "stream_id": stream.id.as_str()});
-            if let Some(rid) = rid {
-                started["request_id"] = json!(rid);
-            }
-            if let Some(ticket) = app.security.ticket_for(&stream) {
-                started["ticket"] = json!(ticket.token);
-            }
-            // The forwarder queues `started` before the stream's events, on the same queue.
-            subscribe(subs, &stream, 0, tx, guard, rid, Some(text_msg(&started))).err()
-        }
-        "subscribe" | "cancel" | "unsubscribe" => {
-            let msg: StreamMsg = match serde_json::from_value(value) {
-                Ok(m) => m,
-                Err(e) => return bad(e),
-            };
-            let rid = msg.request_id.as_deref();
-            let resume = |replayed: u64, result: ResumeResult| Resume {
-                transport: "ws",
-                stream_id: &msg.stream_id,
-                after: msg.after,
-                replayed,
-                result,
-            };
-            let found = if kind == "cancel" {
-                app.stream_to_manage(caller, &msg.stream_id).await
-            } else {
-                app.stream_for(caller, &msg.stream_id).await
-            };
-            let stream = match found {
-                Ok(s) => s,
-                Err(e) => {
-                    if kind == "subscribe" && msg.after > 0 {
-                        resume(0, ResumeResult::of_error(&e)).record(app.hub.replica(), None, None);
-                    }
-                    return Some(error_msg(e.code, &e.message, Some(&msg.stream_id), rid));
-                }
-            };
-            match kind.as_str() {
-                "subscribe" => {
-                    if subs.contains_key(&stream.id) {
-                        return Some(error_msg(
-                            "already_subscribed",
-                            "this socket is already subscribed to the stream",
-                            Some(stream.id.as_str()),
-                            rid,
-                        ));
-                    }
-                    if subs.len() >= app.config.http.ws_max_subscriptions {
-                        return Some(too_many(app, Some(stream.id.as_str()), rid));
-                    }
-                    let subscribed = subscribe(subs, &stream, msg.after, tx, guard, rid, None);
-                    if msg.after > 0 {
-                        let (replayed, result) = match &subscribed {
-                            Ok(backlog) => (
-                                backlog.saturating_sub(msg.after),
-                                ResumeResult::of_subscription(&stream, msg.after, *backlog),
-                            ),
-                            Err(_) => (0, ResumeResult::Invalid),
-                        };
-                        resume(replayed, result).record(app.hub.replica(), None, Some(&stream));
-                    }
-                    subscribed.err()
-                }
-                "cancel" => {
-                    let Ok(permit) = limits.cancels.clone().try_acquire_owned() else {
-                        limits.strikes += 1;
-                        return Some(error_msg(
-                            "too_many_cancels",
-                            &format!(
-                                "a socket may have {} cancels in flight; wait for their \
-                                 answers (the socket is closed if this goes on)",
-                                app.config.http.ws_max_pending_cancels
-                            ),
-                            Some(stream.id.as_str()),
-                            rid,
-                        ));
-                    };
-                    let subscribed = subs.contains_key(&stream.id);
-                    let hub = app.hub.clone();
-                    let tx = tx.clone();
-                    let rid = rid.map(str::to_owned);
-                    // The terminal event answers the cancel: through the subscription when
-                    // there is one, else sent here once the owner wrote it.
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = hub.cancel(&stream).await {
-                            let id = Some(stream.id.as_str());
-                            let _ = tx
-                                .send(error_msg(e.code, &e.message, id, rid.as_deref()))
-                                .await;
-                            return;
-                        }
-                        if subscribed {
-                            return;
-                        }
-                        let last = stream.last_seq();
-                        let terminal = stream
-                            .events_after(last.saturating_sub(1))
-                            .ok()
-                            .and_then(|(_, events)| events.into_iter().next())
-                            .filter(|e| e.is_terminal());
-                        if let Some(event) = terminal
-                            && let Ok(text) =
-                                Utf8Bytes::try_from(event.ws(stream.id.as_str()).clone())
-                        {
-                            let _ = tx.send(Message::Text(text)).await;
-                        }
-                    });
-                    None
-                }
-                _ => {
-                    if let Some(s) = subs.remove(&stream.id) {
-                        s.forwarder.abort();
-                    }
-                    None
-                }
-            }
-        }
-        "" => Some(error_msg(
-            "invalid_message",
-            "a message needs a string `type`",
-            None,
-            request_id.as_deref(),
-        )),
-        other => Some(error_msg(
-            "unknown_type",
-            &format!(
-                "unknown message type {other:?}; expected start, subscribe, cancel, unsubscribe or ping"
+impl<'a> Socket<'a> {
+    fn new(app: &'a AppState, caller: &'a Caller, tx: mpsc::Sender<Message>) -> Self {
+        let http = &app.config.http;
+        Self {
+            app,
+            caller,
+            subs: HashMap::new(),
+            tx,
+            guard: Arc::new(TransportGuard::new("ws")),
+            limits: SocketLimits::new(
+                http.ws_messages_per_sec,
+                Arc::new(Semaphore::new(http.ws_max_pending_cancels)),
             ),
-            None,
-            request_id.as_deref(),
-        )),
+        }
+    }
+
+    /// Reads client frames, sends pings, and watches shutdown and the credential's expiry,
+    /// queueing replies on `control`, until the socket is to close.
+    async fn read<R>(
+        &mut self,
+        mut incoming: R,
+        control: &mpsc::Sender<Message>,
+        expires: Option<auth::CredentialExpiry>,
+    ) -> Option<Close>
+    where
+        R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+    {
+        let app = self.app;
+        let ping_every = Duration::from_secs(app.config.http.ws_ping_secs);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        // After a long stall, do not fire the missed pings back to back.
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expired = std::pin::pin!(expiry(expires));
+        let mut unanswered = 0u32;
+        loop {
+            let step = tokio::select! {
+                msg = incoming.next() => self.on_frame(msg, &mut unanswered).await,
+                // Never waits for the writer: a stuck write cannot hold the ping check back.
+                _ = ping.tick() => {
+                    if unanswered >= 2 {
+                        return Some((CLOSE_POLICY, "ping timeout"));
+                    }
+                    unanswered += 1;
+                    Step::Reply(Some(Message::Ping(Default::default())))
+                }
+                () = app.shutdown.cancelled() => {
+                    return Some((CLOSE_RESTART, "server restarting; reconnect"));
+                }
+                () = expired.as_mut() => {
+                    metrics::counter!("tokenfan_edge_credentials_expired_total", "transport" => "ws")
+                        .increment(1);
+                    let _ = control.try_send(error_msg(&CREDENTIALS_EXPIRED, None, None));
+                    return Some((CLOSE_POLICY, "credentials expired"));
+                }
+            };
+            let reply = match step {
+                Step::Reply(reply) => reply,
+                Step::Close(close) => return close,
+            };
+            if self.limits.strikes > WS_STRIKES {
+                return Some((CLOSE_POLICY, "too many refused messages"));
+            }
+            if let Some(reply) = reply
+                && control.try_send(reply).is_err()
+            {
+                return Some((CLOSE_POLICY, "the client does not read its replies"));
+            }
+        }
+    }
+
+    /// Answers one incoming frame (None: the client left).
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, axum::Error>>,
+        unanswered: &mut u32,
+    ) -> Step {
+        let per_sec = self.app.config.http.ws_messages_per_sec;
+        match frame {
+            Some(Ok(Message::Text(_) | Message::Binary(_))) if !self.limits.admit() => {
+                *unanswered = 0;
+                if self.limits.strikes > WS_STRIKES {
+                    return Step::Close(Some((CLOSE_POLICY, "message rate limit exceeded")));
+                }
+                metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "ws_messages")
+                    .increment(1);
+                let refusal = ApiError::RateLimited {
+                    message: format!(
+                        "a socket may send {per_sec} messages per second; this one was not \
+                         handled (the socket is closed if it goes on)"
+                    ),
+                    retry_after: 1,
+                };
+                Step::Reply(Some(error_msg(&refusal, None, None)))
+            }
+            Some(Ok(Message::Text(text))) => {
+                *unanswered = 0;
+                Step::Reply(self.handle_text(&text).await)
+            }
+            Some(Ok(Message::Binary(_))) => {
+                *unanswered = 0;
+                Step::Reply(Some(error_msg(&ApiError::UnsupportedFrame, None, None)))
+            }
+            Some(Ok(Message::Pong(_))) => {
+                *unanswered = 0;
+                Step::Reply(None)
+            }
+            Some(Ok(Message::Ping(_))) => Step::Reply(None), // the library answers pings itself
+            Some(Ok(Message::Close(_))) | None => Step::Close(None),
+            Some(Err(err)) => {
+                Step::Close(too_big(err).then_some((CLOSE_TOO_BIG, "message too big")))
+            }
+        }
+    }
+
+    /// Handles one text message; the reply, if any, goes on the control queue.
+    async fn handle_text(&mut self, text: &str) -> Option<Message> {
+        self.subs.retain(|_, s| !s.forwarder.is_finished());
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return Some(error_msg(&ApiError::InvalidJson(e.to_string()), None, None)),
+        };
+        let request_id = value
+            .get("request_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let refuse = |e: ApiError| Some(error_msg(&e, None, request_id.as_deref()));
+        let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
+            return refuse(ApiError::InvalidMessage(
+                "a message needs a string `type`".into(),
+            ));
+        };
+        match serde_json::from_value(value) {
+            Ok(ClientMessage::Start(msg)) => self.start(msg).await,
+            Ok(ClientMessage::Subscribe(msg)) => self.subscribe(msg).await,
+            Ok(ClientMessage::Cancel(msg)) => self.cancel(msg).await,
+            Ok(ClientMessage::Unsubscribe(msg)) => self.unsubscribe(msg).await,
+            Ok(ClientMessage::Ping(PingMsg { id })) => {
+                let mut pong = json!({"type": "pong"});
+                if let Some(id) = id {
+                    pong["id"] = id;
+                }
+                Some(Message::Text(pong.to_string().into()))
+            }
+            Ok(ClientMessage::Unknown) => refuse(ApiError::UnknownType(kind)),
+            Err(e) => refuse(ApiError::InvalidMessage(e.to_string())),
+        }
+    }
+
+    /// `start`: creates a stream and follows it from its start, `started` first.
+    async fn start(&mut self, msg: StartMsg) -> Option<Message> {
+        let rid = msg.request_id.as_deref();
+        let refuse = |e: ApiError| Some(error_msg(&e, None, rid));
+        let max = self.app.config.http.ws_max_subscriptions;
+        if self.subs.len() >= max {
+            return refuse(ApiError::TooManySubscriptions(max));
+        }
+        let request: StreamRequest = match serde_json::from_value(msg.request) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(ApiError::InvalidRequest {
+                    message: e.to_string(),
+                    param: None,
+                });
+            }
+        };
+        let spec = match request.validate(&self.app.config.streams) {
+            Ok(spec) => spec,
+            Err(e) => return refuse(e),
+        };
+        let span = request_span(&HeaderMap::new(), "WS start");
+        let stream = match self.app.create_stream(self.caller, spec, &span, "ws").await {
+            Ok(s) => s,
+            Err(e) => return refuse(e),
+        };
+        let mut started = json!({"type": "started", "stream_id": stream.id.as_str()});
+        if let Some(rid) = rid {
+            started["request_id"] = json!(rid);
+        }
+        if let Some(ticket) = self.app.security.ticket_for(&stream) {
+            started["ticket"] = json!(ticket.token);
+        }
+        // The forwarder queues `started` before the stream's events, on the same queue.
+        let started = Message::Text(started.to_string().into());
+        self.follow(&stream, 0, rid, Some(started)).err()
+    }
+
+    /// `subscribe`: follows a stream from `after` (a resume when `after` > 0).
+    async fn subscribe(&mut self, msg: StreamMsg) -> Option<Message> {
+        let rid = msg.request_id.as_deref();
+        let replica = self.app.hub.replica();
+        let stream = match self.app.stream_for(self.caller, &msg.stream_id).await {
+            Ok(s) => s,
+            Err(e) => {
+                if msg.after > 0 {
+                    msg.resume(0, ResumeResult::of_error(&e))
+                        .record(replica, None, None);
+                }
+                return Some(error_msg(&e, Some(&msg.stream_id), rid));
+            }
+        };
+        let id = Some(stream.id.as_str());
+        if self.subs.contains_key(&stream.id) {
+            return Some(error_msg(&ApiError::AlreadySubscribed, id, rid));
+        }
+        let max = self.app.config.http.ws_max_subscriptions;
+        if self.subs.len() >= max {
+            return Some(error_msg(&ApiError::TooManySubscriptions(max), id, rid));
+        }
+        let subscribed = self.follow(&stream, msg.after, rid, None);
+        if msg.after > 0 {
+            let (replayed, result) = match &subscribed {
+                Ok(backlog) => (
+                    backlog.saturating_sub(msg.after),
+                    ResumeResult::of_subscription(&stream, msg.after, *backlog),
+                ),
+                Err(_) => (0, ResumeResult::Invalid),
+            };
+            msg.resume(replayed, result)
+                .record(replica, None, Some(&stream));
+        }
+        subscribed.err()
+    }
+
+    /// `cancel`: stops the stream; its terminal event is the answer (see [`answer_cancel`]).
+    async fn cancel(&mut self, msg: StreamMsg) -> Option<Message> {
+        let rid = msg.request_id.as_deref();
+        let stream = match self.app.stream_to_manage(self.caller, &msg.stream_id).await {
+            Ok(s) => s,
+            Err(e) => return Some(error_msg(&e, Some(&msg.stream_id), rid)),
+        };
+        let Ok(permit) = self.limits.cancels.clone().try_acquire_owned() else {
+            self.limits.strikes += 1;
+            let max = self.app.config.http.ws_max_pending_cancels;
+            return Some(error_msg(
+                &ApiError::TooManyCancels(max),
+                Some(stream.id.as_str()),
+                rid,
+            ));
+        };
+        let answer = if self.subs.contains_key(&stream.id) {
+            CancelAnswer::BySubscription
+        } else {
+            CancelAnswer::Here
+        };
+        let cancel = answer_cancel(
+            self.app.hub.clone(),
+            stream,
+            self.tx.clone(),
+            msg.request_id,
+            answer,
+        );
+        self.app.hub.spawn(async move {
+            cancel.await;
+            drop(permit);
+        });
+        None
+    }
+
+    /// `unsubscribe`: stops following the stream (no reply).
+    async fn unsubscribe(&mut self, msg: StreamMsg) -> Option<Message> {
+        let rid = msg.request_id.as_deref();
+        let stream = match self.app.stream_for(self.caller, &msg.stream_id).await {
+            Ok(s) => s,
+            Err(e) => return Some(error_msg(&e, Some(&msg.stream_id), rid)),
+        };
+        if let Some(s) = self.subs.remove(&stream.id) {
+            s.forwarder.abort();
+        }
+        None
+    }
+
+    /// Follows `stream` from `after` (its forwarder queues `first`, then the events); returns
+    /// the subscription's backlog end (the last seq that existed when it subscribed).
+    fn follow(
+        &mut self,
+        stream: &Arc<StreamState>,
+        after: u64,
+        request_id: Option<&str>,
+        first: Option<Message>,
+    ) -> Result<u64, Message> {
+        let sub = stream
+            .subscribe(after)
+            .map_err(|e| error_msg(&e, Some(stream.id.as_str()), request_id))?;
+        let backlog = sub.backlog_end();
+        let forward = forward(sub, self.tx.clone(), self.guard.clone(), first);
+        let forwarder = self.app.hub.spawn(forward);
+        self.subs
+            .insert(stream.id.clone(), Subscribed { forwarder });
+        Ok(backlog)
+    }
+
+    /// Ends every subscription's forwarder (the socket is closing).
+    fn unsubscribe_all(&mut self) {
+        for (_, s) in self.subs.drain() {
+            s.forwarder.abort();
+        }
     }
 }
 
-fn too_many(app: &AppState, stream_id: Option<&str>, request_id: Option<&str>) -> Message {
-    error_msg(
-        "too_many_subscriptions",
-        &format!(
-            "a socket may follow at most {} streams",
-            app.config.http.ws_max_subscriptions
-        ),
-        stream_id,
-        request_id,
-    )
+/// What a socket is told when the credential or ticket it was opened with expires.
+const CREDENTIALS_EXPIRED: ApiError = ApiError::CredentialsExpired(
+    "the credential or ticket this socket was opened with has expired; reconnect with a fresh \
+     one",
+);
+
+/// Resolves when `expires` comes; never without one.
+async fn expiry(expires: Option<auth::CredentialExpiry>) {
+    match expires {
+        Some(e) => tokio::time::sleep_until(e.deadline()).await,
+        None => std::future::pending().await,
+    }
 }
 
-/// Subscribes the socket to `stream` from `after` and starts its forwarder; returns the
-/// subscription's backlog end (the last seq that existed when it subscribed).
-fn subscribe(
-    subs: &mut HashMap<StreamId, Subscribed>,
-    stream: &Arc<StreamState>,
-    after: u64,
-    tx: &mpsc::Sender<Message>,
-    guard: &Arc<TransportGuard>,
-    request_id: Option<&str>,
+/// Whether a read failed because a message or frame was over the size limit.
+fn too_big(err: axum::Error) -> bool {
+    err.into_inner()
+        .downcast_ref::<tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+/// Who sends the terminal event that answers a `cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelAnswer {
+    /// The socket follows the stream: its subscription delivers the event.
+    BySubscription,
+    /// It does not: [`answer_cancel`] sends the event once the owner wrote it.
+    Here,
+}
+
+/// Cancels `stream` and sends the answer: an error, or (when `answer` says so) the terminal
+/// event.
+async fn answer_cancel(
+    hub: Arc<crate::hub::Hub>,
+    stream: Arc<StreamState>,
+    tx: mpsc::Sender<Message>,
+    request_id: Option<String>,
+    answer: CancelAnswer,
+) {
+    if let Err(e) = hub.cancel(&stream).await {
+        let reply = error_msg(&e, Some(stream.id.as_str()), request_id.as_deref());
+        let _ = tx.send(reply).await;
+        return;
+    }
+    if answer == CancelAnswer::BySubscription {
+        return;
+    }
+    let last = stream.last_seq();
+    let terminal = stream
+        .events_after(last.saturating_sub(1))
+        .ok()
+        .and_then(|(_, events)| events.into_iter().next())
+        .filter(|e| e.is_terminal());
+    if let Some(event) = terminal
+        && let Ok(text) = Utf8Bytes::try_from(event.ws(stream.id.as_str()).clone())
+    {
+        let _ = tx.send(Message::Text(text)).await;
+    }
+}
+
+/// A subscription's forwarder: queues `first`, then every event, until the stream ends, the
+/// subscription falls behind (`slow_consumer`), or the socket is gone.
+async fn forward(
+    mut sub: Subscription,
+    tx: mpsc::Sender<Message>,
+    guard: Arc<TransportGuard>,
     first: Option<Message>,
-) -> Result<u64, Message> {
-    let mut sub = stream
-        .subscribe(after)
-        .map_err(|e| error_msg(e.code, &e.message, Some(stream.id.as_str()), request_id))?;
-    let backlog = sub.backlog_end();
-    let tx = tx.clone();
-    let guard = guard.clone();
-    let id = stream.id.clone();
-    let forwarder = tokio::spawn(async move {
-        let mut gaps = GapMeter::new("ws");
-        if let Some(first) = first
-            && tx.send(first).await.is_err()
-        {
-            return;
-        }
-        loop {
-            match sub.next_batch().await {
-                Ok(batch) => {
-                    guard.delivered(batch.len());
-                    gaps.batch(&batch, sub.backlog_end());
-                    for event in batch {
-                        let Ok(text) = Utf8Bytes::try_from(event.ws(id.as_str()).clone()) else {
-                            continue;
-                        };
-                        if tx.send(Message::Text(text)).await.is_err() {
-                            return;
-                        }
+) {
+    let id = sub.stream().id.clone();
+    let mut gaps = GapMeter::new("ws");
+    if let Some(first) = first
+        && tx.send(first).await.is_err()
+    {
+        return;
+    }
+    loop {
+        match sub.next_batch().await {
+            Ok(batch) => {
+                guard.delivered(batch.len());
+                gaps.batch(&batch, sub.backlog_end());
+                for event in batch {
+                    let Ok(text) = Utf8Bytes::try_from(event.ws(id.as_str()).clone()) else {
+                        continue;
+                    };
+                    if tx.send(Message::Text(text)).await.is_err() {
+                        return;
                     }
                 }
-                Err(Closed::Finished) => return,
-                Err(Closed::SlowConsumer { last_seq }) => {
-                    let message = format!(
-                        "the socket fell too far behind; subscribe again with after={last_seq}"
-                    );
-                    let _ = tx
-                        .send(error_msg(
-                            "slow_consumer",
-                            &message,
-                            Some(id.as_str()),
-                            None,
-                        ))
-                        .await;
-                    return;
-                }
+            }
+            Err(Closed::Finished) => return,
+            Err(Closed::SlowConsumer { last_seq }) => {
+                let e = ApiError::SlowConsumer(format!(
+                    "the socket fell too far behind; subscribe again with after={last_seq}"
+                ));
+                let _ = tx.send(error_msg(&e, Some(id.as_str()), None)).await;
+                return;
             }
         }
-    });
-    subs.insert(stream.id.clone(), Subscribed { forwarder });
-    Ok(backlog)
+    }
 }
 
 #[cfg(test)]
@@ -707,33 +795,75 @@ mod tests {
         let (rt, app) = crate::fuzzing::fixture_app();
         rt.block_on(async {
             let (tx, _rx) = mpsc::channel(OUTGOING);
-            let guard = Arc::new(TransportGuard::new("ws"));
-            let mut subs = HashMap::new();
             let cancel =
                 json!({"type": "cancel", "stream_id": crate::fuzzing::DONE_STREAM}).to_string();
             let caller = Caller::anonymous();
+            let mut socket = Socket::new(&app, &caller, tx);
             // Every permit held by cancels still in flight.
-            let mut limits = SocketLimits::new(50, Arc::new(Semaphore::new(0)));
+            socket.limits = SocketLimits::new(50, Arc::new(Semaphore::new(0)));
             for strikes in 1..=3 {
-                let reply =
-                    handle_text(&app, &caller, &cancel, &mut subs, &tx, &guard, &mut limits)
-                        .await
-                        .expect("a refusal");
+                let reply = socket.handle_text(&cancel).await.expect("a refusal");
                 let Message::Text(text) = reply else {
                     panic!("a text reply")
                 };
                 let v: Value = serde_json::from_str(&text).expect("json");
                 assert_eq!(v["code"], "too_many_cancels", "{v}");
                 assert_eq!(v["stream_id"], crate::fuzzing::DONE_STREAM);
-                assert_eq!(limits.strikes, strikes);
+                assert_eq!(socket.limits.strikes, strikes);
             }
             // With room, the cancel goes ahead (answered later by the terminal event).
-            let mut limits = SocketLimits::new(50, Arc::new(Semaphore::new(1)));
-            let reply =
-                handle_text(&app, &caller, &cancel, &mut subs, &tx, &guard, &mut limits).await;
+            socket.limits = SocketLimits::new(50, Arc::new(Semaphore::new(1)));
+            let reply = socket.handle_text(&cancel).await;
             assert!(reply.is_none(), "{reply:?}");
-            assert_eq!(limits.strikes, 0);
+            assert_eq!(socket.limits.strikes, 0);
         });
+    }
+
+    #[test]
+    fn client_messages_parse_by_type_and_refuse_unknown_keys() {
+        let parse = |v: Value| serde_json::from_value::<ClientMessage>(v);
+        let ping = parse(json!({"type": "ping", "id": null, "extra": 1})).expect("ping");
+        assert!(matches!(
+            ping,
+            ClientMessage::Ping(PingMsg {
+                id: Some(Value::Null)
+            })
+        ));
+        let ping = parse(json!({"type": "ping"})).expect("ping");
+        assert!(matches!(ping, ClientMessage::Ping(PingMsg { id: None })));
+        let other = parse(json!({"type": "hello", "x": 1})).expect("unknown");
+        assert!(matches!(other, ClientMessage::Unknown));
+        let sub = parse(json!({"type": "subscribe", "stream_id": "s", "after": 3}));
+        assert!(matches!(
+            sub,
+            Ok(ClientMessage::Subscribe(StreamMsg { after: 3, .. }))
+        ));
+        let bogus = parse(json!({"type": "cancel", "stream_id": "s", "bogus": true}));
+        let err = bogus.expect_err("unknown key").to_string();
+        assert_eq!(
+            err,
+            "unknown field `bogus`, expected one of `request_id`, `stream_id`, `after`"
+        );
+        let err = parse(json!({"type": "start"}))
+            .expect_err("no request")
+            .to_string();
+        assert!(err.contains("missing field `request`"), "{err}");
+    }
+
+    #[test]
+    fn only_a_capacity_error_is_a_message_too_big() {
+        let too_long =
+            tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1,
+            });
+        assert!(too_big(axum::Error::new(too_long)));
+        assert!(!too_big(axum::Error::new(
+            tungstenite::Error::ConnectionClosed
+        )));
+        assert!(!too_big(axum::Error::new(std::io::Error::other(
+            "capacity too long"
+        ))));
     }
 
     /// A socket whose writes never complete (a client that stopped reading).

@@ -16,8 +16,6 @@ pub mod bus;
 pub mod config;
 pub mod error;
 pub mod event;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod hub;
 pub mod ids;
 pub mod limits;
@@ -30,8 +28,6 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod stream;
-#[doc(hidden)]
-pub mod testkit;
 pub mod transports;
 pub mod upstream;
 

@@ -5,8 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEdge, cluster::Generator, wait_until};
+use common::Generator;
 use serde_json::Value;
+use tokenfan_testkit::{
+    edge::{TestEdge, fast},
+    wait::wait_until,
+};
 
 #[tokio::test]
 async fn one_failed_generator_of_two_leaves_the_edge_ready_and_none_does_not() {
@@ -26,7 +30,7 @@ async fn one_failed_generator_of_two_leaves_the_edge_ready_and_none_does_not() {
     assert_eq!(ready["checks"]["generators_serving"], 1, "{ready}");
     assert_eq!(ready["checks"]["generators"], 2, "{ready}");
     // Streams are served (the pool moves past the dead generator).
-    let id = edge.create(common::fast("still serving", 5, 1)).await;
+    let id = edge.create(fast("still serving", 5, 1)).await;
     let events = edge.wait_finished(&id).await;
     assert_eq!(events.last().expect("terminal")["type"], "done");
 

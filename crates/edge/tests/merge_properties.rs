@@ -18,6 +18,7 @@ use std::{
 
 use proptest::{prelude::*, test_runner::TestCaseError};
 use tokenfan_edge::{
+    auth::Caller,
     bus::{Bus, BusBatch, BusError, EventFeed},
     config::EdgeConfig,
     event::{Event, EventKind, FinishReason, Usage},
@@ -500,7 +501,9 @@ async fn mirror_case(
         readers: &mut Vec<Reader>,
         pick: u16,
     ) -> Result<(), TestCaseError> {
-        let found = hub.get(id.as_str()).await;
+        let found = hub
+            .get_for(id.as_str(), Some(Caller::anonymous().tenant()))
+            .await;
         prop_assert!(found.is_ok(), "{:?}", found.err());
         let Ok(found) = found else { return Ok(()) };
         if let Some(known) = state {

@@ -2,13 +2,11 @@
 //! answer), and what would change the answer's shape is refused in OpenAI's 400 shape; a stream
 //! cut by shutdown ends with an error chunk; `x-request-id` is echoed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestEdge;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tokenfan_testkit::edge::TestEdge;
 
 fn chat(extra: Value) -> Value {
     let mut body = json!({

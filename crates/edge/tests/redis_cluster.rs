@@ -7,17 +7,20 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    assert_contiguous, cluster::EdgeOptions, cluster::Generator, cluster::expected_text, read_sse,
-    slow, stream_events, text_of, wait_until,
-};
+use common::{EdgeOptions, Generator};
 use serde_json::Value;
 use tokenfan_edge::{
     ids::StreamId,
     limits::Limiter,
     store::{LeaseTerms, Store as _, StreamMeta, redis::RedisStore, redis::keys},
     stream::StreamStatus,
-    testkit::{NatsServer, RedisCluster},
+};
+use tokenfan_testkit::{
+    edge::{expected_text, slow},
+    servers::{NatsServer, RedisCluster, redis_cli},
+    sse::{assert_contiguous, read_sse, stream_events, text_of},
+    tls::TlsDir,
+    wait::wait_until,
 };
 
 fn meta() -> StreamMeta {
@@ -44,7 +47,7 @@ async fn the_store_conforms_on_a_redis_cluster_and_spreads_streams_over_every_ma
         .await
         .expect("cluster connect");
     assert!(store.healthy().await);
-    tokenfan_edge::store::conformance::run(&store).await;
+    tokenfan_testkit::conformance::store::run(&store).await;
 
     // Streams land on every master (their ids are random, so their hash tags are too).
     let mut masters = std::collections::HashSet::new();
@@ -95,7 +98,7 @@ async fn the_store_survives_a_master_failover() {
     // acknowledged just before the crash can be lost; see docs/operations.md).
     let master = cluster.master_of(&keys::meta(&id));
     let port = cluster.nodes[master].addr.port().to_string();
-    let _ = tokenfan_edge::testkit::redis_cli(&["-p", &port, "wait", "1", "2000"]);
+    let _ = redis_cli(&["-p", &port, "wait", "1", "2000"]);
 
     // A second connection that will not touch the cluster until after the failover: its slot
     // map is stale then.
@@ -137,7 +140,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
         ..EdgeOptions::default()
     };
     let edges = [0, 1].map(|i| {
-        common::cluster::spawn_edge(
+        common::spawn_edge(
             &format!("edge-{i}"),
             &nats.url(),
             &redis.url(),
@@ -209,7 +212,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     let stored = stored["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
     assert_eq!(text_of(&stored), expected_text("redis cluster", 11, 150));
-    let fresh = common::cluster::spawn_edge(
+    let fresh = common::spawn_edge(
         "edge-late",
         &nats.url(),
         &redis.url(),
@@ -265,7 +268,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
 
 #[tokio::test]
 async fn the_store_conforms_on_a_tls_redis_cluster() {
-    let tls = common::tls::TlsDir::new();
+    let tls = TlsDir::new();
     let cluster = RedisCluster::start_tls(3, 0, &tls.files);
     let args = tokenfan_edge::redis_conn::RedisArgs {
         redis_ca_file: Some(tls.files.ca.clone()),
@@ -276,7 +279,7 @@ async fn the_store_conforms_on_a_tls_redis_cluster() {
         .await
         .expect("TLS cluster connect");
     assert!(store.healthy().await);
-    tokenfan_edge::store::conformance::run(&store).await;
+    tokenfan_testkit::conformance::store::run(&store).await;
     // Plain text to a TLS-only cluster fails at start-up.
     let plain = cluster.url().replacen("rediss+", "redis+", 1);
     assert!(RedisStore::connect(&plain).await.is_err());

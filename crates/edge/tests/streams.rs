@@ -1,13 +1,16 @@
 //! Streams over SSE, long-poll and short-poll against a real edge (embedded generator):
 //! exactly-once delivery, resume, stop, detach grace, slow readers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEdge, assert_contiguous, fast, read_sse, slow, text_of, wait_until};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tokenfan_edge::auth::Caller;
+use tokenfan_testkit::{
+    edge::{TestEdge, fast, long_poll_all, slow},
+    sse::{SseParser, assert_contiguous, read_sse, stream_events, text_of},
+    wait::wait_until,
+};
 
 #[tokio::test]
 async fn post_sse_streams_every_token_then_done() {
@@ -111,7 +114,7 @@ async fn live_resume_mid_stream_gets_the_rest_exactly_once() {
         .send()
         .await
         .expect("GET");
-    let mut parser = common::SseParser::default();
+    let mut parser = SseParser::default();
     let mut body = r.bytes_stream();
     let mut got: Vec<Value> = Vec::new();
     while got.len() < 10 {
@@ -167,7 +170,7 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
     // Same seed, same answer: poll a second stream while it runs.
     let id = edge.create(body).await;
     let base = edge.url("");
-    let long = common::long_poll_all(&edge.http, &base, &id, 0).await;
+    let long = long_poll_all(&edge.http, &base, &id, 0).await;
     assert_eq!(long.last().expect("end")["type"], "done");
     assert_contiguous(&long, 1);
     assert_eq!(text_of(&long), text_of(&sse_json));
@@ -271,7 +274,12 @@ async fn a_stream_nobody_watches_is_cancelled_after_the_detach_grace() {
     let id = edge.create(slow("unwatched", 1000, 20)).await;
     // Never attached: the grace runs from creation. Watch through the hub (a poll would
     // count as attention and restart the clock).
-    let stream = edge.running.hub.get(&id).await.expect("stream");
+    let stream = edge
+        .running
+        .hub
+        .get_for(&id, Some(Caller::anonymous().tenant()))
+        .await
+        .expect("stream");
     wait_until(Duration::from_secs(10), || async {
         (stream.status().as_str() != "running").then_some(())
     })
@@ -343,7 +351,7 @@ async fn a_reader_that_stops_reading_does_not_hold_back_the_others() {
         .await
         .expect("GET");
     let (events, _) = read_sse(healthy).await;
-    let json: Vec<Value> = common::stream_events(&events);
+    let json: Vec<Value> = stream_events(&events);
     assert_eq!(json.last().expect("terminal")["type"], "done");
     let all = edge.wait_finished(&id).await;
     assert_eq!(
@@ -385,7 +393,7 @@ async fn many_subscribers_each_get_everything_exactly_once() {
     let results = futures::future::join_all(readers).await;
     let reference = text_of(&edge.wait_finished(&id).await);
     for events in results {
-        let json: Vec<Value> = common::stream_events(&events);
+        let json: Vec<Value> = stream_events(&events);
         assert_contiguous(&json, 1);
         assert_eq!(text_of(&json), reference);
     }
@@ -660,7 +668,7 @@ async fn sse_sends_heartbeat_comments_while_idle() {
         comments >= 2,
         "heartbeats while waiting for the first token: {comments}"
     );
-    let json: Vec<Value> = common::stream_events(&events);
+    let json: Vec<Value> = stream_events(&events);
     assert_contiguous(&json, 1);
     assert_eq!(json.len(), 3);
 }
@@ -710,7 +718,7 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
 async fn polling_keeps_a_stream_alive_past_the_detach_grace() {
     let edge = TestEdge::with(|c| c.streams.detach_grace_secs = 1).await;
     let id = edge.create(slow("polled", 120, 20)).await;
-    let events = common::long_poll_all(&edge.http, &edge.url(""), &id, 0).await;
+    let events = long_poll_all(&edge.http, &edge.url(""), &id, 0).await;
     assert_contiguous(&events, 1);
     assert_ne!(events.last().expect("end")["finish_reason"], "cancelled");
 }

@@ -5,9 +5,9 @@
 //! property fails (not only when the code under test panics):
 //!
 //! - [`ws_messages`]: newline-separated frames through a real WebSocket session
-//!   ([`crate::transports::ws::serve`]) over in-memory channels; every reply is a well-formed
-//!   protocol message, pongs echo their pings in order, each kind of bad frame gets its error,
-//!   a valid `start` reaches stream creation, replayed stream events equal the stored ones.
+//!   ([`tokenfan_edge::transports::ws::serve`]) over in-memory channels; every reply is a
+//!   well-formed protocol message, pongs echo their pings in order, each kind of bad frame gets
+//!   its error, a valid `start` reaches stream creation, replayed stream events equal the stored ones.
 //! - [`stream_request`]: one body through the native and the OpenAI request validation,
 //!   directly and through the router; a valid spec survives its JSON round trip and both
 //!   paths agree.
@@ -41,12 +41,9 @@ use axum::{
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
-
-use crate::{
-    app::AppState,
-    auth::Caller,
+use tokenfan_edge::{
+    app::{self, AppState},
+    auth::{self, Caller},
     bus::memory::MemoryBus,
     config::{EdgeConfig, StreamLimits},
     error::ApiError,
@@ -54,10 +51,13 @@ use crate::{
     hub::Hub,
     ids::StreamId,
     request::{ROLES, StreamRequest, StreamSpec, parse_json},
-    store::{Store, StreamMeta, memory::MemoryStore},
+    store::{LeaseTerms, Store, StreamMeta, memory::MemoryStore},
+    stream::StreamStatus,
     transports::{openai::ChatRequest, sse::parse_cursor, ws},
     upstream::GeneratorPool,
 };
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 /// A finished stream of the fixture that ends with `done`.
 pub const DONE_STREAM: &str = "FuzzFixtureDoneAAAAAAA";
@@ -86,13 +86,6 @@ thread_local! {
 
 fn fixture() -> &'static Fixture {
     FIXTURE.with(|f| *f)
-}
-
-/// The fixture's runtime and application state (unit tests of the transports).
-#[cfg(test)]
-pub(crate) fn fixture_app() -> (&'static tokio::runtime::Runtime, AppState) {
-    let fx = fixture();
-    (&fx.rt, fx.app.clone())
 }
 
 fn token(seq: u64, text: &str) -> Arc<Event> {
@@ -151,7 +144,7 @@ impl Fixture {
             for (id, events) in &streams {
                 let id = StreamId::parse(id).expect("a valid fixture id");
                 let meta = StreamMeta::running(&spec, "edge-owner");
-                let terms = crate::store::LeaseTerms {
+                let terms = LeaseTerms {
                     ttl: config.lease_ttl(),
                     keep: config.history_ttl(),
                 };
@@ -165,10 +158,13 @@ impl Fixture {
             let bus = Arc::new(MemoryBus::default());
             let hub = Hub::new(config.clone(), "fuzz".into(), generators, store, bus, true);
             for id in streams.keys() {
-                let state = hub.get(id).await.expect("the fixture stream");
-                assert_ne!(state.status(), crate::stream::StreamStatus::Running);
+                let state = hub
+                    .get_for(id, Some(Caller::anonymous().tenant()))
+                    .await
+                    .expect("the fixture stream");
+                assert_ne!(state.status(), StreamStatus::Running);
             }
-            let security = crate::auth::Security::from_config(&config)
+            let security = auth::Security::from_config(&config)
                 .await
                 .expect("authentication off");
             AppState {
@@ -178,7 +174,7 @@ impl Fixture {
                 shutdown: CancellationToken::new(),
             }
         });
-        let router = crate::app::router(app.clone());
+        let router = app::router(app.clone());
         Self {
             rt,
             app,
@@ -875,9 +871,9 @@ const FUZZ_API_KEY: &str = "sk-fuzz-0123456789abcdef";
 
 /// Authentication of both modes, and a valid credential of each kind.
 struct AuthFixture {
-    keys: crate::auth::Security,
-    jwt: crate::auth::Security,
-    verifier: crate::auth::jwt::JwtAuth,
+    keys: auth::Security,
+    jwt: auth::Security,
+    verifier: auth::jwt::JwtAuth,
     token: String,
     token_until: u64,
     ticket: String,
@@ -892,7 +888,7 @@ fn auth_fixture() -> &'static AuthFixture {
 }
 
 fn build_auth_fixture() -> AuthFixture {
-    use crate::auth::{AuthMode, jwt, ticket::TicketKey};
+    use auth::{AuthMode, jwt, ticket::TicketKey};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -915,12 +911,8 @@ fn build_auth_fixture() -> AuthFixture {
     let verifier = jwt::JwtAuth::from_args(&jwts.auth).expect("a verifier");
     let (keys, jwt_security) = rt.block_on(async {
         (
-            crate::auth::Security::from_config(&keys)
-                .await
-                .expect("api keys"),
-            crate::auth::Security::from_config(&jwts)
-                .await
-                .expect("jwt"),
+            auth::Security::from_config(&keys).await.expect("api keys"),
+            auth::Security::from_config(&jwts).await.expect("jwt"),
         )
     });
     let now = unix_now();
@@ -1008,7 +1000,7 @@ pub fn jwt(data: &[u8]) {
                 .or_else(|| claims.get("sub"))
                 .and_then(Value::as_str);
             assert_eq!(named, Some(tenant.as_str()), "the tenant is the claim's");
-            assert!(crate::auth::check_tenant(&tenant).is_ok(), "{tenant:?}");
+            assert!(auth::check_tenant(&tenant).is_ok(), "{tenant:?}");
             let aud_ok = match claims.get("aud") {
                 Some(Value::String(a)) => a == FUZZ_AUDIENCE,
                 Some(Value::Array(a)) => a.iter().any(|v| v == FUZZ_AUDIENCE),

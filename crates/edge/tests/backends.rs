@@ -16,14 +16,17 @@ use tokenfan_edge::{
     ids::StreamId,
     limits::{self, Limiter},
     store::{
-        LeaseTerms, Store as _, StoreError, StreamMeta,
+        LeaseTerms, Store as _, StoreError,
         memory::MemoryStore,
         redis::{RedisStore, keys},
     },
     stream::StreamStatus,
 };
 use tokenfan_testkit::{
-    conformance,
+    conformance::{
+        self,
+        store::{meta, token},
+    },
     servers::{NatsServer, RedisServer},
     wait::wait_until,
 };
@@ -301,31 +304,10 @@ async fn a_nats_restart_is_survived() {
 // ---------------------------------------------------------------------------------------------
 // Redis store
 
-fn meta() -> StreamMeta {
-    StreamMeta {
-        model: "tokenfan-mock",
-        owner: "edge-a".into(),
-        status: StreamStatus::Running,
-        spec_json: "{}".into(),
-        tenant: "tenant-a".into(),
-        epoch: 1,
-        stop_requested: false,
-    }
-}
-
 const TERMS: LeaseTerms = LeaseTerms {
     ttl: Duration::from_secs(3),
     keep: Duration::from_secs(600),
 };
-
-fn token(seq: u64) -> Arc<Event> {
-    Arc::new(Event::new(
-        seq,
-        EventKind::Token {
-            text: format!("t{seq}"),
-        },
-    ))
-}
 
 async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
     ::redis::Client::open(server.url())

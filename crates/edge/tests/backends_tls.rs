@@ -19,7 +19,7 @@ use tokenfan_edge::{
     store::{Store as _, redis::RedisStore},
 };
 use tokenfan_testkit::{
-    edge::{expected_text, slow},
+    edge::{expected_text, get_json, slow, try_get_json},
     servers::{NatsCluster, NatsServer, RedisServer},
     sse::{assert_contiguous, read_sse, stream_events, text_of},
     tls::TlsDir,
@@ -360,25 +360,12 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.admin_url("/readyz");
-        wait_until(Duration::from_secs(20), || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        edge.wait_ready(&http).await;
     }
 
-    let r = http
-        .post(edges[0].url("/v1/streams"))
-        .json(&slow("secure backends", 120, 25))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edges[0]
+        .create(&http, slow("secure backends", 120, 25))
+        .await;
     // Follow it live on the other edge.
     let follow = tokio::spawn({
         let url = edges[1].url(&format!("/v1/streams/{id}/events"));
@@ -387,14 +374,8 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     });
     // Once a few tokens went through, kill the owner's NATS node.
     wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(edges[1].url(&format!("/v1/streams/{id}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &edges[1].url(&format!("/v1/streams/{id}?after=0"))).await?;
         (v["next_after"].as_u64()? >= 10).then_some(())
     })
     .await;
@@ -410,14 +391,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     assert_eq!(last["type"], "done", "{last}");
     assert_eq!(text_of(&events), expected_text("secure backends", 11, 120));
     // The history in the TLS Redis is complete too (read on the edge that did not own it).
-    let v: Value = http
-        .get(edges[1].url(&format!("/v1/streams/{id}?after=0")))
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(&http, &edges[1].url(&format!("/v1/streams/{id}?after=0"))).await;
     let stored = v["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
     assert_eq!(text_of(&stored), expected_text("secure backends", 11, 120));

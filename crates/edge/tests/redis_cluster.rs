@@ -12,28 +12,19 @@ use serde_json::Value;
 use tokenfan_edge::{
     ids::StreamId,
     limits::Limiter,
-    store::{LeaseTerms, Store as _, StreamMeta, redis::RedisStore, redis::keys},
-    stream::StreamStatus,
+    store::{LeaseTerms, Store as _, redis::RedisStore, redis::keys},
 };
 use tokenfan_testkit::{
-    edge::{expected_text, slow},
+    conformance::{
+        self,
+        store::{meta, token},
+    },
+    edge::{expected_text, slow, try_get_json},
     servers::{NatsServer, RedisCluster, redis_cli},
     sse::{assert_contiguous, read_sse, stream_events, text_of},
     tls::TlsDir,
     wait::wait_until,
 };
-
-fn meta() -> StreamMeta {
-    StreamMeta {
-        model: "tokenfan-mock",
-        owner: "edge-a".into(),
-        status: StreamStatus::Running,
-        spec_json: "{}".into(),
-        tenant: "tenant-a".into(),
-        epoch: 1,
-        stop_requested: false,
-    }
-}
 
 const TERMS: LeaseTerms = LeaseTerms {
     ttl: Duration::from_secs(3),
@@ -47,7 +38,7 @@ async fn the_store_conforms_on_a_redis_cluster_and_spreads_streams_over_every_ma
         .await
         .expect("cluster connect");
     assert!(store.healthy().await);
-    tokenfan_testkit::conformance::store::run(&store).await;
+    conformance::store::run(&store).await;
 
     // Streams land on every master (their ids are random, so their hash tags are too).
     let mut masters = std::collections::HashSet::new();
@@ -82,14 +73,6 @@ async fn the_store_survives_a_master_failover() {
     let store = RedisStore::connect(&cluster.url()).await.expect("connect");
     let id = StreamId::random();
     store.create(&id, meta(), TERMS).await.expect("create");
-    let token = |seq: u64| {
-        std::sync::Arc::new(tokenfan_edge::event::Event::new(
-            seq,
-            tokenfan_edge::event::EventKind::Token {
-                text: format!("t{seq}"),
-            },
-        ))
-    };
     store
         .append(&id, 1, &[token(1), token(2)])
         .await
@@ -150,29 +133,14 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.admin_url("/readyz");
-        wait_until(Duration::from_secs(20), || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        edge.wait_ready(&http).await;
     }
 
-    let r = http
-        .post(edges[0].url("/v1/streams"))
-        .json(&slow("redis cluster", 150, 25))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edges[0].create(&http, slow("redis cluster", 150, 25)).await;
     let short_poll = |edge: usize, after: u64| {
         let url = edges[edge].url(&format!("/v1/streams/{id}?after={after}"));
         let http = http.clone();
-        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
+        async move { try_get_json(&http, &url).await }
     };
     // A prefix read on the owner, then resumed on the other replica from where it stopped.
     let prefix = wait_until(Duration::from_secs(20), || async {
@@ -194,9 +162,9 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     .await;
 
     // The master holding this stream dies mid-stream; its replica takes over.
-    let stream_id = StreamId::parse(&id).expect("stream id");
-    let killed = redis.fail_master_of(&keys::meta(&stream_id));
-    assert_ne!(redis.master_of(&keys::meta(&stream_id)), killed);
+    let parsed = StreamId::parse(&id).expect("stream id");
+    let killed = redis.fail_master_of(&keys::meta(&parsed));
+    assert_ne!(redis.master_of(&keys::meta(&parsed)), killed);
 
     let (events, _) = tokio::time::timeout(Duration::from_secs(60), follow)
         .await
@@ -220,14 +188,8 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
         &options,
     );
     let from_store = wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(fresh.url(&format!("/v1/streams/{id}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &fresh.url(&format!("/v1/streams/{id}?after=0"))).await?;
         v["events"].as_array().cloned()
     })
     .await;
@@ -238,27 +200,10 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     );
 
     // A new stream after the failover works end to end, resumed on the other replica.
-    let r = http
-        .post(edges[1].url("/v1/streams"))
-        .json(&slow("after failover", 20, 5))
-        .send()
-        .await
-        .expect("POST");
-    let status = r.status();
-    assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
-    let id2 = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id2 = edges[1].create(&http, slow("after failover", 20, 5)).await;
     let done = wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(edges[0].url(&format!("/v1/streams/{id2}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &edges[0].url(&format!("/v1/streams/{id2}?after=0"))).await?;
         (v["status"] == "done").then(|| v["events"].as_array().cloned().unwrap_or_default())
     })
     .await;
@@ -279,7 +224,7 @@ async fn the_store_conforms_on_a_tls_redis_cluster() {
         .await
         .expect("TLS cluster connect");
     assert!(store.healthy().await);
-    tokenfan_testkit::conformance::store::run(&store).await;
+    conformance::store::run(&store).await;
     // Plain text to a TLS-only cluster fails at start-up.
     let plain = cluster.url().replacen("rediss+", "redis+", 1);
     assert!(RedisStore::connect(&plain).await.is_err());

@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokenfan_edge::auth::Caller;
 use tokenfan_testkit::{
-    edge::{TestEdge, fast, long_poll_all, slow},
+    edge::{TestEdge, fast, get_json, long_poll_all, slow, try_get_json},
     sse::{SseParser, assert_contiguous, read_sse, stream_events, text_of},
     wait::wait_until,
 };
@@ -197,17 +197,13 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
         .await
         .expect("poll");
     assert_eq!(r.status(), 400);
-    let v: Value = edge
-        .http
-        .get(edge.url(&format!(
+    let v: Value = get_json(
+        &edge.http,
+        &edge.url(&format!(
             "/v1/streams/{id}/poll?after={after}&timeout_ms=55000"
-        )))
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
+        )),
+    )
+    .await;
     assert_eq!(v["events"], json!([]));
     assert_eq!(v["next_after"], after);
 }
@@ -218,15 +214,11 @@ async fn long_poll_times_out_with_an_empty_batch() {
     let id = edge
         .create(json!({"prompt": "wait", "max_tokens": 5, "timing": {"ttft_ms": 20_000}}))
         .await;
-    let v: Value = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=50")))
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(
+        &edge.http,
+        &edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=50")),
+    )
+    .await;
     assert_eq!(v["status"], "running");
     assert_eq!(v["events"], json!([]));
     assert_eq!(v["next_after"], 0);
@@ -548,15 +540,7 @@ async fn openai_cancel_mid_stream_sends_an_error_and_no_done() {
 #[tokio::test]
 async fn models_health_ready_and_metrics() {
     let edge = TestEdge::start().await;
-    let models: Value = edge
-        .http
-        .get(edge.url("/v1/models"))
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    let models: Value = get_json(&edge.http, &edge.url("/v1/models")).await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -684,15 +668,11 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
     let id = edge.create(fast("expire", 40, 9)).await;
     // A history larger than the byte cap is still replayed whole by a long-poll from 0.
     let all: Value = wait_until(Duration::from_secs(10), || async {
-        let v: Value = edge
-            .http
-            .get(edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=1000")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value = try_get_json(
+            &edge.http,
+            &edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=1000")),
+        )
+        .await?;
         (v["status"] == "done").then_some(v)
     })
     .await;

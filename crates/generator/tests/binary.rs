@@ -7,45 +7,30 @@ use std::{
 };
 
 use tokenfan_proto::v1::{ChatMessage, GenerateRequest, Timing, generator_client::GeneratorClient};
+use tokenfan_testkit::binary::assert_help_names_env_vars;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-generator");
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let out = Command::new(BIN)
-        .arg("--help")
-        .output()
-        .expect("run --help");
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).expect("utf-8");
-    for (flag, env) in [
-        ("--listen", "TOKENFAN_GENERATOR_LISTEN"),
-        ("--metrics-listen", "TOKENFAN_GENERATOR_METRICS_LISTEN"),
-        ("--allow-faults", "TOKENFAN_GENERATOR_ALLOW_FAULTS"),
-        ("--ttft-ms", "TOKENFAN_GENERATOR_TTFT_MS"),
-        ("--inter-token-ms", "TOKENFAN_GENERATOR_INTER_TOKEN_MS"),
-        ("--jitter-ms", "TOKENFAN_GENERATOR_JITTER_MS"),
-        ("--max-tokens-cap", "TOKENFAN_GENERATOR_MAX_TOKENS_CAP"),
-        (
-            "--shutdown-grace-secs",
-            "TOKENFAN_GENERATOR_SHUTDOWN_GRACE_SECS",
-        ),
-        ("--log-format", "TOKENFAN_LOG_FORMAT"),
-        ("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help");
-        assert!(
-            help.contains(&format!("env: {env}")),
-            "{env} missing from --help"
-        );
-    }
-    // Every long option (`-h, --help` and `-V, --version` aside) names its environment variable.
-    let options = help
-        .lines()
-        .filter(|l| l.trim_start().starts_with("--"))
-        .count();
-    let envs = help.matches("[env: ").count();
-    assert_eq!(options, envs, "every option has an env var");
+    assert_help_names_env_vars(
+        BIN,
+        &[
+            ("--listen", "TOKENFAN_GENERATOR_LISTEN"),
+            ("--metrics-listen", "TOKENFAN_GENERATOR_METRICS_LISTEN"),
+            ("--allow-faults", "TOKENFAN_GENERATOR_ALLOW_FAULTS"),
+            ("--ttft-ms", "TOKENFAN_GENERATOR_TTFT_MS"),
+            ("--inter-token-ms", "TOKENFAN_GENERATOR_INTER_TOKEN_MS"),
+            ("--jitter-ms", "TOKENFAN_GENERATOR_JITTER_MS"),
+            ("--max-tokens-cap", "TOKENFAN_GENERATOR_MAX_TOKENS_CAP"),
+            (
+                "--shutdown-grace-secs",
+                "TOKENFAN_GENERATOR_SHUTDOWN_GRACE_SECS",
+            ),
+            ("--log-format", "TOKENFAN_LOG_FORMAT"),
+            ("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ],
+    );
 }
 
 #[test]

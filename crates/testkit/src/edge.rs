@@ -132,16 +132,8 @@ pub async fn long_poll_all(
 ) -> Vec<Value> {
     let mut events = Vec::new();
     loop {
-        let v: Value = http
-            .get(format!(
-                "{base}/v1/streams/{id}/poll?after={after}&timeout_ms=5000"
-            ))
-            .send()
-            .await
-            .expect("poll")
-            .json()
-            .await
-            .expect("json");
+        let url = format!("{base}/v1/streams/{id}/poll?after={after}&timeout_ms=5000");
+        let v = get_json(http, &url).await;
         assert_eq!(v["stream_id"], id);
         let batch = v["events"].as_array().expect("events").clone();
         let next = v["next_after"].as_u64().expect("next_after");
@@ -179,13 +171,7 @@ pub fn stream_id(created: &Value) -> String {
 
 /// A short-poll of `id` on `base` from `after`.
 pub async fn short_poll(http: &reqwest::Client, base: &str, id: &str, after: u64) -> Value {
-    http.get(format!("{base}/v1/streams/{id}?after={after}"))
-        .send()
-        .await
-        .expect("short-poll")
-        .json()
-        .await
-        .expect("json")
+    get_json(http, &format!("{base}/v1/streams/{id}?after={after}")).await
 }
 
 /// Short-polls `id` on `base` until the stream is no longer running there (within `timeout`);
@@ -216,4 +202,17 @@ pub fn expected_text(prompt: &str, seed: u64, max_tokens: usize) -> String {
         .take(max_tokens)
         .map(|t| &*t.text)
         .collect()
+}
+
+/// `GET url` and its JSON body (panics when either fails).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    try_get_json(http, url)
+        .await
+        .unwrap_or_else(|| panic!("GET {url}: no JSON answer"))
+}
+
+/// `GET url` and its JSON body; `None` when the request or the body fails (for polling a
+/// replica that may be down or restarting).
+pub async fn try_get_json(http: &reqwest::Client, url: &str) -> Option<Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
 }

@@ -122,6 +122,21 @@ impl Edge {
         format!("http://{}{path}", self.admin_addr)
     }
 
+    /// `POST /v1/streams` (201) on this replica; the new stream's id.
+    pub async fn create(&self, http: &reqwest::Client, body: serde_json::Value) -> String {
+        stream_id(&create(http, &self.url(""), &[], body).await)
+    }
+
+    /// Waits until its `/readyz` answers 200.
+    pub async fn wait_ready(&self, http: &reqwest::Client) {
+        let url = self.admin_url("/readyz");
+        wait_until(Duration::from_secs(20), || async {
+            let r = http.get(&url).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -212,12 +227,7 @@ impl TestCluster {
     }
 
     async fn wait_ready(&self, i: usize) {
-        let url = self.edge(i).admin_url("/readyz");
-        wait_until(Duration::from_secs(20), || async {
-            let r = self.http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        self.edge(i).wait_ready(&self.http).await;
     }
 
     /// `kill -9` of edge `i`, then a new process with the same replica id (on a new port).
@@ -245,6 +255,42 @@ impl TestCluster {
     }
 }
 
+/// Reads an edge process's JSON log (its stderr, piped) until it says it listens; its address
+/// and its admin listener's. The rest of the log is drained on a thread of its own (printed when
+/// `TOKENFAN_TEST_VERBOSE` is set).
+pub fn listening(child: &mut Child, name: &str) -> (SocketAddr, SocketAddr) {
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addrs = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{name} exited before listening"))
+            .expect("read");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == "tokenfan-edge listening" {
+            let field = |name: &str| -> SocketAddr {
+                v["fields"][name]
+                    .as_str()
+                    .expect("address field")
+                    .parse()
+                    .expect("socket address")
+            };
+            break (field("addr"), field("admin_addr"));
+        }
+    };
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if std::env::var_os("TOKENFAN_TEST_VERBOSE").is_some() {
+                eprintln!("[{name}] {line}");
+            }
+        }
+    });
+    addrs
+}
+
+/// Starts edge replica `replica` of a cluster on these backends and generators.
 pub fn spawn_edge(
     replica: &str,
     nats: &str,
@@ -279,34 +325,7 @@ pub fn spawn_edge(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edge");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let (addr, admin_addr) = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("{replica} exited before listening"))
-            .expect("read");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["fields"]["message"] == "tokenfan-edge listening" {
-            let field = |name: &str| -> SocketAddr {
-                v["fields"][name]
-                    .as_str()
-                    .expect("address field")
-                    .parse()
-                    .expect("socket address")
-            };
-            break (field("addr"), field("admin_addr"));
-        }
-    };
-    let name = replica.to_string();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if std::env::var_os("TOKENFAN_TEST_VERBOSE").is_some() {
-                eprintln!("[{name}] {line}");
-            }
-        }
-    });
+    let (addr, admin_addr) = listening(&mut child, replica);
     Edge {
         addr,
         admin_addr,
@@ -318,7 +337,7 @@ pub fn spawn_edge(
 impl TestCluster {
     /// `POST /v1/streams` (201) on edge `edge`; the new stream's id.
     pub async fn create(&self, edge: usize, body: serde_json::Value) -> String {
-        stream_id(&create(&self.http, &self.edge(edge).url(""), &[], body).await)
+        self.edge(edge).create(&self.http, body).await
     }
 
     /// Short-poll of `id` on edge `edge` from `after`.

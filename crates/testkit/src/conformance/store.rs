@@ -9,7 +9,8 @@ use tokenfan_edge::{
     stream::StreamStatus,
 };
 
-fn token(seq: u64) -> Arc<Event> {
+/// Token event `seq`, with the text `t<seq>`.
+pub fn token(seq: u64) -> Arc<Event> {
     Arc::new(Event::new(
         seq,
         EventKind::Token {
@@ -28,7 +29,8 @@ fn done(seq: u64, finish_reason: FinishReason) -> Arc<Event> {
     ))
 }
 
-fn meta() -> StreamMeta {
+/// The metadata of a running stream owned by `edge-a`, tenant `tenant-a`, at epoch 1.
+pub fn meta() -> StreamMeta {
     StreamMeta {
         model: "tokenfan-mock",
         owner: "edge-a".into(),

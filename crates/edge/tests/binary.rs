@@ -3,12 +3,9 @@
 
 mod common;
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use tokenfan_testkit::{binary::assert_help_names_env_vars, servers::signal};
+use tokenfan_testkit::binary::{assert_help_names_env_vars, terminate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-edge");
 
@@ -47,18 +44,7 @@ fn invalid_configuration_exits_with_a_message() {
 
 #[tokio::test]
 async fn embedded_default_serves_a_stream_and_sigterm_drains() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = common::edge_command().spawn().expect("spawn");
     let (addr, _) = common::listening(&mut child, "edge");
 
     let http = reqwest::Client::new();
@@ -88,22 +74,11 @@ async fn embedded_default_serves_a_stream_and_sigterm_drains() {
         .await
         .expect("POST");
     let reader = tokio::spawn(async move { r.text().await.map(|t| t.len()) });
-    signal(child.id(), "TERM");
+    let status = terminate(&mut child, Duration::from_secs(40)).await;
     let read = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the SSE response ends")
         .expect("reader");
     assert!(read.is_ok_and(|n| n > 0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
     assert!(status.success(), "{status:?}");
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use tokenfan_proto::v1::{ChatMessage, GenerateRequest, Timing, generator_client::GeneratorClient};
-use tokenfan_testkit::binary::assert_help_names_env_vars;
+use tokenfan_testkit::binary::{assert_help_names_env_vars, terminate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-generator");
 
@@ -153,22 +153,6 @@ async fn metrics_follow_a_stream_and_sigterm_exits_cleanly() {
         "{body}"
     );
 
-    let pid = running.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = running.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = terminate(&mut running.child, Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 }

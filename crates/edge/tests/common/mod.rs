@@ -255,6 +255,23 @@ impl TestCluster {
     }
 }
 
+/// The edge binary on port-0 listeners, logging JSON to a piped stderr (read it with
+/// [`listening`]).
+pub fn edge_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenfan-edge"));
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .stderr(Stdio::piped());
+    command
+}
+
 /// Reads an edge process's JSON log (its stderr, piped) until it says it listens; its address
 /// and its admin listener's. The rest of the log is drained on a thread of its own (printed when
 /// `TOKENFAN_TEST_VERBOSE` is set).
@@ -298,14 +315,8 @@ pub fn spawn_edge(
     generators: &str,
     options: &EdgeOptions,
 ) -> Edge {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenfan-edge"))
+    let mut child = edge_command()
         .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
             "--log-filter",
             "warn,tokenfan_edge=info",
             "--replica-id",
@@ -322,7 +333,6 @@ pub fn spawn_edge(
         .env("TOKENFAN_EDGE_GENERATOR_IDLE_TIMEOUT_SECS", "3")
         .args(&options.args)
         .envs(options.env.iter().map(|(k, v)| (k, v)))
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn edge");
     let (addr, admin_addr) = listening(&mut child, replica);

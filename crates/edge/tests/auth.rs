@@ -1189,7 +1189,7 @@ async fn oversized_bodies_and_slow_requests_are_cut_off() {
 #[tokio::test]
 async fn the_demo_page_sends_security_headers() {
     let edge = TestEdge::start().await;
-    let r = edge.http.get(edge.url("/")).send().await.expect("send");
+    let r = edge.get("/").await;
     assert_eq!(r.status(), 200);
     let h = r.headers();
     let csp = h["content-security-policy"].to_str().expect("ascii");

@@ -396,13 +396,7 @@ async fn openai_errors_have_the_openai_shape() {
 async fn the_stream_cap_answers_503_with_retry_after() {
     let edge = TestEdge::with(|c| c.streams.max_streams = 1).await;
     let _first = edge.create(slow("one", 100, 50)).await;
-    let r = edge
-        .http
-        .post(edge.url("/v1/streams"))
-        .json(&slow("two", 10, 5))
-        .send()
-        .await
-        .expect("POST");
+    let r = edge.post("/v1/streams", &slow("two", 10, 5)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().await.expect("json");

@@ -93,11 +93,8 @@ async fn get_events_resumes_from_last_event_id_and_after() {
         .expect("GET");
     assert_eq!(at_end.status(), 204);
     let past = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events?after={}", terminal + 1)))
-        .send()
-        .await
-        .expect("GET");
+        .get(&format!("/v1/streams/{id}/events?after={}", terminal + 1))
+        .await;
     assert_eq!(past.status(), 400);
     let body: Value = past.json().await.expect("json");
     assert_eq!(body["error"]["code"], "cursor_out_of_range");
@@ -108,12 +105,7 @@ async fn live_resume_mid_stream_gets_the_rest_exactly_once() {
     let edge = TestEdge::start().await;
     let id = edge.create(slow("live", 60, 10)).await;
     // Read a prefix live, drop the connection, resume from the last id seen.
-    let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
+    let r = edge.get(&format!("/v1/streams/{id}/events")).await;
     let mut parser = SseParser::default();
     let mut body = r.bytes_stream();
     let mut got: Vec<Value> = Vec::new();
@@ -191,11 +183,8 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
 
     // A long-poll past the end is refused; at the end it answers at once, empty.
     let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/poll?after={}", after + 1)))
-        .send()
-        .await
-        .expect("poll");
+        .get(&format!("/v1/streams/{id}/poll?after={}", after + 1))
+        .await;
     assert_eq!(r.status(), 400);
     let v: Value = get_json(
         &edge.http,
@@ -330,18 +319,8 @@ async fn a_reader_that_stops_reading_does_not_hold_back_the_others() {
     .await;
     let id = edge.create(slow("fan", 300, 2)).await;
     // The stalled reader: opens the stream and never reads the body.
-    let stalled = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
-    let healthy = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
+    let stalled = edge.get(&format!("/v1/streams/{id}/events")).await;
+    let healthy = edge.get(&format!("/v1/streams/{id}/events")).await;
     let (events, _) = read_sse(healthy).await;
     let json: Vec<Value> = stream_events(&events);
     assert_eq!(json.last().expect("terminal")["type"], "done");
@@ -395,21 +374,20 @@ async fn many_subscribers_each_get_everything_exactly_once() {
 async fn openai_stream_format_field_by_field() {
     let edge = TestEdge::start().await;
     let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "max_tokens": 12,
-            "seed": 3,
-            "temperature": 0.2,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 2}
-        }))
-        .send()
-        .await
-        .expect("POST");
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "max_tokens": 12,
+                "seed": 3,
+                "temperature": 0.2,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 2}
+            }),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
     let (events, _) = read_sse(r).await;
@@ -469,18 +447,17 @@ async fn openai_stream_format_field_by_field() {
 
     // Non-streaming: one completion object with the same text for the same seed.
     let v: Value = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 12,
-            "seed": 3,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 2}
-        }))
-        .send()
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 12,
+                "seed": 3,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 2}
+            }),
+        )
         .await
-        .expect("POST")
         .json()
         .await
         .expect("json");
@@ -492,11 +469,8 @@ async fn openai_stream_format_field_by_field() {
 
     // The same stream replayed as OpenAI chunks over GET.
     let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events?format=openai")))
-        .send()
-        .await
-        .expect("GET");
+        .get(&format!("/v1/streams/{id}/events?format=openai"))
+        .await;
     let (replay, _) = read_sse(r).await;
     assert_eq!(replay.last().expect("last").data, "[DONE]");
 }
@@ -505,18 +479,17 @@ async fn openai_stream_format_field_by_field() {
 async fn openai_cancel_mid_stream_sends_an_error_and_no_done() {
     let edge = TestEdge::start().await;
     let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": true,
-            "max_tokens": 500,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 20}
-        }))
-        .send()
-        .await
-        .expect("POST");
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "max_tokens": 500,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 20}
+            }),
+        )
+        .await;
     let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
     let reader = tokio::spawn(read_sse(r));
     wait_until(Duration::from_secs(10), || async {
@@ -549,18 +522,10 @@ async fn models_health_ready_and_metrics() {
         .map(|m| m["id"].as_str().expect("id"))
         .collect();
     assert!(ids.contains(&"tokenfan-mock"));
-    assert_eq!(
-        edge.http
-            .get(edge.url("/healthz"))
-            .send()
-            .await
-            .expect("GET")
-            .status(),
-        200
-    );
+    assert_eq!(edge.get("/healthz").await.status(), 200);
     // Metrics and readiness are on the admin listener only; health is on both.
     for path in ["/metrics", "/readyz"] {
-        let r = edge.http.get(edge.url(path)).send().await.expect("GET");
+        let r = edge.get(path).await;
         assert_eq!(r.status(), 404, "{path} is not on the public port");
     }
     let r = edge.http.get(edge.admin_url("/healthz")).send().await;
@@ -586,7 +551,7 @@ async fn models_health_ready_and_metrics() {
 #[tokio::test]
 async fn the_demo_page_is_served_with_security_headers() {
     let edge = TestEdge::start().await;
-    let r = edge.http.get(edge.url("/")).send().await.expect("GET");
+    let r = edge.get("/").await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -599,15 +564,7 @@ async fn the_demo_page_is_served_with_security_headers() {
     let html = r.text().await.expect("html");
     assert!(html.contains("/app.js"));
     for path in ["/app.js", "/style.css"] {
-        assert_eq!(
-            edge.http
-                .get(edge.url(path))
-                .send()
-                .await
-                .expect("GET")
-                .status(),
-            200
-        );
+        assert_eq!(edge.get(path).await.status(), 200);
     }
 }
 
@@ -641,12 +598,7 @@ async fn sse_sends_heartbeat_comments_while_idle() {
     let edge = TestEdge::with(|c| c.http.sse_heartbeat_secs = 1).await;
     let body = json!({"prompt": "quiet", "max_tokens": 2, "timing": {"ttft_ms": 2500, "inter_token_ms": 1}});
     let id = edge.create(body).await;
-    let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
+    let r = edge.get(&format!("/v1/streams/{id}/events")).await;
     let (events, comments) = read_sse(r).await;
     assert!(
         comments >= 2,

@@ -376,13 +376,7 @@ async fn protocol_errors_are_answered_and_the_socket_stays_usable() {
         assert_protocol_error(&e, "invalid_request");
         assert_eq!(e["request_id"], rid.as_str(), "{e}");
         assert!(e.get("stream_id").is_none(), "{e}");
-        let posted = edge
-            .http
-            .post(edge.url("/v1/streams"))
-            .json(&request)
-            .send()
-            .await
-            .expect("POST");
+        let posted = edge.post("/v1/streams", &request).await;
         assert_eq!(posted.status(), 400);
         let body: Value = posted.json().await.expect("json");
         assert_eq!(body["error"]["code"], "invalid_request", "{request}");

@@ -84,6 +84,17 @@ impl TestEdge {
         stream_id(&create(&self.http, &self.url(""), &[], body).await)
     }
 
+    /// `POST <path>` with a JSON body (the response, whatever its status).
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        let request = self.http.post(self.url(path)).json(body);
+        request.send().await.expect("POST")
+    }
+
+    /// `GET <path>` (the response, whatever its status).
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.expect("GET")
+    }
+
     /// Short-poll from `after`.
     pub async fn short_poll(&self, id: &str, after: u64) -> Value {
         short_poll(&self.http, &self.url(""), id, after).await

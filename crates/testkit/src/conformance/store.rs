@@ -51,6 +51,12 @@ fn seqs(v: Vec<Arc<Event>>) -> Vec<u64> {
     v.iter().map(|e| e.seq).collect()
 }
 
+/// The recorded batches of `id`: (epoch, first seq, last seq) each.
+async fn batches(store: &dyn Store, id: &StreamId) -> Vec<(u64, u64, u64)> {
+    let batches = store.batches(id).await.expect("batches");
+    batches.iter().map(|b| (b.epoch, b.first, b.last)).collect()
+}
+
 async fn lease_lapses(store: &dyn Store, id: &StreamId) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while store.lease_owner(id).await.expect("owner").is_some() {
@@ -126,16 +132,7 @@ async fn history(store: &dyn Store) {
         .await
         .expect("heal after the end");
     assert_eq!(healed.len, 4, "not even by a heal");
-    assert_eq!(
-        store
-            .batches(&id)
-            .await
-            .expect("batches")
-            .iter()
-            .map(|b| (b.epoch, b.first, b.last))
-            .collect::<Vec<_>>(),
-        [(1, 1, 2), (1, 3, 3), (1, 4, 4)]
-    );
+    assert_eq!(batches(store, &id).await, [(1, 1, 2), (1, 3, 3), (1, 4, 4)]);
 
     // A store that lost the end of a history gets it back from a replica that delivered it.
     let lost = StreamId::random();
@@ -216,16 +213,8 @@ async fn fencing(store: &dyn Store) {
         .append(&id, 2, &[done(3, FinishReason::Stop)])
         .await
         .expect("terminal");
-    assert_eq!(
-        store
-            .batches(&id)
-            .await
-            .expect("batches")
-            .iter()
-            .map(|b| b.epoch)
-            .collect::<Vec<_>>(),
-        [1, 2, 2]
-    );
+    let epochs: Vec<u64> = batches(store, &id).await.iter().map(|b| b.0).collect();
+    assert_eq!(epochs, [1, 2, 2]);
     // Ended: nobody takes it over again.
     lease_lapses(store, &id).await;
     assert_eq!(

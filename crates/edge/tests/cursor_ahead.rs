@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokenfan_edge::auth::Caller;
 use tokenfan_testkit::{
     edge::{TestEdge, slow},
     sse::{read_sse, stream_events},
@@ -36,12 +35,7 @@ async fn waits_on_a_cursor_the_stream_never_reaches_end_with_the_stream() {
         );
         tokio::spawn(async move { http.get(url).send().await.expect("long-poll") })
     };
-    let state = edge
-        .running
-        .hub
-        .get_for(&id, Some(Caller::anonymous().tenant()))
-        .await
-        .expect("the stream");
+    let state = edge.stream(&id).await;
     wait_until(Duration::from_secs(10), || async {
         (state.attached_count() == 2).then_some(())
     })

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use tokenfan_edge::auth::Caller;
 use tokenfan_testkit::{
     edge::{TestEdge, fast, get_json, long_poll_all, slow, try_get_json},
     sse::{SseParser, assert_contiguous, read_sse, stream_events, text_of},
@@ -255,12 +254,7 @@ async fn a_stream_nobody_watches_is_cancelled_after_the_detach_grace() {
     let id = edge.create(slow("unwatched", 1000, 20)).await;
     // Never attached: the grace runs from creation. Watch through the hub (a poll would
     // count as attention and restart the clock).
-    let stream = edge
-        .running
-        .hub
-        .get_for(&id, Some(Caller::anonymous().tenant()))
-        .await
-        .expect("stream");
+    let stream = edge.stream(&id).await;
     wait_until(Duration::from_secs(10), || async {
         (stream.status().as_str() != "running").then_some(())
     })

@@ -7,7 +7,6 @@ use std::{collections::HashMap, time::Duration};
 use bytes::Bytes;
 use futures::SinkExt as _;
 use serde_json::{Value, json};
-use tokenfan_edge::auth::Caller;
 use tokenfan_testkit::{
     edge::{TestEdge, fast, slow},
     sse::{assert_contiguous, text_of},
@@ -59,12 +58,7 @@ fn assert_protocol_error(e: &Value, code: &str) {
 
 /// Subscriptions currently attached to a stream on this edge.
 async fn attached(edge: &TestEdge, id: &str) -> usize {
-    let stream = edge
-        .running
-        .hub
-        .get_for(id, Some(Caller::anonymous().tenant()))
-        .await
-        .expect("stream known");
+    let stream = edge.stream(id).await;
     stream.attached_count()
 }
 

@@ -1,10 +1,10 @@
 //! A real edge in this process for integration tests, and the requests tests make to any edge:
 //! request bodies, stream creation, polling, and the text the mock generator answers.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde_json::{Value, json};
-use tokenfan_edge::{EdgeConfig, Running};
+use tokenfan_edge::{EdgeConfig, Running, auth::Caller, stream::StreamState};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -93,6 +93,13 @@ impl TestEdge {
     /// `GET <path>` (the response, whatever its status).
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// Stream `id` as the hub holds it, found on behalf of the anonymous caller's tenant.
+    pub async fn stream(&self, id: &str) -> Arc<StreamState> {
+        let tenant = Caller::anonymous();
+        let found = self.running.hub.get_for(id, Some(tenant.tenant())).await;
+        found.expect("the stream")
     }
 
     /// Short-poll from `after`.

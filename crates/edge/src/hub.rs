@@ -301,16 +301,10 @@ impl Hub {
         }
     }
 
-    /// The stream with this client-supplied id: held here, or (in a cluster) found in the
-    /// store and mirrored. Malformed and unknown ids are both 404; a stream whose history
-    /// expired is 410.
-    pub async fn get(self: &Arc<Self>, id: &str) -> Result<Arc<StreamState>, ApiError> {
-        self.get_for(id, None).await
-    }
-
-    /// [`Hub::get`] on behalf of `tenant`: a stream of another tenant is answered exactly like
-    /// an unknown one (404), before anything about it is revealed or mirrored. `None` skips
-    /// the check.
+    /// The stream with this client-supplied id, on behalf of `tenant`: held here, or (in a
+    /// cluster) found in the store and mirrored. Malformed and unknown ids are both 404, and so
+    /// is a stream of another tenant, before anything about it is revealed or mirrored; a
+    /// stream whose history expired is 410. `None` skips the tenant check.
     pub async fn get_for(
         self: &Arc<Self>,
         id: &str,

@@ -18,8 +18,6 @@ pub mod config;
 pub mod conn_limits;
 pub mod error;
 pub mod event;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod hub;
 pub mod ids;
 pub mod lifecycle;
@@ -37,8 +35,6 @@ pub mod state;
 pub mod store;
 pub mod stream;
 pub mod tenant;
-#[doc(hidden)]
-pub mod testkit;
 pub mod transports;
 pub mod upstream;
 

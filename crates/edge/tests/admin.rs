@@ -5,8 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEdge, cluster::Generator, wait_until};
+use common::Generator;
 use serde_json::Value;
+use tokenfan_testkit::{
+    edge::{TestEdge, fast},
+    wait::wait_until,
+};
 
 #[tokio::test]
 async fn one_failed_generator_of_two_leaves_the_edge_ready_and_none_does_not() {
@@ -26,7 +30,7 @@ async fn one_failed_generator_of_two_leaves_the_edge_ready_and_none_does_not() {
     assert_eq!(ready["checks"]["generators_serving"], 1, "{ready}");
     assert_eq!(ready["checks"]["generators"], 2, "{ready}");
     // Streams are served (the pool moves past the dead generator).
-    let id = edge.create(common::fast("still serving", 5, 1)).await;
+    let id = edge.create(fast("still serving", 5, 1)).await;
     let events = edge.wait_finished(&id).await;
     assert_eq!(events.last().expect("terminal")["type"], "done");
 
@@ -45,27 +49,17 @@ async fn the_admin_listener_serves_only_the_operational_endpoints() {
     assert_ne!(edge.running.admin_addr.port(), edge.addr.port());
     let metrics = edge.metrics().await;
     assert!(metrics.contains("# TYPE"), "{metrics}");
-    for path in ["/healthz", "/metrics"] {
-        let r = edge
-            .http
-            .get(edge.admin_url(path))
-            .send()
-            .await
-            .expect("GET");
-        assert_eq!(r.status(), 200, "{path}");
-    }
-    for path in ["/v1/models", "/"] {
-        let r = edge
-            .http
-            .get(edge.admin_url(path))
-            .send()
-            .await
-            .expect("GET");
-        assert_eq!(r.status(), 404, "{path} is not on the admin listener");
-    }
-    for path in ["/metrics", "/readyz"] {
-        let r = edge.http.get(edge.url(path)).send().await.expect("GET");
-        assert_eq!(r.status(), 404, "{path} is not on the public port");
+    // The operational endpoints on the admin listener only; the API on the public port only.
+    for (url, status) in [
+        (edge.admin_url("/healthz"), 200),
+        (edge.admin_url("/metrics"), 200),
+        (edge.admin_url("/v1/models"), 404),
+        (edge.admin_url("/"), 404),
+        (edge.url("/metrics"), 404),
+        (edge.url("/readyz"), 404),
+    ] {
+        let r = edge.http.get(&url).send().await.expect("GET");
+        assert_eq!(r.status(), status, "{url}");
     }
 }
 

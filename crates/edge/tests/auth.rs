@@ -8,12 +8,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{
-    TestEdge, assert_contiguous,
-    cluster::{EdgeOptions, TestCluster},
-    fast, long_poll_all, read_sse, slow, stream_events, wait_until,
-};
-use futures::{SinkExt as _, StreamExt as _};
+use common::{EdgeOptions, TestCluster};
 use serde_json::{Value, json};
 use tokenfan_edge::{
     EdgeConfig,
@@ -24,14 +19,17 @@ use tokenfan_edge::{
     },
     ids::StreamId,
 };
+use tokenfan_testkit::{
+    edge::{TestEdge, create, fast, long_poll_all, slow},
+    sse::{assert_contiguous, read_sse, stream_events},
+    wait::wait_until,
+    ws::TcpWs,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
-    tungstenite::{self, Message, client::IntoClientRequest as _},
-};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const ALICE: &str = "sk-alice-0123456789abcdef";
 const BOB: &str = "sk-bob-0123456789abcdef00";
@@ -107,18 +105,6 @@ fn client(credential: &str) -> reqwest::Client {
         .expect("client")
 }
 
-/// `POST /v1/streams` → 201; the body.
-async fn create(http: &reqwest::Client, base: &str, body: Value) -> Value {
-    let r = http
-        .post(format!("{base}/v1/streams"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /v1/streams");
-    assert_eq!(r.status(), 201, "create: {:?}", r.text().await);
-    r.json().await.expect("json")
-}
-
 /// Asserts status and native error code; returns the body.
 async fn refused(r: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status(), status, "{:?}", r.headers());
@@ -180,61 +166,6 @@ impl Bystander {
         assert_eq!(terminals.len(), 1);
         assert_eq!(terminals[0]["type"], "done", "{}", terminals[0]);
         assert_eq!(terminals[0]["finish_reason"], "length");
-    }
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Opens `ws://…/v1/ws<query>` with these headers; the refusal's status on failure.
-async fn ws_connect(base: &str, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let url = format!("{}/v1/ws{query}", base.replacen("http://", "ws://", 1));
-    let mut request = url.into_client_request().expect("request");
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
-            value.parse().expect("value"),
-        );
-    }
-    match connect_async(request).await {
-        Ok((socket, _)) => Ok(socket),
-        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
-        Err(other) => panic!("unexpected connect error: {other}"),
-    }
-}
-
-async fn ws_send(ws: &mut Ws, value: Value) {
-    ws.send(Message::text(value.to_string()))
-        .await
-        .expect("send");
-}
-
-/// The next JSON message (pings skipped).
-async fn ws_next(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no socket error");
-        match msg {
-            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
-
-/// Reads the events of `stream_id` up to its terminal event.
-async fn ws_events(ws: &mut Ws, stream_id: &str) -> Vec<Value> {
-    let mut events = Vec::new();
-    loop {
-        let e = ws_next(ws).await;
-        assert_eq!(e["stream_id"], stream_id, "{e}");
-        let terminal = e["type"] != "token";
-        events.push(e);
-        if terminal {
-            return events;
-        }
     }
 }
 
@@ -332,9 +263,9 @@ async fn missing_or_wrong_credentials_are_401_in_each_routes_shape() {
             .expect("send");
         refused(r, 401, "missing_credentials").await;
     }
-    assert_eq!(ws_connect(&base, "", &[]).await.err(), Some(401));
+    assert_eq!(TcpWs::open(&base, "", &[]).await.err(), Some(401));
     let wrong = [("authorization", "Bearer sk-wrong-0123456789abcdef")];
-    assert_eq!(ws_connect(&base, "", &wrong).await.err(), Some(401));
+    assert_eq!(TcpWs::open(&base, "", &wrong).await.err(), Some(401));
 
     // An unauthenticated client cannot make the edge wait for its body: 401 at once.
     let answer = raw_exchange(
@@ -467,7 +398,7 @@ async fn jwts_are_checked_for_signature_expiry_audience_and_issuer() {
 
     // Valid: the `tenant` claim names the tenant; without it, `sub` does.
     let acme = client(&hs256(&claims("acme")));
-    let id = create(&acme, &base, fast("acme", 4, 2)).await["id"]
+    let id = create(&acme, &base, &[], fast("acme", 4, 2)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -485,7 +416,7 @@ async fn jwts_are_checked_for_signature_expiry_audience_and_issuer() {
     other_user.insert("sub".into(), json!("user-2"));
     let events = long_poll_all(&client(&hs256(&other_user)), &base, &id, 0).await;
     assert_contiguous(&events, 1);
-    let carols = create(&carol, &base, fast("carol", 4, 3)).await;
+    let carols = create(&carol, &base, &[], fast("carol", 4, 3)).await;
     assert!(carols["ticket"].as_str().is_some());
     bystander.finish().await;
 }
@@ -503,7 +434,7 @@ async fn rs256_tokens_verify_against_a_pem_key_or_a_jwks_file() {
     c.remove("aud");
     c.remove("iss");
     let bystander = Bystander::start(&base, Some(&rs256(&c, None))).await;
-    create(&client(&rs256(&c, None)), &base, fast("rs", 4, 1)).await;
+    create(&client(&rs256(&c, None)), &base, &[], fast("rs", 4, 1)).await;
 
     // The public key used as an HMAC secret (algorithm confusion) is refused.
     let public = std::fs::read(fixture("rs256-test-public.pem")).expect("key");
@@ -547,6 +478,7 @@ async fn rs256_tokens_verify_against_a_pem_key_or_a_jwks_file() {
     create(
         &client(&rs256(&with_aud, Some("test-key-1"))),
         &jwks_edge.url(""),
+        &[],
         fast("jwks", 4, 1),
     )
     .await;
@@ -599,7 +531,7 @@ async fn other_tenants_get_the_unknown_stream_404_on_every_transport_and_on_stop
     let base = edge.url("");
     let (alice, bob) = (client(ALICE), client(BOB));
     let bystander = Bystander::start(&base, Some(BOB)).await;
-    let id = create(&alice, &base, slow("alice's", 60, 20)).await["id"]
+    let id = create(&alice, &base, &[], slow("alice's", 60, 20)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -645,17 +577,18 @@ async fn other_tenants_get_the_unknown_stream_404_on_every_transport_and_on_stop
         assert_eq!(got, expected, "{path}: same body as an unknown stream");
     }
     // WebSocket: subscribe, cancel and unsubscribe answer like an unknown id.
-    let mut ws = ws_connect(&base, "", &[("authorization", &format!("Bearer {BOB}"))])
+    let mut ws = TcpWs::open(&base, "", &[("authorization", &format!("Bearer {BOB}"))])
         .await
         .expect("upgrade");
     let mut errors = Vec::new();
     for target in [&unknown, &id] {
         for kind in ["subscribe", "cancel", "unsubscribe"] {
-            ws_send(&mut ws, json!({"type": kind, "stream_id": target})).await;
+            ws.send_json(json!({"type": kind, "stream_id": target}))
+                .await;
         }
         // `unsubscribe` of a stream the socket does not know answers with the same error.
         for _ in 0..3 {
-            let mut e = ws_next(&mut ws).await;
+            let mut e = ws.next_json().await;
             e.as_object_mut().expect("object").remove("stream_id");
             errors.push(e);
         }
@@ -693,7 +626,7 @@ async fn an_expired_stream_is_410_for_its_tenant_and_404_for_others() {
     .await;
     let base = edge.url("");
     let (alice, bob) = (client(ALICE), client(BOB));
-    let id = create(&alice, &base, fast("short", 3, 1)).await["id"]
+    let id = create(&alice, &base, &[], fast("short", 3, 1)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -757,7 +690,7 @@ async fn a_ticket_reads_its_own_stream_only() {
         assert!(cookie.contains(&part), "{part} in {cookie}");
     }
     assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
-    let b_id = create(&alice, &base, fast("other", 4, 2)).await["id"]
+    let b_id = create(&alice, &base, &[], fast("other", 4, 2)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -886,26 +819,23 @@ async fn a_ticket_reads_its_own_stream_only() {
     refused(r, 401, "expired_ticket").await;
 
     // WebSocket with a ticket: subscribe to its stream; nothing else.
-    let mut ws = ws_connect(&base, &format!("?ticket={ticket}"), &[])
+    let mut ws = TcpWs::open(&base, &format!("?ticket={ticket}"), &[])
         .await
         .expect("upgrade with a ticket");
-    ws_send(
-        &mut ws,
-        json!({"type": "subscribe", "stream_id": a_id, "after": 0}),
-    )
-    .await;
-    let events = ws_events(&mut ws, &a_id).await;
+    ws.send_json(json!({"type": "subscribe", "stream_id": a_id, "after": 0}))
+        .await;
+    let events = ws.events_until_terminal(&a_id).await;
     assert_eq!(events.len(), 31);
     for msg in [
         json!({"type": "subscribe", "stream_id": b_id}),
         json!({"type": "cancel", "stream_id": a_id}),
         json!({"type": "start", "request_id": "r1", "request": fast("x", 4, 1)}),
     ] {
-        ws_send(&mut ws, msg.clone()).await;
-        let e = ws_next(&mut ws).await;
+        ws.send_json(msg.clone()).await;
+        let e = ws.next_json().await;
         assert_eq!(e["code"], "ticket_scope", "{msg} → {e}");
     }
-    let upgrade = ws_connect(&base, &format!("?ticket={expired}"), &[]).await;
+    let upgrade = TcpWs::open(&base, &format!("?ticket={expired}"), &[]).await;
     assert_eq!(upgrade.err(), Some(401));
 
     // A fresh ticket for a stream of one's own.
@@ -944,8 +874,8 @@ async fn tenant_rate_limits_answer_429_with_retry_after() {
     let base = edge.url("");
     let bystander = Bystander::start(&base, Some(BOB)).await;
     let alice = client(ALICE);
-    create(&alice, &base, fast("one", 4, 1)).await;
-    create(&alice, &base, fast("two", 4, 2)).await;
+    create(&alice, &base, &[], fast("one", 4, 1)).await;
+    create(&alice, &base, &[], fast("two", 4, 2)).await;
     let r = alice
         .post(edge.url("/v1/streams"))
         .json(&fast("three", 4, 3))
@@ -973,21 +903,18 @@ async fn tenant_rate_limits_answer_429_with_retry_after() {
         "requests",
         "rate_limit_exceeded",
     );
-    let mut ws = ws_connect(&base, "", &[("authorization", &format!("Bearer {ALICE}"))])
+    let mut ws = TcpWs::open(&base, "", &[("authorization", &format!("Bearer {ALICE}"))])
         .await
         .expect("upgrade");
-    ws_send(
-        &mut ws,
-        json!({"type": "start", "request_id": "r", "request": fast("x", 4, 1)}),
-    )
-    .await;
-    let e = ws_next(&mut ws).await;
+    ws.send_json(json!({"type": "start", "request_id": "r", "request": fast("x", 4, 1)}))
+        .await;
+    let e = ws.next_json().await;
     assert_eq!(
         (e["code"].clone(), e["request_id"].clone()),
         (json!("rate_limited"), json!("r"))
     );
     // Another tenant has its own bucket.
-    create(&client(BOB), &base, fast("bob", 4, 1)).await;
+    create(&client(BOB), &base, &[], fast("bob", 4, 1)).await;
     bystander.finish().await;
 }
 
@@ -1001,11 +928,11 @@ async fn concurrent_streams_per_tenant_are_capped_and_freed_when_streams_end() {
     let base = edge.url("");
     let bystander = Bystander::start(&base, Some(BOB)).await;
     let alice = client(ALICE);
-    let first = create(&alice, &base, slow("a", 500, 50)).await["id"]
+    let first = create(&alice, &base, &[], slow("a", 500, 50)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
-    let second = create(&alice, &base, fast("b", 6, 2)).await["id"]
+    let second = create(&alice, &base, &[], fast("b", 6, 2)).await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -1032,7 +959,7 @@ async fn concurrent_streams_per_tenant_are_capped_and_freed_when_streams_end() {
     assert_eq!(r.headers()["retry-after"], "1");
     refused(r, 429, "concurrency_limited").await;
     // Bob is not held back by Alice.
-    create(&client(BOB), &base, fast("bob", 4, 1)).await;
+    create(&client(BOB), &base, &[], fast("bob", 4, 1)).await;
     // Stopping a stream frees its slot at once.
     let r = alice
         .delete(edge.url(&format!("/v1/streams/{first}")))
@@ -1099,28 +1026,25 @@ async fn websocket_origins_are_checked_with_credentials_too() {
     let base = edge.url("");
     let bystander = Bystander::start(&base, Some(ALICE)).await;
     let auth = format!("Bearer {ALICE}");
-    let foreign = ws_connect(
+    let foreign = TcpWs::open(
         &base,
         "",
         &[("authorization", &auth), ("origin", "https://evil.example")],
     )
     .await;
     assert_eq!(foreign.err(), Some(403));
-    let anonymous = ws_connect(&base, "", &[("origin", "https://app.example")]).await;
+    let anonymous = TcpWs::open(&base, "", &[("origin", "https://app.example")]).await;
     assert_eq!(anonymous.err(), Some(401));
-    let mut ws = ws_connect(
+    let mut ws = TcpWs::open(
         &base,
         "",
         &[("authorization", &auth), ("origin", "https://app.example")],
     )
     .await
     .expect("allowed origin with a key");
-    ws_send(
-        &mut ws,
-        json!({"type": "start", "request_id": "r", "request": fast("ws", 6, 1)}),
-    )
-    .await;
-    let started = ws_next(&mut ws).await;
+    ws.send_json(json!({"type": "start", "request_id": "r", "request": fast("ws", 6, 1)}))
+        .await;
+    let started = ws.next_json().await;
     assert_eq!(started["type"], "started");
     assert!(
         started["ticket"]
@@ -1128,7 +1052,7 @@ async fn websocket_origins_are_checked_with_credentials_too() {
             .is_some_and(|t| t.starts_with("tft1."))
     );
     let id = started["stream_id"].as_str().expect("id").to_owned();
-    let events = ws_events(&mut ws, &id).await;
+    let events = ws.events_until_terminal(&id).await;
     assert_eq!(events.len(), 7);
 
     // CORS: the preflight needs no credentials; a refusal is readable by the page; the
@@ -1265,7 +1189,7 @@ async fn oversized_bodies_and_slow_requests_are_cut_off() {
 #[tokio::test]
 async fn the_demo_page_sends_security_headers() {
     let edge = TestEdge::start().await;
-    let r = edge.http.get(edge.url("/")).send().await.expect("send");
+    let r = edge.get("/").await;
     assert_eq!(r.status(), 200);
     let h = r.headers();
     let csp = h["content-security-policy"].to_str().expect("ascii");
@@ -1386,7 +1310,7 @@ async fn tenant_isolation_and_tickets_hold_across_replicas() {
     let (a, b) = (cluster.edge(0).url(""), cluster.edge(1).url(""));
     let (alice, bob) = (client(ALICE), client(BOB));
     let bystander = Bystander::start(&b, Some(BOB)).await;
-    let created = create(&alice, &a, slow("replicated", 60, 20)).await;
+    let created = create(&alice, &a, &[], slow("replicated", 60, 20)).await;
     let id = created["id"].as_str().expect("id").to_owned();
     let ticket = created["ticket"].as_str().expect("ticket").to_owned();
 
@@ -1413,11 +1337,12 @@ async fn tenant_isolation_and_tickets_hold_across_replicas() {
         assert_eq!(r.status(), 404, "{path} on replica B");
         assert_eq!(r.json::<Value>().await.expect("json"), unknown, "{path}");
     }
-    let mut ws = ws_connect(&b, "", &[("authorization", &format!("Bearer {BOB}"))])
+    let mut ws = TcpWs::open(&b, "", &[("authorization", &format!("Bearer {BOB}"))])
         .await
         .expect("upgrade");
-    ws_send(&mut ws, json!({"type": "subscribe", "stream_id": id})).await;
-    assert_eq!(ws_next(&mut ws).await["code"], "stream_not_found");
+    ws.send_json(json!({"type": "subscribe", "stream_id": id}))
+        .await;
+    assert_eq!(ws.next_json().await["code"], "stream_not_found");
 
     // The ticket minted by replica A works on replica B (shared secret), for that stream only.
     let r = reqwest::Client::new()
@@ -1458,8 +1383,8 @@ async fn tenant_limits_are_shared_by_the_replicas() {
     let alice = client(ALICE);
     let bystander = Bystander::start(&a, Some(BOB)).await;
     let id = |v: Value| v["id"].as_str().expect("id").to_owned();
-    let one = id(create(&alice, &a, slow("1", 500, 50)).await);
-    let two = id(create(&alice, &b, slow("2", 500, 50)).await);
+    let one = id(create(&alice, &a, &[], slow("1", 500, 50)).await);
+    let two = id(create(&alice, &b, &[], slow("2", 500, 50)).await);
     // Two running, one on each replica: the third is refused on either.
     for base in [&a, &b] {
         let r = alice
@@ -1518,7 +1443,7 @@ async fn tenant_limits_are_shared_by_the_replicas() {
         .expect("send");
     refused(r, 429, "rate_limited").await;
     // Bob's limits are his own.
-    create(&client(BOB), &b, fast("bob", 4, 1)).await;
+    create(&client(BOB), &b, &[], fast("bob", 4, 1)).await;
     bystander.finish().await;
 }
 
@@ -1535,23 +1460,13 @@ async fn sockets_and_sse_opened_with_a_jwt_end_when_it_expires() {
     let token = hs256(&short);
 
     // WebSocket: an error message, then close 1008.
-    let mut ws = ws_connect(&base, "", &[("authorization", &format!("Bearer {token}"))])
+    let mut ws = TcpWs::open(&base, "", &[("authorization", &format!("Bearer {token}"))])
         .await
         .expect("upgrade");
-    let error = ws_next(&mut ws).await;
+    let error = ws.next_json().await;
     assert_eq!(error["type"], "error", "{error}");
     assert_eq!(error["code"], "credentials_expired", "{error}");
-    let close = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("close") {
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
-            Some(Ok(_)) => {}
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(
-        close,
-        Some(tungstenite::protocol::frame::coding::CloseCode::Policy)
-    );
+    assert_eq!(ws.close_code().await, CloseCode::Policy);
 
     // POST-SSE: the stream outlives the token; the response ends with `credentials_expired`.
     let mut short = claims("acme");

@@ -8,10 +8,7 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{
-    assert_contiguous, cluster::EdgeOptions, cluster::Generator, cluster::expected_text, read_sse,
-    slow, stream_events, text_of, tls::TlsDir, wait_until,
-};
+use common::{EdgeOptions, Generator};
 use serde_json::Value;
 use tokenfan_edge::{
     bus::{Bus as _, nats::NatsArgs, nats::NatsBus},
@@ -20,7 +17,13 @@ use tokenfan_edge::{
     redis_conn::RedisArgs,
     secret::Secret,
     store::{Store as _, redis::RedisStore},
-    testkit::{NatsCluster, NatsServer, RedisServer},
+};
+use tokenfan_testkit::{
+    edge::{expected_text, get_json, slow, try_get_json},
+    servers::{NatsCluster, NatsServer, RedisServer},
+    sse::{assert_contiguous, read_sse, stream_events, text_of},
+    tls::TlsDir,
+    wait::wait_until,
 };
 
 const PASSWORD: &str = "n4ts-s3cret";
@@ -96,7 +99,7 @@ async fn nats_cluster_with_tls_and_passwords_conforms_and_refuses_bad_credential
     let bus = NatsBus::connect_with(&seeds, &args, "conformance")
         .await
         .expect("connects past the dead seed");
-    tokenfan_edge::bus::conformance::run(&bus).await;
+    tokenfan_testkit::conformance::bus::run(&bus).await;
 
     // Across nodes: a subscriber on node 1, a publisher on node 2 (interest crosses the route
     // asynchronously, so publish until it arrives).
@@ -183,7 +186,7 @@ async fn nats_token_and_nkey_authentication() {
     let bus = NatsBus::connect_with(&token_server.url(), &args, "token")
         .await
         .expect("token accepted");
-    tokenfan_edge::bus::conformance::run(&bus).await;
+    tokenfan_testkit::conformance::bus::run(&bus).await;
     assert!(
         NatsBus::connect(&token_server.url(), "anonymous")
             .await
@@ -245,7 +248,7 @@ async fn tls_redis_with_an_acl_user_conforms() {
         .await
         .expect("TLS + ACL");
     assert!(store.healthy().await);
-    tokenfan_edge::store::conformance::run(&store).await;
+    tokenfan_testkit::conformance::store::run(&store).await;
 
     // The tenant limiter shares the connection setup (and stays inside `~tokenfan:*`).
     let limiter = Limiter::redis_with(&url, &redis_args(&tls), 0.0, 1, 1, Duration::from_secs(30))
@@ -347,7 +350,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
         ..EdgeOptions::default()
     };
     let edges = [1, 2].map(|live| {
-        common::cluster::spawn_edge(
+        common::spawn_edge(
             &format!("edge-{live}"),
             &seeds(live),
             &redis.tls_url(),
@@ -357,25 +360,12 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.admin_url("/readyz");
-        wait_until(Duration::from_secs(20), || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        edge.wait_ready(&http).await;
     }
 
-    let r = http
-        .post(edges[0].url("/v1/streams"))
-        .json(&slow("secure backends", 120, 25))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edges[0]
+        .create(&http, slow("secure backends", 120, 25))
+        .await;
     // Follow it live on the other edge.
     let follow = tokio::spawn({
         let url = edges[1].url(&format!("/v1/streams/{id}/events"));
@@ -384,14 +374,8 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     });
     // Once a few tokens went through, kill the owner's NATS node.
     wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(edges[1].url(&format!("/v1/streams/{id}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &edges[1].url(&format!("/v1/streams/{id}?after=0"))).await?;
         (v["next_after"].as_u64()? >= 10).then_some(())
     })
     .await;
@@ -407,14 +391,7 @@ async fn edges_on_secure_backends_deliver_exactly_once_through_a_nats_node_failu
     assert_eq!(last["type"], "done", "{last}");
     assert_eq!(text_of(&events), expected_text("secure backends", 11, 120));
     // The history in the TLS Redis is complete too (read on the edge that did not own it).
-    let v: Value = http
-        .get(edges[1].url(&format!("/v1/streams/{id}?after=0")))
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(&http, &edges[1].url(&format!("/v1/streams/{id}?after=0"))).await;
     let stored = v["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
     assert_eq!(text_of(&stored), expected_text("secure backends", 11, 120));
@@ -522,7 +499,7 @@ async fn nats_creds_file_authentication_in_operator_mode() {
     let bus = NatsBus::connect_with(&server.url(), &args, "creds")
         .await
         .expect("the .creds file is accepted");
-    tokenfan_edge::bus::conformance::run(&bus).await;
+    tokenfan_testkit::conformance::bus::run(&bus).await;
     // Without credentials, or with a user the account did not sign: refused.
     assert!(NatsBus::connect(&server.url(), "anonymous").await.is_err());
     let stranger = nkeys::KeyPair::new_user();

@@ -1,11 +1,12 @@
 //! Bad input gets the right status and a JSON body naming the problem, and changes nothing:
 //! a stream running alongside completes untouched.
 
-mod common;
-
-use common::{TestEdge, assert_contiguous, read_sse, slow, text_of};
 use reqwest::Method;
 use serde_json::Value;
+use tokenfan_testkit::{
+    edge::{TestEdge, slow},
+    sse::{assert_contiguous, read_sse, stream_events, text_of},
+};
 
 struct Case {
     name: &'static str,
@@ -322,7 +323,7 @@ async fn every_malformed_request_gets_a_clear_error_and_changes_nothing() {
     );
 
     let (events, _) = reader.await.expect("bystander");
-    let json: Vec<Value> = common::stream_events(&events);
+    let json: Vec<Value> = stream_events(&events);
     assert_contiguous(&json, 1);
     assert_eq!(json.last().expect("end")["finish_reason"], "length");
     assert_eq!(text_of(&json), text_of(&edge.wait_finished(id).await));
@@ -395,13 +396,7 @@ async fn openai_errors_have_the_openai_shape() {
 async fn the_stream_cap_answers_503_with_retry_after() {
     let edge = TestEdge::with(|c| c.streams.max_streams = 1).await;
     let _first = edge.create(slow("one", 100, 50)).await;
-    let r = edge
-        .http
-        .post(edge.url("/v1/streams"))
-        .json(&slow("two", 10, 5))
-        .send()
-        .await
-        .expect("POST");
+    let r = edge.post("/v1/streams", &slow("two", 10, 5)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().await.expect("json");

@@ -1,49 +1,31 @@
 //! The `tokenfan-edge` binary from outside: `--help`, bad configuration, the embedded default
 //! end to end, and SIGTERM.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use tokenfan_testkit::binary::{assert_help_names_env_vars, terminate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-edge");
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let out = Command::new(BIN)
-        .arg("--help")
-        .output()
-        .expect("run --help");
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).expect("utf-8");
-    for (flag, env) in [
-        ("--listen", "TOKENFAN_EDGE_LISTEN"),
-        ("--generator", "TOKENFAN_EDGE_GENERATOR"),
-        ("--nats-url", "TOKENFAN_EDGE_NATS_URL"),
-        ("--redis-url", "TOKENFAN_EDGE_REDIS_URL"),
-        ("--replica-id", "TOKENFAN_EDGE_REPLICA_ID"),
-        ("--cors-origins", "TOKENFAN_EDGE_CORS_ORIGINS"),
-        ("--ws-origins", "TOKENFAN_EDGE_WS_ORIGINS"),
-        ("--tls-cert", "TOKENFAN_EDGE_TLS_CERT"),
-        ("--detach-grace-secs", "TOKENFAN_EDGE_DETACH_GRACE_SECS"),
-        ("--history-ttl-secs", "TOKENFAN_EDGE_HISTORY_TTL_SECS"),
-        ("--max-tokens-cap", "TOKENFAN_EDGE_MAX_TOKENS_CAP"),
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help");
-        assert!(
-            help.contains(&format!("env: {env}")),
-            "{env} missing from --help"
-        );
-    }
-    let options = help
-        .lines()
-        .filter(|l| l.trim_start().starts_with("--"))
-        .count();
-    assert_eq!(
-        options,
-        help.matches("[env: ").count(),
-        "every option has an env var"
+    assert_help_names_env_vars(
+        BIN,
+        &[
+            ("--listen", "TOKENFAN_EDGE_LISTEN"),
+            ("--generator", "TOKENFAN_EDGE_GENERATOR"),
+            ("--nats-url", "TOKENFAN_EDGE_NATS_URL"),
+            ("--redis-url", "TOKENFAN_EDGE_REDIS_URL"),
+            ("--replica-id", "TOKENFAN_EDGE_REPLICA_ID"),
+            ("--cors-origins", "TOKENFAN_EDGE_CORS_ORIGINS"),
+            ("--ws-origins", "TOKENFAN_EDGE_WS_ORIGINS"),
+            ("--tls-cert", "TOKENFAN_EDGE_TLS_CERT"),
+            ("--detach-grace-secs", "TOKENFAN_EDGE_DETACH_GRACE_SECS"),
+            ("--history-ttl-secs", "TOKENFAN_EDGE_HISTORY_TTL_SECS"),
+            ("--max-tokens-cap", "TOKENFAN_EDGE_MAX_TOKENS_CAP"),
+        ],
     );
 }
 
@@ -62,29 +44,8 @@ fn invalid_configuration_exits_with_a_message() {
 
 #[tokio::test]
 async fn embedded_default_serves_a_stream_and_sigterm_drains() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = loop {
-        let line = lines.next().expect("a listening line").expect("read");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["fields"]["message"] == "tokenfan-edge listening" {
-            break v["fields"]["addr"].as_str().expect("addr").to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let mut child = common::edge_command().spawn().expect("spawn");
+    let (addr, _) = common::listening(&mut child, "edge");
 
     let http = reqwest::Client::new();
     let body: serde_json::Value = http
@@ -113,29 +74,11 @@ async fn embedded_default_serves_a_stream_and_sigterm_drains() {
         .await
         .expect("POST");
     let reader = tokio::spawn(async move { r.text().await.map(|t| t.len()) });
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    let status = terminate(&mut child, Duration::from_secs(40)).await;
     let read = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the SSE response ends")
         .expect("reader");
     assert!(read.is_ok_and(|n| n > 0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
     assert!(status.success(), "{status:?}");
 }

@@ -6,13 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    SseParser, assert_contiguous,
-    cluster::{TestCluster, expected_text},
-    read_sse, slow, text_of, wait_until,
-};
+use common::TestCluster;
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::{expected_text, long_poll_all, slow},
+    sse::{SseEvent, SseParser, assert_contiguous, read_sse, stream_events, text_of},
+    wait::wait_until,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Checks a delivered stream against the reference: complete, exactly once, in order.
@@ -39,22 +40,17 @@ async fn sse_from(cluster: &TestCluster, edge: usize, id: &str, after: u64) -> V
         return Vec::new();
     }
     let (events, _) = read_sse(r).await;
-    common::stream_events(&events)
+    stream_events(&events)
 }
 
 /// Reads SSE events from `r` until `n` of them carry an `id:`, then drops the connection (a
 /// client that goes away mid-stream). Returns every event read, ids or not.
-async fn read_prefix(r: reqwest::Response, n: usize) -> Vec<common::SseEvent> {
+async fn read_prefix(r: reqwest::Response, n: usize) -> Vec<SseEvent> {
     assert_eq!(r.status(), 200);
     let mut parser = SseParser::default();
     let mut body = r.bytes_stream();
     let mut events = Vec::new();
-    while events
-        .iter()
-        .filter(|e: &&common::SseEvent| e.id.is_some())
-        .count()
-        < n
-    {
+    while events.iter().filter(|e: &&SseEvent| e.id.is_some()).count() < n {
         let chunk = tokio::time::timeout(Duration::from_secs(15), body.next())
             .await
             .expect("in time")
@@ -78,7 +74,7 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
         .send()
         .await
         .expect("GET");
-    let prefix = common::stream_events(&read_prefix(r, 10).await);
+    let prefix = stream_events(&read_prefix(r, 10).await);
     let last = prefix.last().expect("prefix")["seq"].as_u64().expect("seq");
 
     // SSE resume on replica 1 with Last-Event-ID.
@@ -90,7 +86,7 @@ async fn a_stream_started_on_one_replica_resumes_on_every_other_and_every_transp
     // Long-poll on replica 2 from the same point.
     let mut polled = prefix.clone();
     let base = cluster.edge(2).url("");
-    polled.extend(common::long_poll_all(&cluster.http, &base, &id, last).await);
+    polled.extend(long_poll_all(&cluster.http, &base, &id, last).await);
     assert_contiguous(&polled, 1);
 
     // WebSocket subscribe on replica 1, short-poll on replica 2.
@@ -147,7 +143,7 @@ async fn post_sse_and_openai_streams_resume_on_another_replica() {
         .await
         .expect("POST");
     let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
-    let mut native = common::stream_events(&read_prefix(r, 8).await);
+    let mut native = stream_events(&read_prefix(r, 8).await);
     let last = native.last().expect("prefix")["seq"].as_u64().expect("seq");
     native.extend(sse_from(&cluster, 1, &id, last).await);
     assert_complete(&native, "post sse resume", 50);
@@ -277,7 +273,7 @@ async fn killing_the_owner_mid_stream_loses_nothing() {
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    let live: Vec<Value> = common::stream_events(&events);
+    let live: Vec<Value> = stream_events(&events);
     assert_complete(&live, "failover", 150);
 
     // A client that reconnects on the third replica gets the same answer.
@@ -313,7 +309,7 @@ async fn killing_a_generator_mid_stream_continues_on_another() {
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    let live: Vec<Value> = common::stream_events(&events);
+    let live: Vec<Value> = stream_events(&events);
     assert_complete(&live, "generator failover", 120);
 }
 
@@ -323,10 +319,7 @@ async fn stream_with_reader(
     prompt: &str,
     max_tokens: u32,
     reader_on: usize,
-) -> (
-    String,
-    tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>,
-) {
+) -> (String, tokio::task::JoinHandle<(Vec<SseEvent>, usize)>) {
     let id = cluster.create(0, slow(prompt, max_tokens, 20)).await;
     let r = cluster
         .http
@@ -342,12 +335,12 @@ async fn stream_with_reader(
     (id, tokio::spawn(read_sse(r)))
 }
 
-async fn collect(reader: tokio::task::JoinHandle<(Vec<common::SseEvent>, usize)>) -> Vec<Value> {
+async fn collect(reader: tokio::task::JoinHandle<(Vec<SseEvent>, usize)>) -> Vec<Value> {
     let (events, _) = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
         .expect("the reader finishes")
         .expect("reader task");
-    common::stream_events(&events)
+    stream_events(&events)
 }
 
 #[tokio::test]

@@ -2,12 +2,14 @@
 //! replica) that the stream never reaches because it ends first: the SSE response and the
 //! waiting long-poll end with the stream instead of waiting forever.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEdge, read_sse, slow, stream_events, wait_until};
 use serde_json::Value;
+use tokenfan_testkit::{
+    edge::{TestEdge, slow},
+    sse::{read_sse, stream_events},
+    wait::wait_until,
+};
 
 #[tokio::test]
 async fn waits_on_a_cursor_the_stream_never_reaches_end_with_the_stream() {
@@ -33,7 +35,7 @@ async fn waits_on_a_cursor_the_stream_never_reaches_end_with_the_stream() {
         );
         tokio::spawn(async move { http.get(url).send().await.expect("long-poll") })
     };
-    let state = edge.running.hub.get(&id).await.expect("the stream");
+    let state = edge.stream(&id).await;
     wait_until(Duration::from_secs(10), || async {
         (state.attached_count() == 2).then_some(())
     })

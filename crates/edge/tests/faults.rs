@@ -13,17 +13,18 @@ use std::{
     time::Duration,
 };
 
-use common::{
-    SseParser, assert_contiguous,
-    cluster::{EdgeOptions, TestCluster, expected_text},
-    slow, text_of, wait_until,
-};
+use common::{EdgeOptions, TestCluster};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokenfan_edge::{
     ids::StreamId,
     store::{Store as _, StreamMeta, redis::RedisStore},
     stream::StreamStatus,
+};
+use tokenfan_testkit::{
+    edge::{expected_text, slow},
+    sse::{SseParser, assert_contiguous, text_of},
+    wait::wait_until,
 };
 use tokio::time::Instant;
 

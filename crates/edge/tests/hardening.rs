@@ -3,13 +3,14 @@
 //! `--write-timeout-secs` and counted, and a WebSocket client that floods is refused, then
 //! closed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEdge, slow, wait_until};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::{TestEdge, fast, slow},
+    wait::wait_until,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpSocket, TcpStream},
@@ -139,7 +140,7 @@ async fn an_sse_client_that_stops_reading_is_closed_and_counted() {
     let edge = TestEdge::with(|c| c.http.write_timeout_secs = 1).await;
     let metric = r#"tokenfan_edge_write_timeouts_total{transport="http"}"#;
     let before = series(&edge.metrics().await, metric);
-    let id = edge.create(common::fast("a long answer", 4096, 3)).await;
+    let id = edge.create(fast("a long answer", 4096, 3)).await;
     edge.wait_finished(&id).await;
     // Replays of the whole stream, pipelined, many more than the kernel buffers hold; the
     // client then stops reading and the edge's writes stall.
@@ -256,7 +257,7 @@ async fn an_http2_response_stalled_by_flow_control_closes_its_connection() {
     let _serial = WRITE_TIMEOUT_TESTS.lock().await;
     let edge = TestEdge::with(|c| c.http.write_timeout_secs = 1).await;
     let metric = r#"tokenfan_edge_write_timeouts_total{transport="http"}"#;
-    let id = edge.create(common::fast("a long answer", 4096, 3)).await;
+    let id = edge.create(fast("a long answer", 4096, 3)).await;
     edge.wait_finished(&id).await;
     let before = series(&edge.metrics().await, metric);
     // A client that stops reading one HTTP/2 response: its stream window (64 KiB) fills and

@@ -26,6 +26,7 @@ use tokenfan_edge::{
     request::StreamRequest,
     store::{Store, StreamMeta, memory::MemoryStore},
     stream::{Closed, StreamState, StreamStatus, SubscriberLimits, Subscription},
+    tenant::Caller,
     upstream::GeneratorPool,
 };
 use tokio::sync::mpsc;
@@ -501,7 +502,9 @@ async fn mirror_case(
         readers: &mut Vec<Reader>,
         pick: u16,
     ) -> Result<(), TestCaseError> {
-        let found = hub.get(id.as_str()).await;
+        let found = hub
+            .get_for(id.as_str(), Some(Caller::anonymous().tenant()))
+            .await;
         prop_assert!(found.is_ok(), "{:?}", found.err());
         let Ok(found) = found else { return Ok(()) };
         if let Some(known) = state {

@@ -2,15 +2,17 @@
 //! family has HELP and TYPE, and histograms are consistent. The Prometheus recorder is
 //! process-wide, so this file holds a single test and asserts differences between scrapes.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
 };
 
-use common::{TestEdge, read_sse, stream_events, wait_until};
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::TestEdge,
+    sse::{read_sse, stream_events},
+    wait::wait_until,
+};
 
 /// One scrape in the Prometheus text format, parsed strictly.
 #[derive(Debug, Default)]

@@ -2,13 +2,11 @@
 //! answer), and what would change the answer's shape is refused in OpenAI's 400 shape; a stream
 //! cut by shutdown ends with an error chunk; `x-request-id` is echoed.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestEdge;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tokenfan_testkit::edge::TestEdge;
 
 fn chat(extra: Value) -> Value {
     let mut body = json!({
@@ -24,13 +22,7 @@ fn chat(extra: Value) -> Value {
 }
 
 async fn post(edge: &TestEdge, body: &Value) -> (u16, Value) {
-    let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .expect("send");
+    let r = edge.post("/v1/chat/completions", body).await;
     let status = r.status().as_u16();
     (status, r.json().await.expect("json"))
 }
@@ -119,13 +111,12 @@ async fn x_request_id_is_echoed() {
 async fn a_stream_cut_by_shutdown_ends_with_an_error_chunk() {
     let edge = TestEdge::start().await;
     let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&chat(json!({"stream": true, "max_tokens": 200,
-            "timing": {"ttft_ms": 1, "inter_token_ms": 200}})))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            "/v1/chat/completions",
+            &chat(json!({"stream": true, "max_tokens": 200,
+            "timing": {"ttft_ms": 1, "inter_token_ms": 200}})),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
     let mut text = String::new();

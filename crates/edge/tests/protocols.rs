@@ -1,16 +1,18 @@
 //! One port, every HTTP flavour: HTTP/1.1, h2c with prior knowledge, and TLS with ALPN h2 and
 //! http/1.1.
 
-mod common;
-
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::{TestEdge, fast, read_sse};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
+use tokenfan_testkit::{
+    edge::{TestEdge, fast},
+    sse::{SseEvent, read_sse},
+    tls::TlsDir,
+};
 
 #[tokio::test]
 async fn h2c_prior_knowledge_and_http1_on_the_same_port() {
@@ -43,25 +45,9 @@ async fn h2c_prior_knowledge_and_http1_on_the_same_port() {
         .expect("POST over HTTP/1.1");
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     let (h1_events, _) = read_sse(r).await;
-    let data = |v: &[common::SseEvent]| v.iter().map(|e| e.data.clone()).collect::<Vec<_>>();
+    let data = |v: &[SseEvent]| v.iter().map(|e| e.data.clone()).collect::<Vec<_>>();
     assert_eq!(data(&h2_events), data(&h1_events), "same answer on both");
     assert!(h2_events.len() > 30);
-}
-
-fn tls_files(
-    dir: &std::path::Path,
-) -> (
-    std::path::PathBuf,
-    std::path::PathBuf,
-    CertificateDer<'static>,
-) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("certificate");
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-    (cert_path, key_path, cert.cert.der().clone())
 }
 
 async fn tls_get(
@@ -123,12 +109,12 @@ async fn tls_get(
 
 #[tokio::test]
 async fn tls_negotiates_h2_and_http1_with_alpn() {
-    let dir = std::env::temp_dir().join(format!("tokenfan-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let (cert, key, root) = tls_files(&dir);
+    let tls = TlsDir::new();
+    let ca = std::fs::read(&tls.files.ca).expect("the CA file");
+    let root = CertificateDer::from_pem_slice(&ca).expect("a PEM certificate");
     let edge = TestEdge::with(|c| {
-        c.tls_cert = Some(cert);
-        c.tls_key = Some(key);
+        c.tls_cert = Some(tls.files.cert.clone());
+        c.tls_key = Some(tls.files.key.clone());
     })
     .await;
     let (alpn, version, body) = tls_get(edge.addr, root.clone(), b"h2").await;
@@ -141,7 +127,6 @@ async fn tls_negotiates_h2_and_http1_with_alpn() {
     assert_eq!(body["object"], "list");
     // Plain HTTP on the TLS port is not served.
     assert!(edge.http.get(edge.url("/v1/models")).send().await.is_err());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -7,30 +7,24 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    assert_contiguous, cluster::EdgeOptions, cluster::Generator, cluster::expected_text, read_sse,
-    slow, stream_events, text_of, wait_until,
-};
+use common::{EdgeOptions, Generator};
 use serde_json::Value;
 use tokenfan_edge::{
     ids::StreamId,
     limits::Limiter,
-    store::{LeaseTerms, Store as _, StreamMeta, redis::RedisStore, redis::keys},
-    stream::StreamStatus,
-    testkit::{NatsServer, RedisCluster},
+    store::{LeaseTerms, Store as _, redis::RedisStore, redis::keys},
 };
-
-fn meta() -> StreamMeta {
-    StreamMeta {
-        model: "tokenfan-mock",
-        owner: "edge-a".into(),
-        status: StreamStatus::Running,
-        spec_json: "{}".into(),
-        tenant: "tenant-a".into(),
-        epoch: 1,
-        stop_requested: false,
-    }
-}
+use tokenfan_testkit::{
+    conformance::{
+        self,
+        store::{meta, token},
+    },
+    edge::{expected_text, slow, try_get_json},
+    servers::{NatsServer, RedisCluster, redis_cli},
+    sse::{assert_contiguous, read_sse, stream_events, text_of},
+    tls::TlsDir,
+    wait::wait_until,
+};
 
 const TERMS: LeaseTerms = LeaseTerms {
     ttl: Duration::from_secs(3),
@@ -44,7 +38,7 @@ async fn the_store_conforms_on_a_redis_cluster_and_spreads_streams_over_every_ma
         .await
         .expect("cluster connect");
     assert!(store.healthy().await);
-    tokenfan_edge::store::conformance::run(&store).await;
+    conformance::store::run(&store).await;
 
     // Streams land on every master (their ids are random, so their hash tags are too).
     let mut masters = std::collections::HashSet::new();
@@ -79,14 +73,6 @@ async fn the_store_survives_a_master_failover() {
     let store = RedisStore::connect(&cluster.url()).await.expect("connect");
     let id = StreamId::random();
     store.create(&id, meta(), TERMS).await.expect("create");
-    let token = |seq: u64| {
-        std::sync::Arc::new(tokenfan_edge::event::Event::new(
-            seq,
-            tokenfan_edge::event::EventKind::Token {
-                text: format!("t{seq}"),
-            },
-        ))
-    };
     store
         .append(&id, 1, &[token(1), token(2)])
         .await
@@ -95,7 +81,7 @@ async fn the_store_survives_a_master_failover() {
     // acknowledged just before the crash can be lost; see docs/operations.md).
     let master = cluster.master_of(&keys::meta(&id));
     let port = cluster.nodes[master].addr.port().to_string();
-    let _ = tokenfan_edge::testkit::redis_cli(&["-p", &port, "wait", "1", "2000"]);
+    let _ = redis_cli(&["-p", &port, "wait", "1", "2000"]);
 
     // A second connection that will not touch the cluster until after the failover: its slot
     // map is stale then.
@@ -137,7 +123,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
         ..EdgeOptions::default()
     };
     let edges = [0, 1].map(|i| {
-        common::cluster::spawn_edge(
+        common::spawn_edge(
             &format!("edge-{i}"),
             &nats.url(),
             &redis.url(),
@@ -147,29 +133,14 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     });
     let http = reqwest::Client::new();
     for edge in &edges {
-        let url = edge.admin_url("/readyz");
-        wait_until(Duration::from_secs(20), || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        edge.wait_ready(&http).await;
     }
 
-    let r = http
-        .post(edges[0].url("/v1/streams"))
-        .json(&slow("redis cluster", 150, 25))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = edges[0].create(&http, slow("redis cluster", 150, 25)).await;
     let short_poll = |edge: usize, after: u64| {
         let url = edges[edge].url(&format!("/v1/streams/{id}?after={after}"));
         let http = http.clone();
-        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
+        async move { try_get_json(&http, &url).await }
     };
     // A prefix read on the owner, then resumed on the other replica from where it stopped.
     let prefix = wait_until(Duration::from_secs(20), || async {
@@ -191,9 +162,9 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     .await;
 
     // The master holding this stream dies mid-stream; its replica takes over.
-    let stream_id = StreamId::parse(&id).expect("stream id");
-    let killed = redis.fail_master_of(&keys::meta(&stream_id));
-    assert_ne!(redis.master_of(&keys::meta(&stream_id)), killed);
+    let parsed = StreamId::parse(&id).expect("stream id");
+    let killed = redis.fail_master_of(&keys::meta(&parsed));
+    assert_ne!(redis.master_of(&keys::meta(&parsed)), killed);
 
     let (events, _) = tokio::time::timeout(Duration::from_secs(60), follow)
         .await
@@ -209,7 +180,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     let stored = stored["events"].as_array().expect("events").clone();
     assert_contiguous(&stored, 1);
     assert_eq!(text_of(&stored), expected_text("redis cluster", 11, 150));
-    let fresh = common::cluster::spawn_edge(
+    let fresh = common::spawn_edge(
         "edge-late",
         &nats.url(),
         &redis.url(),
@@ -217,14 +188,8 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
         &options,
     );
     let from_store = wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(fresh.url(&format!("/v1/streams/{id}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &fresh.url(&format!("/v1/streams/{id}?after=0"))).await?;
         v["events"].as_array().cloned()
     })
     .await;
@@ -235,27 +200,10 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
     );
 
     // A new stream after the failover works end to end, resumed on the other replica.
-    let r = http
-        .post(edges[1].url("/v1/streams"))
-        .json(&slow("after failover", 20, 5))
-        .send()
-        .await
-        .expect("POST");
-    let status = r.status();
-    assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
-    let id2 = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id2 = edges[1].create(&http, slow("after failover", 20, 5)).await;
     let done = wait_until(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(edges[0].url(&format!("/v1/streams/{id2}?after=0")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value =
+            try_get_json(&http, &edges[0].url(&format!("/v1/streams/{id2}?after=0"))).await?;
         (v["status"] == "done").then(|| v["events"].as_array().cloned().unwrap_or_default())
     })
     .await;
@@ -265,7 +213,7 @@ async fn edges_resume_across_replicas_while_a_redis_master_fails_over() {
 
 #[tokio::test]
 async fn the_store_conforms_on_a_tls_redis_cluster() {
-    let tls = common::tls::TlsDir::new();
+    let tls = TlsDir::new();
     let cluster = RedisCluster::start_tls(3, 0, &tls.files);
     let args = tokenfan_edge::redis_conn::RedisArgs {
         redis_ca_file: Some(tls.files.ca.clone()),
@@ -276,7 +224,7 @@ async fn the_store_conforms_on_a_tls_redis_cluster() {
         .await
         .expect("TLS cluster connect");
     assert!(store.healthy().await);
-    tokenfan_edge::store::conformance::run(&store).await;
+    conformance::store::run(&store).await;
     // Plain text to a TLS-only cluster fails at start-up.
     let plain = cluster.url().replacen("rediss+", "redis+", 1);
     assert!(RedisStore::connect(&plain).await.is_err());

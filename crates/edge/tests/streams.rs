@@ -1,13 +1,15 @@
 //! Streams over SSE, long-poll and short-poll against a real edge (embedded generator):
 //! exactly-once delivery, resume, stop, detach grace, slow readers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestEdge, assert_contiguous, fast, read_sse, slow, text_of, wait_until};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::{TestEdge, fast, get_json, long_poll_all, slow, try_get_json},
+    sse::{SseParser, assert_contiguous, read_sse, stream_events, text_of},
+    wait::wait_until,
+};
 
 #[tokio::test]
 async fn post_sse_streams_every_token_then_done() {
@@ -90,11 +92,8 @@ async fn get_events_resumes_from_last_event_id_and_after() {
         .expect("GET");
     assert_eq!(at_end.status(), 204);
     let past = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events?after={}", terminal + 1)))
-        .send()
-        .await
-        .expect("GET");
+        .get(&format!("/v1/streams/{id}/events?after={}", terminal + 1))
+        .await;
     assert_eq!(past.status(), 400);
     let body: Value = past.json().await.expect("json");
     assert_eq!(body["error"]["code"], "cursor_out_of_range");
@@ -105,13 +104,8 @@ async fn live_resume_mid_stream_gets_the_rest_exactly_once() {
     let edge = TestEdge::start().await;
     let id = edge.create(slow("live", 60, 10)).await;
     // Read a prefix live, drop the connection, resume from the last id seen.
-    let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
-    let mut parser = common::SseParser::default();
+    let r = edge.get(&format!("/v1/streams/{id}/events")).await;
+    let mut parser = SseParser::default();
     let mut body = r.bytes_stream();
     let mut got: Vec<Value> = Vec::new();
     while got.len() < 10 {
@@ -167,7 +161,7 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
     // Same seed, same answer: poll a second stream while it runs.
     let id = edge.create(body).await;
     let base = edge.url("");
-    let long = common::long_poll_all(&edge.http, &base, &id, 0).await;
+    let long = long_poll_all(&edge.http, &base, &id, 0).await;
     assert_eq!(long.last().expect("end")["type"], "done");
     assert_contiguous(&long, 1);
     assert_eq!(text_of(&long), text_of(&sse_json));
@@ -188,23 +182,16 @@ async fn long_poll_and_short_poll_rebuild_the_sse_text() {
 
     // A long-poll past the end is refused; at the end it answers at once, empty.
     let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/poll?after={}", after + 1)))
-        .send()
-        .await
-        .expect("poll");
+        .get(&format!("/v1/streams/{id}/poll?after={}", after + 1))
+        .await;
     assert_eq!(r.status(), 400);
-    let v: Value = edge
-        .http
-        .get(edge.url(&format!(
+    let v: Value = get_json(
+        &edge.http,
+        &edge.url(&format!(
             "/v1/streams/{id}/poll?after={after}&timeout_ms=55000"
-        )))
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
+        )),
+    )
+    .await;
     assert_eq!(v["events"], json!([]));
     assert_eq!(v["next_after"], after);
 }
@@ -215,15 +202,11 @@ async fn long_poll_times_out_with_an_empty_batch() {
     let id = edge
         .create(json!({"prompt": "wait", "max_tokens": 5, "timing": {"ttft_ms": 20_000}}))
         .await;
-    let v: Value = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=50")))
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(
+        &edge.http,
+        &edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=50")),
+    )
+    .await;
     assert_eq!(v["status"], "running");
     assert_eq!(v["events"], json!([]));
     assert_eq!(v["next_after"], 0);
@@ -271,7 +254,7 @@ async fn a_stream_nobody_watches_is_cancelled_after_the_detach_grace() {
     let id = edge.create(slow("unwatched", 1000, 20)).await;
     // Never attached: the grace runs from creation. Watch through the hub (a poll would
     // count as attention and restart the clock).
-    let stream = edge.running.hub.get(&id).await.expect("stream");
+    let stream = edge.stream(&id).await;
     wait_until(Duration::from_secs(10), || async {
         (stream.status().as_str() != "running").then_some(())
     })
@@ -330,20 +313,10 @@ async fn a_reader_that_stops_reading_does_not_hold_back_the_others() {
     .await;
     let id = edge.create(slow("fan", 300, 2)).await;
     // The stalled reader: opens the stream and never reads the body.
-    let stalled = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
-    let healthy = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
+    let stalled = edge.get(&format!("/v1/streams/{id}/events")).await;
+    let healthy = edge.get(&format!("/v1/streams/{id}/events")).await;
     let (events, _) = read_sse(healthy).await;
-    let json: Vec<Value> = common::stream_events(&events);
+    let json: Vec<Value> = stream_events(&events);
     assert_eq!(json.last().expect("terminal")["type"], "done");
     let all = edge.wait_finished(&id).await;
     assert_eq!(
@@ -385,7 +358,7 @@ async fn many_subscribers_each_get_everything_exactly_once() {
     let results = futures::future::join_all(readers).await;
     let reference = text_of(&edge.wait_finished(&id).await);
     for events in results {
-        let json: Vec<Value> = common::stream_events(&events);
+        let json: Vec<Value> = stream_events(&events);
         assert_contiguous(&json, 1);
         assert_eq!(text_of(&json), reference);
     }
@@ -395,21 +368,20 @@ async fn many_subscribers_each_get_everything_exactly_once() {
 async fn openai_stream_format_field_by_field() {
     let edge = TestEdge::start().await;
     let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "max_tokens": 12,
-            "seed": 3,
-            "temperature": 0.2,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 2}
-        }))
-        .send()
-        .await
-        .expect("POST");
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "max_tokens": 12,
+                "seed": 3,
+                "temperature": 0.2,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 2}
+            }),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
     let (events, _) = read_sse(r).await;
@@ -469,18 +441,17 @@ async fn openai_stream_format_field_by_field() {
 
     // Non-streaming: one completion object with the same text for the same seed.
     let v: Value = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 12,
-            "seed": 3,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 2}
-        }))
-        .send()
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 12,
+                "seed": 3,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 2}
+            }),
+        )
         .await
-        .expect("POST")
         .json()
         .await
         .expect("json");
@@ -492,11 +463,8 @@ async fn openai_stream_format_field_by_field() {
 
     // The same stream replayed as OpenAI chunks over GET.
     let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events?format=openai")))
-        .send()
-        .await
-        .expect("GET");
+        .get(&format!("/v1/streams/{id}/events?format=openai"))
+        .await;
     let (replay, _) = read_sse(r).await;
     assert_eq!(replay.last().expect("last").data, "[DONE]");
 }
@@ -505,18 +473,17 @@ async fn openai_stream_format_field_by_field() {
 async fn openai_cancel_mid_stream_sends_an_error_and_no_done() {
     let edge = TestEdge::start().await;
     let r = edge
-        .http
-        .post(edge.url("/v1/chat/completions"))
-        .json(&json!({
-            "model": "tokenfan-mock",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": true,
-            "max_tokens": 500,
-            "timing": {"ttft_ms": 5, "inter_token_ms": 20}
-        }))
-        .send()
-        .await
-        .expect("POST");
+        .post(
+            "/v1/chat/completions",
+            &json!({
+                "model": "tokenfan-mock",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "max_tokens": 500,
+                "timing": {"ttft_ms": 5, "inter_token_ms": 20}
+            }),
+        )
+        .await;
     let id = r.headers()["x-stream-id"].to_str().expect("id").to_string();
     let reader = tokio::spawn(read_sse(r));
     wait_until(Duration::from_secs(10), || async {
@@ -540,15 +507,7 @@ async fn openai_cancel_mid_stream_sends_an_error_and_no_done() {
 #[tokio::test]
 async fn models_health_ready_and_metrics() {
     let edge = TestEdge::start().await;
-    let models: Value = edge
-        .http
-        .get(edge.url("/v1/models"))
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("json");
+    let models: Value = get_json(&edge.http, &edge.url("/v1/models")).await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -557,18 +516,10 @@ async fn models_health_ready_and_metrics() {
         .map(|m| m["id"].as_str().expect("id"))
         .collect();
     assert!(ids.contains(&"tokenfan-mock"));
-    assert_eq!(
-        edge.http
-            .get(edge.url("/healthz"))
-            .send()
-            .await
-            .expect("GET")
-            .status(),
-        200
-    );
+    assert_eq!(edge.get("/healthz").await.status(), 200);
     // Metrics and readiness are on the admin listener only; health is on both.
     for path in ["/metrics", "/readyz"] {
-        let r = edge.http.get(edge.url(path)).send().await.expect("GET");
+        let r = edge.get(path).await;
         assert_eq!(r.status(), 404, "{path} is not on the public port");
     }
     let r = edge.http.get(edge.admin_url("/healthz")).send().await;
@@ -594,7 +545,7 @@ async fn models_health_ready_and_metrics() {
 #[tokio::test]
 async fn the_demo_page_is_served_with_security_headers() {
     let edge = TestEdge::start().await;
-    let r = edge.http.get(edge.url("/")).send().await.expect("GET");
+    let r = edge.get("/").await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -607,15 +558,7 @@ async fn the_demo_page_is_served_with_security_headers() {
     let html = r.text().await.expect("html");
     assert!(html.contains("/app.js"));
     for path in ["/app.js", "/style.css"] {
-        assert_eq!(
-            edge.http
-                .get(edge.url(path))
-                .send()
-                .await
-                .expect("GET")
-                .status(),
-            200
-        );
+        assert_eq!(edge.get(path).await.status(), 200);
     }
 }
 
@@ -649,18 +592,13 @@ async fn sse_sends_heartbeat_comments_while_idle() {
     let edge = TestEdge::with(|c| c.http.sse_heartbeat_secs = 1).await;
     let body = json!({"prompt": "quiet", "max_tokens": 2, "timing": {"ttft_ms": 2500, "inter_token_ms": 1}});
     let id = edge.create(body).await;
-    let r = edge
-        .http
-        .get(edge.url(&format!("/v1/streams/{id}/events")))
-        .send()
-        .await
-        .expect("GET");
+    let r = edge.get(&format!("/v1/streams/{id}/events")).await;
     let (events, comments) = read_sse(r).await;
     assert!(
         comments >= 2,
         "heartbeats while waiting for the first token: {comments}"
     );
-    let json: Vec<Value> = common::stream_events(&events);
+    let json: Vec<Value> = stream_events(&events);
     assert_contiguous(&json, 1);
     assert_eq!(json.len(), 3);
 }
@@ -676,15 +614,11 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
     let id = edge.create(fast("expire", 40, 9)).await;
     // A history larger than the byte cap is still replayed whole by a long-poll from 0.
     let all: Value = wait_until(Duration::from_secs(10), || async {
-        let v: Value = edge
-            .http
-            .get(edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=1000")))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v: Value = try_get_json(
+            &edge.http,
+            &edge.url(&format!("/v1/streams/{id}/poll?after=0&timeout_ms=1000")),
+        )
+        .await?;
         (v["status"] == "done").then_some(v)
     })
     .await;
@@ -710,7 +644,7 @@ async fn expired_history_answers_410_and_polls_replay_whole_histories() {
 async fn polling_keeps_a_stream_alive_past_the_detach_grace() {
     let edge = TestEdge::with(|c| c.streams.detach_grace_secs = 1).await;
     let id = edge.create(slow("polled", 120, 20)).await;
-    let events = common::long_poll_all(&edge.http, &edge.url(""), &id, 0).await;
+    let events = long_poll_all(&edge.http, &edge.url(""), &id, 0).await;
     assert_contiguous(&events, 1);
     assert_ne!(events.last().expect("end")["finish_reason"], "cancelled");
 }

@@ -17,11 +17,7 @@ use std::{
     time::Duration,
 };
 
-use common::{
-    SseParser,
-    cluster::{EdgeOptions, TestCluster},
-    read_sse, stream_events, wait_until,
-};
+use common::{EdgeOptions, TestCluster};
 use futures::StreamExt as _;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -32,6 +28,11 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::{create, stream_id},
+    sse::{SseParser, read_sse, stream_events},
+    wait::wait_until,
+};
 
 /// A span as the collector received it, with its resource's identity.
 #[derive(Debug, Clone)]
@@ -165,19 +166,9 @@ fn traceparent(trace: &str, span: &str) -> String {
     format!("00-{trace}-{span}-01")
 }
 
-async fn create(http: &reqwest::Client, base: &str, parent: &str, body: Value) -> String {
-    let r = http
-        .post(format!("{base}/v1/streams"))
-        .header("traceparent", parent)
-        .json(&body)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned()
+/// `POST /v1/streams` with `traceparent: parent`; the new stream's id.
+async fn create_traced(http: &reqwest::Client, base: &str, parent: &str, body: Value) -> String {
+    stream_id(&create(http, base, &[("traceparent", parent)], body).await)
 }
 
 fn slow(max_tokens: u32, inter_token_ms: u32) -> Value {
@@ -276,7 +267,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
 
     // Stream 1: started on A by a traced caller, read whole on B (B mirrors it), then resumed
     // on B from seq 5 by a request with its own span in the same trace.
-    let id = create(&http, &a, &traceparent(TRACE, CALLER), slow(30, 25)).await;
+    let id = create_traced(&http, &a, &traceparent(TRACE, CALLER), slow(30, 25)).await;
     let r = http
         .get(format!("{b}/v1/streams/{id}/events"))
         .send()
@@ -297,7 +288,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
     assert_eq!(stream_events(&resumed).len(), 26);
 
     // Stream 2: another trace, followed on B and stopped from B (relayed to A over NATS).
-    let stop_id = create(&http, &a, &traceparent(STOP_TRACE, CALLER), slow(400, 25)).await;
+    let stop_id = create_traced(&http, &a, &traceparent(STOP_TRACE, CALLER), slow(400, 25)).await;
     let r = http
         .get(format!("{b}/v1/streams/{stop_id}/events"))
         .send()
@@ -332,7 +323,7 @@ async fn one_trace_follows_a_stream_across_replicas() {
         .await;
 
     // Stream 3: followed on B; A is killed mid-stream and B takes it over.
-    let failover_id = create(
+    let failover_id = create_traced(
         &http,
         &a,
         &traceparent(FAILOVER_TRACE, CALLER),

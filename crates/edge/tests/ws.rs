@@ -2,23 +2,25 @@
 //! subscribe, cancel, unsubscribe, ping), many streams per socket, protocol errors, limits,
 //! the Origin check, server pings, and WebSocket over HTTP/2 (RFC 8441).
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
-use common::{TestEdge, assert_contiguous, fast, slow, text_of, wait_until};
-use futures::{SinkExt as _, StreamExt as _};
+use futures::SinkExt as _;
 use serde_json::{Value, json};
+use tokenfan_testkit::{
+    edge::{TestEdge, fast, slow},
+    sse::{assert_contiguous, text_of},
+    wait::wait_until,
+    ws::{TcpWs, WAIT, Ws, is_terminal},
+};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
+    WebSocketStream,
     tungstenite::{
-        self, Message,
-        client::IntoClientRequest as _,
+        Message,
         protocol::{
             Role,
             frame::{
@@ -29,131 +31,14 @@ use tokio_tungstenite::{
     },
 };
 
-/// Longest wait for any single message; generous so a loaded machine cannot flake.
-const READ_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// A WebSocket client speaking the edge's JSON protocol.
-struct Ws<S> {
-    socket: WebSocketStream<S>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
-    async fn send(&mut self, msg: Message) {
-        self.socket.send(msg).await.expect("send");
-    }
-
-    async fn send_json(&mut self, value: Value) {
-        self.send(Message::text(value.to_string())).await;
-    }
-
-    /// The next frame of any kind (including pings and the close frame); panics on timeout,
-    /// error or end of stream.
-    async fn next_frame(&mut self) -> Message {
-        tokio::time::timeout(READ_TIMEOUT, self.socket.next())
-            .await
-            .expect("a frame within the timeout")
-            .expect("socket still open")
-            .expect("no socket error")
-    }
-
-    /// The next JSON message, skipping WebSocket pings and pongs.
-    async fn next_json(&mut self) -> Value {
-        loop {
-            match self.next_frame().await {
-                Message::Text(text) => return serde_json::from_str(&text).expect("JSON text"),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("expected a text message, got {other:?}"),
-            }
-        }
-    }
-
-    /// Reads until the close frame (skipping anything else) and returns its code.
-    async fn close_code(&mut self) -> CloseCode {
-        loop {
-            match self.next_frame().await {
-                Message::Close(Some(frame)) => return frame.code,
-                Message::Close(None) => panic!("close frame without a code"),
-                _ => continue,
-            }
-        }
-    }
-
-    /// `start` → `started` (echoing `request_id`); returns the new stream's id.
-    async fn start(&mut self, request_id: &str, request: Value) -> String {
-        self.send_json(json!({"type": "start", "request_id": request_id, "request": request}))
-            .await;
-        let started = self.next_json().await;
-        assert_eq!(started["type"], "started", "{started}");
-        assert_eq!(started["request_id"], request_id);
-        started["stream_id"]
-            .as_str()
-            .expect("stream_id")
-            .to_string()
-    }
-
-    /// Reads the events of `stream_id` up to and including its terminal event; every message
-    /// read must belong to that stream.
-    async fn events_until_terminal(&mut self, stream_id: &str) -> Vec<Value> {
-        let mut events = Vec::new();
-        loop {
-            let e = self.next_json().await;
-            assert_eq!(e["stream_id"], stream_id, "an event of this stream: {e}");
-            let terminal = is_terminal(&e);
-            events.push(e);
-            if terminal {
-                return events;
-            }
-        }
-    }
-
-    /// Sends `ping` with `id` and returns every message read before the matching `pong`.
-    async fn until_pong(&mut self, id: &str) -> Vec<Value> {
-        self.send_json(json!({"type": "ping", "id": id})).await;
-        let mut before = Vec::new();
-        loop {
-            let v = self.next_json().await;
-            if v["type"] == "pong" && v["id"] == id {
-                return before;
-            }
-            before.push(v);
-        }
-    }
-
-    /// Asserts nothing is pending: a `ping` is answered by the very next message.
-    async fn assert_quiet(&mut self) {
-        let before = self.until_pong("quiet").await;
-        assert!(before.is_empty(), "unexpected messages: {before:?}");
-    }
-}
-
-type TcpWs = Ws<MaybeTlsStream<TcpStream>>;
-
 /// Opens `ws://ADDR/v1/ws` over HTTP/1.1.
 async fn connect(edge: &TestEdge) -> TcpWs {
-    let (socket, response) = connect_async(format!("ws://{}/v1/ws", edge.addr))
-        .await
-        .expect("WebSocket upgrade");
-    assert_eq!(response.status(), 101);
-    Ws { socket }
+    TcpWs::connect(edge.addr).await
 }
 
 /// Opens the socket with this `Origin` header; the refusal's status on failure.
 async fn connect_with_origin(edge: &TestEdge, origin: &str) -> Result<TcpWs, u16> {
-    let mut request = format!("ws://{}/v1/ws", edge.addr)
-        .into_client_request()
-        .expect("request");
-    request
-        .headers_mut()
-        .insert("origin", origin.parse().expect("header value"));
-    match connect_async(request).await {
-        Ok((socket, _)) => Ok(Ws { socket }),
-        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
-        Err(other) => panic!("unexpected connect error: {other}"),
-    }
-}
-
-fn is_terminal(e: &Value) -> bool {
-    e["type"] == "done" || (e["type"] == "error" && e.get("seq").is_some())
+    TcpWs::open(&edge.url(""), "", &[("origin", origin)]).await
 }
 
 /// The event without the WebSocket's `stream_id`: the native JSON every transport sends.
@@ -173,7 +58,7 @@ fn assert_protocol_error(e: &Value, code: &str) {
 
 /// Subscriptions currently attached to a stream on this edge.
 async fn attached(edge: &TestEdge, id: &str) -> usize {
-    let stream = edge.running.hub.get(id).await.expect("stream known");
+    let stream = edge.stream(id).await;
     stream.attached_count()
 }
 
@@ -485,13 +370,7 @@ async fn protocol_errors_are_answered_and_the_socket_stays_usable() {
         assert_protocol_error(&e, "invalid_request");
         assert_eq!(e["request_id"], rid.as_str(), "{e}");
         assert!(e.get("stream_id").is_none(), "{e}");
-        let posted = edge
-            .http
-            .post(edge.url("/v1/streams"))
-            .json(&request)
-            .send()
-            .await
-            .expect("POST");
+        let posted = edge.post("/v1/streams", &request).await;
         assert_eq!(posted.status(), 400);
         let body: Value = posted.json().await.expect("json");
         assert_eq!(body["error"]["code"], "invalid_request", "{request}");
@@ -695,7 +574,7 @@ async fn raw_upgrade(edge: &TestEdge) -> (TcpStream, Vec<u8>) {
             break pos + 4;
         }
         let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(READ_TIMEOUT, tcp.read(&mut chunk))
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
             .await
             .expect("response within the timeout")
             .expect("read");
@@ -779,7 +658,7 @@ mod h2 {
                 }
             }
         });
-        tokio::time::timeout(READ_TIMEOUT, enabled_rx)
+        tokio::time::timeout(WAIT, enabled_rx)
             .await
             .expect("the server sends SETTINGS_ENABLE_CONNECT_PROTOCOL")
             .expect("connection task");
@@ -823,7 +702,7 @@ mod h2 {
             let upgraded = hyper::upgrade::on(&mut response).await.expect("upgrade");
             let socket =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
-            sockets.push(Ws { socket });
+            sockets.push(Ws::new(socket));
         }
         for (i, ws) in sockets.iter_mut().enumerate() {
             let id = ws.start("h2", fast("over http/2", 30, 7 + i as u64)).await;

@@ -7,45 +7,30 @@ use std::{
 };
 
 use tokenfan_proto::v1::{ChatMessage, GenerateRequest, Timing, generator_client::GeneratorClient};
+use tokenfan_testkit::binary::{assert_help_names_env_vars, terminate};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-generator");
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let out = Command::new(BIN)
-        .arg("--help")
-        .output()
-        .expect("run --help");
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).expect("utf-8");
-    for (flag, env) in [
-        ("--listen", "TOKENFAN_GENERATOR_LISTEN"),
-        ("--metrics-listen", "TOKENFAN_GENERATOR_METRICS_LISTEN"),
-        ("--allow-faults", "TOKENFAN_GENERATOR_ALLOW_FAULTS"),
-        ("--ttft-ms", "TOKENFAN_GENERATOR_TTFT_MS"),
-        ("--inter-token-ms", "TOKENFAN_GENERATOR_INTER_TOKEN_MS"),
-        ("--jitter-ms", "TOKENFAN_GENERATOR_JITTER_MS"),
-        ("--max-tokens-cap", "TOKENFAN_GENERATOR_MAX_TOKENS_CAP"),
-        (
-            "--shutdown-grace-secs",
-            "TOKENFAN_GENERATOR_SHUTDOWN_GRACE_SECS",
-        ),
-        ("--log-format", "TOKENFAN_LOG_FORMAT"),
-        ("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help");
-        assert!(
-            help.contains(&format!("env: {env}")),
-            "{env} missing from --help"
-        );
-    }
-    // Every long option (`-h, --help` and `-V, --version` aside) names its environment variable.
-    let options = help
-        .lines()
-        .filter(|l| l.trim_start().starts_with("--"))
-        .count();
-    let envs = help.matches("[env: ").count();
-    assert_eq!(options, envs, "every option has an env var");
+    assert_help_names_env_vars(
+        BIN,
+        &[
+            ("--listen", "TOKENFAN_GENERATOR_LISTEN"),
+            ("--metrics-listen", "TOKENFAN_GENERATOR_METRICS_LISTEN"),
+            ("--allow-faults", "TOKENFAN_GENERATOR_ALLOW_FAULTS"),
+            ("--ttft-ms", "TOKENFAN_GENERATOR_TTFT_MS"),
+            ("--inter-token-ms", "TOKENFAN_GENERATOR_INTER_TOKEN_MS"),
+            ("--jitter-ms", "TOKENFAN_GENERATOR_JITTER_MS"),
+            ("--max-tokens-cap", "TOKENFAN_GENERATOR_MAX_TOKENS_CAP"),
+            (
+                "--shutdown-grace-secs",
+                "TOKENFAN_GENERATOR_SHUTDOWN_GRACE_SECS",
+            ),
+            ("--log-format", "TOKENFAN_LOG_FORMAT"),
+            ("--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ],
+    );
 }
 
 #[test]
@@ -168,22 +153,6 @@ async fn metrics_follow_a_stream_and_sigterm_exits_cleanly() {
         "{body}"
     );
 
-    let pid = running.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = running.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = terminate(&mut running.child, Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 }

@@ -9,6 +9,7 @@ use tokenfan_proto::v1::{
     ChatMessage, Fault, FinishReason, GenerateRequest, Timing, generate_response::Event,
     generator_client::GeneratorClient,
 };
+use tokenfan_testkit::wait::wait_until;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
@@ -58,25 +59,6 @@ impl TestGenerator {
 impl Drop for TestGenerator {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// Polls `f` until it returns `Some`, panicking after `timeout`.
-async fn wait_until<T, F, Fut>(timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

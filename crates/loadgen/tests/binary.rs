@@ -1,12 +1,10 @@
 //! The `tokenfan-loadgen` binary: help, exit status (0 clean, 1 errors or violations, 2 bad
 //! usage), and `chart` writing a well-formed SVG with one curve per input and panel.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command};
 
 use serde_json::json;
-use tokenfan_edge::EdgeConfig;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokenfan_testkit::edge::TestEdge;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-loadgen");
 
@@ -15,17 +13,6 @@ fn temp(name: &str) -> PathBuf {
         "tokenfan-loadgen-bin-{}-{name}",
         std::process::id()
     ))
-}
-
-async fn start_edge() -> (SocketAddr, CancellationToken) {
-    let mut config = EdgeConfig::defaults();
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let shutdown = CancellationToken::new();
-    let running = tokenfan_edge::start(config, listener, shutdown.clone())
-        .await
-        .expect("edge starts");
-    (running.addr, shutdown)
 }
 
 /// Runs the binary off the test's runtime threads.
@@ -133,13 +120,13 @@ fn bad_usage_exits_2_with_a_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_run_exits_0_and_its_json_charts() {
-    let (addr, shutdown) = start_edge().await;
+    let edge = TestEdge::start().await;
     let json = temp("native.json");
-    let mut args = fast("native", &format!("http://{addr}"));
+    let mut args = fast("native", &edge.url(""));
     args.extend(["--json".to_owned(), json.display().to_string()]);
     args.extend(["--label".to_owned(), "tokenfan".to_owned()]);
     let out = loadgen(args).await;
-    shutdown.cancel();
+    drop(edge);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("RESULT: ok"), "{stdout}");

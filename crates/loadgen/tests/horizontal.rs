@@ -9,7 +9,6 @@
 //! means and counts must equal that histogram's, while every counter must equal the sum.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -17,49 +16,15 @@ use std::{
 use clap::Parser as _;
 use hdrhistogram::Histogram;
 use serde_json::Value;
-use tokenfan_edge::EdgeConfig;
 use tokenfan_loadgen::{
     Cli, Report,
     report::Counts,
     run,
     stats::{Hists, Summary, new_hist},
 };
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokenfan_testkit::{edge::TestEdge, tls::TlsDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-loadgen");
-
-/// A running edge (embedded generator); stops when dropped.
-struct Edge {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-}
-
-impl Edge {
-    async fn start(tls: Option<(PathBuf, PathBuf)>) -> Self {
-        let mut config = EdgeConfig::defaults();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        if let Some((cert, key)) = tls {
-            config.tls_cert = Some(cert);
-            config.tls_key = Some(key);
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let shutdown = CancellationToken::new();
-        let running = tokenfan_edge::start(config, listener, shutdown.clone())
-            .await
-            .expect("edge starts");
-        Self {
-            addr: running.addr,
-            shutdown,
-        }
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -143,7 +108,7 @@ fn same(got: &Option<Summary>, want: &Option<Histogram<u64>>, what: &str) {
 /// Three load generators, one window, one exact report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_runs_equal_the_union_of_their_samples() {
-    let edge = Edge::start(None).await;
+    let edge = TestEdge::start().await;
     let dir = temp_dir("merge");
     let target = format!("http://{}", edge.addr);
     // Far enough ahead for the three processes to start and connect.
@@ -448,7 +413,7 @@ async fn http2_and_tls_targets() {
     let dir = temp_dir("tls");
     let json = dir.join("run.json");
 
-    let plain = Edge::start(None).await;
+    let plain = TestEdge::start().await;
     let r = run_in_process(fast(
         "native",
         &format!("http://{}", plain.addr),
@@ -467,15 +432,14 @@ async fn http2_and_tls_targets() {
     .await;
     only_version(&r, "HTTP/2.0");
 
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("certificate");
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-    let tls = Edge::start(Some((cert_path.clone(), key_path))).await;
+    let certs = TlsDir::new();
+    let tls = TestEdge::with(|c| {
+        c.tls_cert = Some(certs.files.cert.clone());
+        c.tls_key = Some(certs.files.key.clone());
+    })
+    .await;
     let https = format!("https://localhost:{}", tls.addr.port());
-    let ca = cert_path.display().to_string();
+    let ca = certs.files.ca.display().to_string();
 
     let r = run_in_process(fast(
         "chat",

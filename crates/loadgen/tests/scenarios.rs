@@ -11,47 +11,13 @@ use std::{
 
 use clap::Parser as _;
 use serde_json::Value;
-use tokenfan_edge::EdgeConfig;
 use tokenfan_loadgen::{Cli, Report, run};
+use tokenfan_testkit::edge::TestEdge;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
 };
 use tokio_util::sync::CancellationToken;
-
-/// A running edge (embedded generator); stops when dropped.
-struct Edge {
-    addr: SocketAddr,
-    admin_addr: SocketAddr,
-    shutdown: CancellationToken,
-}
-
-impl Edge {
-    async fn start() -> Self {
-        let mut config = EdgeConfig::defaults();
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let shutdown = CancellationToken::new();
-        let running = tokenfan_edge::start(config, listener, shutdown.clone())
-            .await
-            .expect("edge starts");
-        Self {
-            addr: running.addr,
-            admin_addr: running.admin_addr,
-            shutdown,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 fn json_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -171,13 +137,13 @@ fn added_delay_p99(json: &Value, transport: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_post_sse() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("native");
-    let mut args = fast_args("native", &edge.url(), &json);
+    let mut args = fast_args("native", &edge.url(""), &json);
     args.extend([
         "--metrics".to_owned(),
         "--metrics-url".to_owned(),
-        format!("http://{}", edge.admin_addr),
+        format!("http://{}", edge.running.admin_addr),
         "--server-pid".to_owned(),
     ]);
     args.push(std::process::id().to_string());
@@ -197,9 +163,9 @@ async fn native_post_sse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completions() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("chat");
-    let (report, value) = run_args(fast_args("chat", &edge.url(), &json), &json).await;
+    let (report, value) = run_args(fast_args("chat", &edge.url(""), &json), &json).await;
     assert_clean(&report, &value, &["chat"]);
     // `"emit_times": true` on the request: every token chunk carried `emitted_at_unix_nanos`
     // (a missing one is the violation `missing_emitted_at`), so the added delay is measured.
@@ -211,7 +177,7 @@ async fn chat_completions() {
 
     // Without it the chunks are plain OpenAI ones: no delay figure, and the report says why.
     let json = json_path("chat-plain");
-    let mut args = fast_args("chat", &edge.url(), &json);
+    let mut args = fast_args("chat", &edge.url(""), &json);
     args.push("--no-emit-times".to_owned());
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["chat"]);
@@ -227,9 +193,9 @@ async fn chat_completions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_viewers_over_two_targets() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("watch");
-    let targets = format!("{},{}", edge.url(), edge.url());
+    let targets = format!("{},{}", edge.url(""), edge.url(""));
     let mut args = fast_args("watch", &targets, &json);
     args.extend(["--viewers".to_owned(), "5".to_owned()]);
     let (report, value) = run_args(args, &json).await;
@@ -246,9 +212,9 @@ async fn watch_viewers_over_two_targets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_multiplexed() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("ws");
-    let mut args = fast_args("ws", &edge.url(), &json);
+    let mut args = fast_args("ws", &edge.url(""), &json);
     args.extend(["--streams-per-socket".to_owned(), "2".to_owned()]);
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["ws"]);
@@ -258,18 +224,18 @@ async fn websocket_multiplexed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("longpoll");
-    let (report, value) = run_args(fast_args("longpoll", &edge.url(), &json), &json).await;
+    let (report, value) = run_args(fast_args("longpoll", &edge.url(""), &json), &json).await;
     assert_clean(&report, &value, &["longpoll"]);
     assert!(added_delay_p99(&value, "longpoll").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_poll() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("shortpoll");
-    let mut args = fast_args("shortpoll", &edge.url(), &json);
+    let mut args = fast_args("shortpoll", &edge.url(""), &json);
     args.extend(["--poll-interval-ms".to_owned(), "20".to_owned()]);
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["shortpoll"]);
@@ -277,9 +243,9 @@ async fn short_poll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_draws_every_transport() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("mixed");
-    let mut args = fast_args_n("mixed", &edge.url(), &json, 12);
+    let mut args = fast_args_n("mixed", &edge.url(""), &json, 12);
     args.extend(
         [
             "--mix",
@@ -299,9 +265,9 @@ async fn mixed_draws_every_transport() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_arrivals() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("open");
-    let mut args = fast_args("native", &edge.url(), &json);
+    let mut args = fast_args("native", &edge.url(""), &json);
     args.extend(["--rate", "40", "--max-in-flight", "100"].map(str::to_owned));
     let (report, value) = run_args(args, &json).await;
     assert_clean(&report, &value, &["native"]);
@@ -352,7 +318,7 @@ async fn grpc_floor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections() {
-    let edge = Edge::start().await;
+    let edge = TestEdge::start().await;
     let json = json_path("idle");
     let args = [
         "tokenfan-loadgen",
@@ -371,7 +337,7 @@ async fn idle_connections() {
     .map(str::to_owned)
     .into_iter()
     .chain([
-        edge.url(),
+        edge.url(""),
         "--server-pid".to_owned(),
         std::process::id().to_string(),
         "--json".to_owned(),

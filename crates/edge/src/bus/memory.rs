@@ -75,11 +75,3 @@ impl Bus for MemoryBus {
         Ok(rx)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[tokio::test]
-    async fn conforms() {
-        super::super::conformance::run(&super::MemoryBus::default()).await;
-    }
-}

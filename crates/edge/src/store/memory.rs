@@ -227,11 +227,3 @@ impl Store for MemoryStore {
         self.with(id, |e| Ok(e.batches.clone()))
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[tokio::test]
-    async fn conforms() {
-        super::super::conformance::run(&super::MemoryStore::default()).await;
-    }
-}

@@ -789,14 +789,78 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        auth::Security,
+        bus::memory::MemoryBus,
+        config::EdgeConfig,
+        event::{Event, EventKind, FinishReason, Usage},
+        hub::Hub,
+        lifecycle::Lifecycle,
+        limits::{Limiter, memory::MemoryLimits},
+        store::{LeaseTerms, Store as _, StreamMeta, memory::MemoryStore},
+        upstream::GeneratorPool,
+    };
 
-    #[test]
-    fn cancels_past_the_in_flight_bound_are_refused_and_count_as_strikes() {
-        let (rt, app) = crate::fuzzing::fixture_app();
-        rt.block_on(async {
+    /// The finished stream in [`app`]'s store.
+    const DONE: &str = "WsTestFinishedStreamAA";
+
+    /// An application over the in-memory backends in cluster mode (streams are found in the
+    /// store), whose store holds one finished stream, [`DONE`]; with no room for new streams
+    /// and a generator nobody calls.
+    async fn app() -> AppState {
+        let mut config = EdgeConfig::defaults();
+        config.streams.max_streams = 0;
+        config.streams.generator_connections = 1;
+        let config = Arc::new(config);
+        let request = StreamRequest {
+            prompt: Some("ws".into()),
+            ..StreamRequest::default()
+        };
+        let spec = request.validate(&config.streams).expect("a valid request");
+        let terms = LeaseTerms {
+            ttl: config.lease_ttl(),
+            keep: config.history_ttl(),
+        };
+        let id = StreamId::parse(DONE).expect("an id");
+        let done = EventKind::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+        };
+        let store = Arc::new(MemoryStore::default());
+        let meta = StreamMeta::running(&spec, "edge-owner");
+        store.create(&id, meta, terms).await.expect("create");
+        let events = [Arc::new(Event::new(1, done))];
+        store.append(&id, 1, &events).await.expect("append");
+        let unused = ["http://127.0.0.1:9".to_owned()];
+        let generators = Arc::new(GeneratorPool::new(&unused, 1).expect("a pool"));
+        let bus = Arc::new(MemoryBus::default());
+        let lifecycle = Lifecycle::default();
+        let hub = Hub::new(
+            config.clone(),
+            "ws".into(),
+            generators,
+            store,
+            bus,
+            true,
+            &lifecycle,
+        );
+        let security = Security::from_args(&config.auth, false).expect("no auth");
+        let policy = config.limits.policy();
+        AppState {
+            hub,
+            security: Arc::new(security),
+            limiter: Arc::new(Limiter::new(policy, Arc::new(MemoryLimits::new(policy)))),
+            config,
+            shutdown: lifecycle.accepting.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancels_past_the_in_flight_bound_are_refused_and_count_as_strikes() {
+        let app = app().await;
+        {
             let (tx, _rx) = mpsc::channel(OUTGOING);
-            let cancel =
-                json!({"type": "cancel", "stream_id": crate::fuzzing::DONE_STREAM}).to_string();
+            let cancel = json!({"type": "cancel", "stream_id": DONE}).to_string();
             let caller = Caller::anonymous();
             let mut socket = Socket::new(&app, &caller, tx);
             // Every permit held by cancels still in flight.
@@ -808,7 +872,7 @@ mod tests {
                 };
                 let v: Value = serde_json::from_str(&text).expect("json");
                 assert_eq!(v["code"], "too_many_cancels", "{v}");
-                assert_eq!(v["stream_id"], crate::fuzzing::DONE_STREAM);
+                assert_eq!(v["stream_id"], DONE);
                 assert_eq!(socket.limits.strikes, strikes);
             }
             // With room, the cancel goes ahead (answered later by the terminal event).
@@ -816,7 +880,7 @@ mod tests {
             let reply = socket.handle_text(&cancel).await;
             assert!(reply.is_none(), "{reply:?}");
             assert_eq!(socket.limits.strikes, 0);
-        });
+        }
     }
 
     #[test]
@@ -900,17 +964,17 @@ mod tests {
 
     #[test]
     fn a_stuck_write_does_not_hold_the_ping_check_back() {
-        let (_, mut app) = crate::fuzzing::fixture_app();
-        let mut config = (*app.config).clone();
-        config.http.ws_ping_secs = 20;
-        config.http.write_timeout_secs = 1000;
-        app.config = Arc::new(config);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
             .build()
             .expect("a runtime");
         rt.block_on(async {
+            let mut app = app().await;
+            let mut config = (*app.config).clone();
+            config.http.ws_ping_secs = 20;
+            config.http.write_timeout_secs = 1000;
+            app.config = Arc::new(config);
             let incoming = futures::stream::pending::<Result<Message, axum::Error>>();
             let started = tokio::time::Instant::now();
             // The first ping's write never completes; two unanswered pings still close the

@@ -1,15 +1,28 @@
 //! Certificates for TLS tests: a CA made on the spot and a leaf it signed for `127.0.0.1` and
 //! `localhost`, written as PEM files into a temporary directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use crate::servers::temp_dir;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use tokenfan_edge::testkit::{TlsFiles, temp_dir};
+
+/// PEM files for TLS tests: a CA, and a certificate + key it signed that is valid for
+/// `127.0.0.1` and `localhost` (servers use it; with client authentication, so do clients).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The leaf certificate.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
+}
 
 /// A fresh CA and leaf in a new directory (removed by the caller's [`TlsDir`]).
 pub struct TlsDir {
+    /// The CA, certificate and key files.
     pub files: TlsFiles,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
 }
 
 impl Drop for TlsDir {
@@ -19,6 +32,7 @@ impl Drop for TlsDir {
 }
 
 impl TlsDir {
+    /// Makes the CA and the leaf.
     pub fn new() -> Self {
         let dir = temp_dir("tls");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -50,13 +64,20 @@ impl TlsDir {
     }
 
     /// Writes `text` to a file in the directory (a password file, say).
-    pub fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.join(name);
         std::fs::write(&path, text).expect("write");
         path
     }
 
+    /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+impl Default for TlsDir {
+    fn default() -> Self {
+        Self::new()
     }
 }

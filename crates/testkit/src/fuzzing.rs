@@ -5,9 +5,9 @@
 //! property fails (not only when the code under test panics):
 //!
 //! - [`ws_messages`]: newline-separated frames through a real WebSocket session
-//!   ([`crate::transports::ws::serve`]) over in-memory channels; every reply is a well-formed
-//!   protocol message, pongs echo their pings in order, each kind of bad frame gets its error,
-//!   a valid `start` reaches stream creation, replayed stream events equal the stored ones.
+//!   ([`tokenfan_edge::transports::ws::serve`]) over in-memory channels; every reply is a
+//!   well-formed protocol message, pongs echo their pings in order, each kind of bad frame gets
+//!   its error, a valid `start` reaches stream creation, replayed stream events equal the stored ones.
 //! - [`stream_request`]: one body through the native and the OpenAI request validation,
 //!   directly and through the router; a valid spec survives its JSON round trip and both
 //!   paths agree.
@@ -41,10 +41,8 @@ use axum::{
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
-
-use crate::{
+use tokenfan_edge::{
+    Lifecycle, app, auth,
     bus::memory::MemoryBus,
     config::{EdgeConfig, StreamLimits},
     error::ApiError,
@@ -53,11 +51,14 @@ use crate::{
     ids::StreamId,
     request::{ROLES, StreamRequest, StreamSpec, parse_json},
     state::AppState,
-    store::{Store, StreamMeta, memory::MemoryStore},
-    tenant::Caller,
+    store::{LeaseTerms, Store, StreamMeta, memory::MemoryStore},
+    stream::StreamStatus,
+    tenant::{self, Caller},
     transports::{openai::ChatRequest, sse::parse_cursor, ws},
     upstream::GeneratorPool,
 };
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 /// A finished stream of the fixture that ends with `done`.
 pub const DONE_STREAM: &str = "FuzzFixtureDoneAAAAAAA";
@@ -86,13 +87,6 @@ thread_local! {
 
 fn fixture() -> &'static Fixture {
     FIXTURE.with(|f| *f)
-}
-
-/// The fixture's runtime and application state (unit tests of the transports).
-#[cfg(test)]
-pub(crate) fn fixture_app() -> (&'static tokio::runtime::Runtime, AppState) {
-    let fx = fixture();
-    (&fx.rt, fx.app.clone())
 }
 
 fn token(seq: u64, text: &str) -> Arc<Event> {
@@ -151,7 +145,7 @@ impl Fixture {
             for (id, events) in &streams {
                 let id = StreamId::parse(id).expect("a valid fixture id");
                 let meta = StreamMeta::running(&spec, "edge-owner");
-                let terms = crate::store::LeaseTerms {
+                let terms = LeaseTerms {
                     ttl: config.lease_ttl(),
                     keep: config.history_ttl(),
                 };
@@ -163,7 +157,7 @@ impl Fixture {
                 GeneratorPool::new(&["http://127.0.0.1:9".to_owned()], 1).expect("a pool"),
             );
             let bus = Arc::new(MemoryBus::default());
-            let lifecycle = crate::Lifecycle::default();
+            let lifecycle = Lifecycle::default();
             let hub = Hub::new(
                 config.clone(),
                 "fuzz".into(),
@@ -174,25 +168,28 @@ impl Fixture {
                 &lifecycle,
             );
             for id in streams.keys() {
-                let state = hub.get(id).await.expect("the fixture stream");
-                assert_ne!(state.status(), crate::stream::StreamStatus::Running);
+                let state = hub
+                    .get_for(id, Some(Caller::anonymous().tenant()))
+                    .await
+                    .expect("the fixture stream");
+                assert_ne!(state.status(), StreamStatus::Running);
             }
             let security =
-                crate::auth::Security::from_args(&config.auth, false).expect("authentication off");
+                auth::Security::from_args(&config.auth, false).expect("authentication off");
             AppState {
                 hub,
                 security: Arc::new(security),
-                limiter: Arc::new(crate::limits::Limiter::memory(
+                limiter: Arc::new(tokenfan_edge::limits::Limiter::memory(
                     0.0,
                     1,
                     0,
-                    crate::limits::LEASE,
+                    tokenfan_edge::limits::LEASE,
                 )),
                 config,
                 shutdown: CancellationToken::new(),
             }
         });
-        let router = crate::app::router(app.clone());
+        let router = app::router(app.clone());
         Self {
             rt,
             app,
@@ -889,9 +886,9 @@ const FUZZ_API_KEY: &str = "sk-fuzz-0123456789abcdef";
 
 /// Authentication of both modes, and a valid credential of each kind.
 struct AuthFixture {
-    keys: crate::auth::Security,
-    jwt: crate::auth::Security,
-    verifier: crate::auth::jwt::JwtAuth,
+    keys: auth::Security,
+    jwt: auth::Security,
+    verifier: auth::jwt::JwtAuth,
     token: String,
     token_until: u64,
     ticket: String,
@@ -906,7 +903,7 @@ fn auth_fixture() -> &'static AuthFixture {
 }
 
 fn build_auth_fixture() -> AuthFixture {
-    use crate::auth::{AuthMode, jwt, ticket::TicketKey};
+    use auth::{AuthMode, jwt, ticket::TicketKey};
     let base = || {
         let mut c = EdgeConfig::defaults();
         c.auth.ticket_secret = Some(FUZZ_TICKET_SECRET.parse().expect("secret"));
@@ -923,8 +920,8 @@ fn build_auth_fixture() -> AuthFixture {
     jwts.auth.jwt_issuer = Some(FUZZ_ISSUER.into());
     jwts.auth.jwt_leeway_secs = 0;
     let verifier = jwt::JwtAuth::from_args(&jwts.auth).expect("a verifier");
-    let keys = crate::auth::Security::from_args(&keys.auth, false).expect("api keys");
-    let jwt_security = crate::auth::Security::from_args(&jwts.auth, false).expect("jwt");
+    let keys = auth::Security::from_args(&keys.auth, false).expect("api keys");
+    let jwt_security = auth::Security::from_args(&jwts.auth, false).expect("jwt");
     let now = unix_now();
     let token_until = now + 3600;
     let claims: jwt::Claims = [
@@ -1010,7 +1007,7 @@ pub fn jwt(data: &[u8]) {
                 .or_else(|| claims.get("sub"))
                 .and_then(Value::as_str);
             assert_eq!(named, Some(tenant.as_str()), "the tenant is the claim's");
-            assert!(crate::tenant::check_tenant(&tenant).is_ok(), "{tenant:?}");
+            assert!(tenant::check_tenant(&tenant).is_ok(), "{tenant:?}");
             let aud_ok = match claims.get("aud") {
                 Some(Value::String(a)) => a == FUZZ_AUDIENCE,
                 Some(Value::Array(a)) => a.iter().any(|v| v == FUZZ_AUDIENCE),

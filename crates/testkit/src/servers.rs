@@ -4,7 +4,7 @@
 //! Redis with TLS, and a Redis Cluster with a replica per master. `make test` installs the
 //! binaries (Debian `nats-server`, `redis-server`, `redis-tools`) when they are missing.
 //!
-//! Certificates are the caller's (tests make them with rcgen): see [`TlsFiles`].
+//! TLS servers take their certificates from [`crate::tls::TlsFiles`].
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -12,6 +12,8 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::tls::TlsFiles;
 
 /// A child process killed (and its directory removed) on drop.
 #[derive(Debug)]
@@ -310,18 +312,6 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             let _ = std::fs::copy(entry.path(), target);
         }
     }
-}
-
-/// PEM files for TLS tests: a CA, and a certificate + key it signed that is valid for
-/// `127.0.0.1` and `localhost` (servers use it; with client authentication, so do clients).
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The CA certificate.
-    pub ca: PathBuf,
-    /// The leaf certificate.
-    pub cert: PathBuf,
-    /// The leaf's private key.
-    pub key: PathBuf,
 }
 
 /// Runs `redis-cli` with `args` and returns its output (panics when it cannot run).

@@ -20,7 +20,7 @@ use crate::{
     request::MODELS,
     routes,
     state::AppState,
-    transports::{longpoll, native, openai, shortpoll, sse, ws},
+    transports::{eventsource, longpoll, native, openai, shortpoll, ws},
 };
 
 /// Builds the router with every endpoint, CORS and the body limit.
@@ -47,7 +47,7 @@ pub fn router(state: AppState) -> Router {
             routes::STREAM.path,
             get(shortpoll::status).delete(native::stop),
         )
-        .route(routes::STREAM_EVENTS.path, get(sse::events))
+        .route(routes::STREAM_EVENTS.path, get(eventsource::events))
         .route(routes::STREAM_POLL.path, get(longpoll::poll))
         .route(routes::STREAM_TICKET.path, post(native::ticket))
         // `any`: WebSocket over HTTP/1.1 (GET + Upgrade) and HTTP/2 (extended CONNECT).

@@ -1,6 +1,7 @@
 //! Transports: each turns hub subscriptions into one wire format and nothing more; here, what
 //! they share (the poll body, the connection metrics guard, the request span).
 
+pub mod eventsource;
 pub mod longpoll;
 pub mod native;
 pub mod openai;

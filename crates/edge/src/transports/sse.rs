@@ -1,5 +1,5 @@
-//! Server-sent events: the response body shared by `GET …/events`, the POST-SSE of
-//! `POST /v1/streams` and the OpenAI stream, and the `GET /v1/streams/{id}/events` handler.
+//! Server-sent events: the response body shared by `GET …/events`
+//! ([`super::eventsource`]), the POST-SSE of `POST /v1/streams` and the OpenAI stream.
 //!
 //! A [`Framer`] turns events into bytes (native frames are the events' cached SSE bytes; the
 //! OpenAI framer builds chunks). Everything a subscription has ready goes out as one chunk.
@@ -8,26 +8,20 @@ use std::{convert::Infallible, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Path, Query, State, rejection::QueryRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth,
     error::ApiError,
     event::Event,
-    observability::{GapMeter, Resume, ResumeResult, requested_cursor},
+    observability::GapMeter,
     state::AppState,
     stream::{Closed, Subscription},
-    tenant::Caller,
-    transports::{
-        TransportGuard,
-        openai::{OpenAiFramer, OpenAiFraming},
-    },
+    transports::TransportGuard,
 };
 
 /// The reconnection delay EventSource is told to use.
@@ -212,138 +206,11 @@ async fn expiry(expires: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-/// Query of `GET /v1/streams/{id}/events`.
-#[derive(Debug, Deserialize)]
-pub struct EventsQuery {
-    /// Resume after this seq (`Last-Event-ID` wins).
-    pub after: Option<String>,
-    /// `openai` replays as Chat Completions chunks.
-    pub format: Option<String>,
-    /// With `format=openai`: `true` adds the usage chunk at the end.
-    pub include_usage: Option<bool>,
-}
-
 /// Parses a cursor from a query parameter or `Last-Event-ID`.
 pub fn parse_cursor(name: &str, value: &str) -> Result<u64, ApiError> {
     value.trim().parse::<u64>().map_err(|_| {
         ApiError::InvalidCursor(format!(
             "{name}: {value:?} is not a non-negative integer seq"
         ))
-    })
-}
-
-/// The cursor of a `GET …/events`: `Last-Event-ID` (when not blank), else `?after=`, else 0.
-fn cursor(headers: &HeaderMap, after: Option<&str>) -> Result<u64, ApiError> {
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| ApiError::InvalidCursor("Last-Event-ID is not text".into()))
-        })
-        .transpose()?
-        .filter(|v| !v.trim().is_empty());
-    match (last_event_id, after) {
-        (Some(v), _) => parse_cursor("Last-Event-ID", v),
-        (None, Some(v)) => parse_cursor("after", v),
-        (None, None) => Ok(0),
-    }
-}
-
-/// The event format of a `GET …/events` (`?format=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    /// Native events (the default).
-    Native,
-    /// Chat Completions chunks.
-    OpenAi,
-}
-
-impl Format {
-    fn of(format: Option<&str>) -> Result<Self, ApiError> {
-        match format {
-            None | Some("native") => Ok(Self::Native),
-            Some("openai") => Ok(Self::OpenAi),
-            Some(other) => Err(ApiError::invalid_field(
-                "format",
-                format!("{other:?} is not one of native, openai"),
-            )),
-        }
-    }
-}
-
-/// `GET /v1/streams/{id}/events`: EventSource-friendly SSE with resume.
-pub async fn events(
-    State(app): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
-    headers: HeaderMap,
-    expires: Option<axum::Extension<auth::CredentialExpiry>>,
-) -> Result<Response, ApiError> {
-    let expires = expires.map(|axum::Extension(e)| e);
-    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-    // A request naming a cursor is a resume: counted and traced whatever its result.
-    let resume = |after: u64, replayed: u64, result: ResumeResult| Resume {
-        transport: "sse",
-        stream_id: &id,
-        after,
-        replayed,
-        result,
-    };
-    let stream = match app.stream_for(&caller, &id).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            if let Some(after) = requested_cursor(&headers, query.after.as_deref()) {
-                resume(after, 0, ResumeResult::of_error(&e)).record(
-                    app.hub.replica(),
-                    Some(&headers),
-                    None,
-                );
-            }
-            return Err(e);
-        }
-    };
-    let record = |after: u64, replayed: u64, result: ResumeResult| {
-        if after > 0 {
-            resume(after, replayed, result).record(
-                app.hub.replica(),
-                Some(&headers),
-                Some(&stream),
-            );
-        }
-    };
-    let after = cursor(&headers, query.after.as_deref())?;
-    let format = Format::of(query.format.as_deref())?;
-    // Positioned at or past the end: 204 tells EventSource to stop reconnecting.
-    if stream.ended_at().is_some() && after >= stream.last_seq() {
-        if after > stream.last_seq() {
-            record(after, 0, ResumeResult::Invalid);
-            return Err(ApiError::CursorOutOfRange {
-                after,
-                last: stream.last_seq(),
-            });
-        }
-        record(after, 0, ResumeResult::Finished);
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    }
-    let sub = stream.subscribe(after).inspect_err(|e| {
-        record(after, 0, ResumeResult::of_error(e));
-    })?;
-    let backlog = sub.backlog_end();
-    record(
-        after,
-        backlog.saturating_sub(after),
-        ResumeResult::of_subscription(&stream, after, backlog),
-    );
-    Ok(if format == Format::OpenAi {
-        let framing = OpenAiFraming {
-            role_chunk: after == 0,
-            retry_hint: true,
-            include_usage: query.include_usage.unwrap_or(false),
-        };
-        let framer = OpenAiFramer::new(&stream, framing);
-        response_until(&app, sub, framer, "sse", expires)
-    } else {
-        response_until(&app, sub, NativeFramer, "sse", expires)
     })
 }

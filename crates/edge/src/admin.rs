@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{error::ApiError, hub::Hub};
 
 /// How often readiness is checked.
-pub const CHECK_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The last readiness check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Checks {
+pub(crate) struct Checks {
     /// Generators that answered as serving.
     pub generators_serving: usize,
     /// Generators configured.
@@ -45,18 +45,18 @@ pub struct Checks {
 
 /// Readiness, checked in the background and read by `/readyz`.
 #[derive(Clone, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     last: Arc<RwLock<Checks>>,
 }
 
 impl Readiness {
     /// The last result.
-    pub fn last(&self) -> Checks {
+    pub(crate) fn last(&self) -> Checks {
         *self.last.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks now, then every [`CHECK_EVERY`] until `stop`.
-    pub async fn keep_checking(self, hub: Arc<Hub>, stop: CancellationToken) {
+    pub(crate) async fn keep_checking(self, hub: Arc<Hub>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -80,7 +80,7 @@ impl Readiness {
 
 /// What the admin endpoints need.
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// The cached readiness.
@@ -90,7 +90,7 @@ pub struct AdminState {
 }
 
 /// The admin router.
-pub fn router(state: AdminState) -> Router {
+pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -100,7 +100,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// `GET /healthz` (on both listeners): the process answers.
-pub async fn healthz() -> Response {
+pub(crate) async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 

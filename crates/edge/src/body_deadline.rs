@@ -15,7 +15,7 @@ use crate::{error::ApiError, routes};
 
 /// How much body a request may send, and how fast.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyDeadline {
+pub(crate) struct BodyDeadline {
     /// Largest body, in bytes (`--max-body-bytes`).
     pub max_bytes: usize,
     /// Time to send it whole (`--body-read-timeout-secs`).
@@ -25,7 +25,7 @@ pub struct BodyDeadline {
 /// Middleware: reads a POST/PUT/PATCH body whole within the deadline and the size limit
 /// before the handler runs (408 / 413 otherwise, and the connection is closed), so a client
 /// trickling a body cannot hold a handler.
-pub async fn body_deadline(
+pub(crate) async fn body_deadline(
     State(deadline): State<BodyDeadline>,
     request: Request,
     next: Next,

@@ -13,21 +13,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Open connections per client address (see `--max-connections-per-ip`).
 #[derive(Clone, Debug, Default)]
-pub struct PerIp {
+pub(crate) struct PerIp {
     max: usize,
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 /// One connection counted against its address; uncounted on drop.
 #[derive(Debug)]
-pub struct IpPermit {
+pub(crate) struct IpPermit {
     ip: IpAddr,
     counts: Option<Arc<Mutex<HashMap<IpAddr, usize>>>>,
 }
 
 impl PerIp {
     /// A cap of `max` connections per address (0 = none).
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self {
             max,
             counts: Arc::default(),
@@ -35,7 +35,7 @@ impl PerIp {
     }
 
     /// Counts a connection from `ip`; `None` when the address is at its cap.
-    pub fn try_acquire(&self, ip: IpAddr) -> Option<IpPermit> {
+    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpPermit> {
         if self.max == 0 {
             return Some(IpPermit { ip, counts: None });
         }

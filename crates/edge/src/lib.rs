@@ -9,28 +9,30 @@
 //! - [`upstream`] is where token streams come from: gRPC generators, or with no
 //!   `--generator` the mock generator called in this process.
 
-pub mod admin;
+#![warn(unreachable_pub)]
+
+mod admin;
 pub mod app;
 pub mod auth;
-pub mod body_deadline;
+mod body_deadline;
 pub mod bus;
 pub mod config;
-pub mod conn_limits;
+mod conn_limits;
 pub mod error;
 pub mod event;
 pub mod hub;
 pub mod ids;
-pub mod lifecycle;
+mod lifecycle;
 pub mod limits;
 mod mirror;
-pub mod observability;
+mod observability;
 mod owner;
 pub mod redis_conn;
 pub mod redis_keys;
 pub mod request;
-pub mod routes;
+mod routes;
 pub mod secret;
-pub mod server;
+mod server;
 pub mod state;
 pub mod store;
 pub mod stream;

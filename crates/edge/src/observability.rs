@@ -14,14 +14,14 @@ use crate::{error::ApiError, event::Event, stream::StreamState};
 
 /// Transports that hold a connection open (the `transport` label of the connection gauge, the
 /// gap histogram and the delivered-events counter; short-poll only delivers).
-pub const STREAMING_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", "ws", "longpoll"];
+pub(crate) const STREAMING_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", "ws", "longpoll"];
 
 /// Transports whose subscriptions time their inter-token gaps (the polls answer per request).
-pub const GAP_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", "ws"];
+pub(crate) const GAP_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", "ws"];
 
 /// Describes every edge metric and registers its series at zero. Call once the Prometheus
 /// recorder is installed.
-pub fn register_metrics() {
+pub(crate) fn register_metrics() {
     describe_gauge!(
         "tokenfan_edge_connections",
         "Open streaming responses and WebSockets, by transport."
@@ -182,14 +182,14 @@ pub fn register_metrics() {
 /// A sample is the time since the previous batch carrying tokens was handed to the client's
 /// connection; history replayed at subscribe time is not timed (it goes out back to back),
 /// but the wait from the end of a replay to the first live token is.
-pub struct GapMeter {
+pub(crate) struct GapMeter {
     histogram: metrics::Histogram,
     last: Option<Instant>,
 }
 
 impl GapMeter {
     /// A meter for one subscription of `transport`.
-    pub fn new(transport: &'static str) -> Self {
+    pub(crate) fn new(transport: &'static str) -> Self {
         Self {
             histogram: metrics::histogram!(
                 "tokenfan_edge_inter_token_gap_seconds", "transport" => transport
@@ -200,7 +200,7 @@ impl GapMeter {
 
     /// Notes a batch about to be written; `backlog_end` is the subscription's
     /// [`crate::stream::Subscription::backlog_end`].
-    pub fn batch(&mut self, batch: &[Arc<Event>], backlog_end: u64) {
+    pub(crate) fn batch(&mut self, batch: &[Arc<Event>], backlog_end: u64) {
         // Tokens come before the terminal event: a batch without one first has no token.
         let Some(first) = batch.first().filter(|e| e.text().is_some()) else {
             return;
@@ -218,7 +218,7 @@ impl GapMeter {
 
 /// How a subscription that named a cursor went (`tokenfan_edge_resumes_total{result}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResumeResult {
+pub(crate) enum ResumeResult {
     /// History after the cursor was waiting and is replayed.
     Replayed,
     /// Nothing was waiting: the subscriber continues live (at the tail, or ahead of this
@@ -239,7 +239,7 @@ pub enum ResumeResult {
 
 impl ResumeResult {
     /// Every result, for registering the series.
-    pub const ALL: [ResumeResult; 7] = [
+    pub(crate) const ALL: [ResumeResult; 7] = [
         ResumeResult::Replayed,
         ResumeResult::Live,
         ResumeResult::Finished,
@@ -250,7 +250,7 @@ impl ResumeResult {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ResumeResult::Replayed => "replayed",
             ResumeResult::Live => "live",
@@ -263,7 +263,7 @@ impl ResumeResult {
     }
 
     /// The result of a resume refused with `error`.
-    pub fn of_error(error: &ApiError) -> Self {
+    pub(crate) fn of_error(error: &ApiError) -> Self {
         match error {
             ApiError::HistoryExpired(_) => ResumeResult::Expired,
             ApiError::StreamNotFound => ResumeResult::Unknown,
@@ -274,7 +274,7 @@ impl ResumeResult {
 
     /// The result of a subscription from `after` that starts with `backlog_end` (the last
     /// seq it found).
-    pub fn of_subscription(stream: &StreamState, after: u64, backlog_end: u64) -> Self {
+    pub(crate) fn of_subscription(stream: &StreamState, after: u64, backlog_end: u64) -> Self {
         if backlog_end > after {
             ResumeResult::Replayed
         } else if stream.ended_at().is_some() {
@@ -286,7 +286,7 @@ impl ResumeResult {
 }
 
 /// One resume: what the client asked for and what it got.
-pub struct Resume<'a> {
+pub(crate) struct Resume<'a> {
     /// `sse` or `ws`.
     pub transport: &'static str,
     /// The stream id as the client sent it.
@@ -303,7 +303,7 @@ impl Resume<'_> {
     /// Counts the resume and emits its `tokenfan.stream.resume` span (an instant). The span's
     /// parent is the request's `traceparent` when it has one (then it links to the stream's
     /// trace), else the stream's own trace when this replica knows it.
-    pub fn record(
+    pub(crate) fn record(
         self,
         replica: &str,
         request: Option<&http::HeaderMap>,
@@ -343,7 +343,7 @@ impl Resume<'_> {
 
 /// Makes `span` (created with `parent: None`, not yet entered) a child of the stream's
 /// owner span when this replica knows it.
-pub fn join_stream_trace(span: &tracing::Span, stream: &StreamState) {
+pub(crate) fn join_stream_trace(span: &tracing::Span, stream: &StreamState) {
     if let Some(tp) = stream.traceparent() {
         propagation::set_parent(span, propagation::from_traceparent(&tp));
     }
@@ -352,7 +352,7 @@ pub fn join_stream_trace(span: &tracing::Span, stream: &StreamState) {
 /// The cursor a streaming request names, read leniently (for counting resumes before the
 /// strict parse, which answers bad values with 400): `Last-Event-ID` wins over `after`;
 /// absent, empty, unparsable or 0 is no resume.
-pub fn requested_cursor(headers: &http::HeaderMap, after: Option<&str>) -> Option<u64> {
+pub(crate) fn requested_cursor(headers: &http::HeaderMap, after: Option<&str>) -> Option<u64> {
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

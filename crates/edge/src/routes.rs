@@ -11,7 +11,7 @@ use crate::error::{ApiError, ErrorFormat};
 
 /// One API route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     /// The path as the router writes it (`{id}` matches one path segment).
     pub path: &'static str,
     /// Whether a stream ticket is accepted here instead of a credential.
@@ -22,7 +22,7 @@ pub struct Route {
 
 /// Where a stream ticket may stand in for a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tickets {
+pub(crate) enum Tickets {
     /// Never: a credential is needed.
     No,
     /// On `GET`/`HEAD` of the stream named by the path's `{id}`.
@@ -40,34 +40,37 @@ const fn route(path: &'static str, tickets: Tickets, errors: ErrorFormat) -> Rou
 }
 
 /// `GET /v1/models`.
-pub const MODELS: Route = route("/v1/models", Tickets::No, ErrorFormat::OpenAi);
+pub(crate) const MODELS: Route = route("/v1/models", Tickets::No, ErrorFormat::OpenAi);
 /// `GET /v1/models/{id}`.
-pub const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorFormat::OpenAi);
+pub(crate) const MODEL: Route = route("/v1/models/{id}", Tickets::No, ErrorFormat::OpenAi);
 /// `POST /v1/chat/completions`.
-pub const CHAT_COMPLETIONS: Route = route("/v1/chat/completions", Tickets::No, ErrorFormat::OpenAi);
+pub(crate) const CHAT_COMPLETIONS: Route =
+    route("/v1/chat/completions", Tickets::No, ErrorFormat::OpenAi);
 /// `POST /v1/streams` (create).
-pub const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorFormat::Native);
+pub(crate) const STREAMS: Route = route("/v1/streams", Tickets::No, ErrorFormat::Native);
 /// `GET /v1/streams/{id}` (status, short-poll) and `DELETE` (stop).
-pub const STREAM: Route = route("/v1/streams/{id}", Tickets::ReadStream, ErrorFormat::Native);
+pub(crate) const STREAM: Route =
+    route("/v1/streams/{id}", Tickets::ReadStream, ErrorFormat::Native);
 /// `GET /v1/streams/{id}/events` (SSE).
-pub const STREAM_EVENTS: Route = route(
+pub(crate) const STREAM_EVENTS: Route = route(
     "/v1/streams/{id}/events",
     Tickets::ReadStream,
     ErrorFormat::Native,
 );
 /// `GET /v1/streams/{id}/poll` (long-poll).
-pub const STREAM_POLL: Route = route(
+pub(crate) const STREAM_POLL: Route = route(
     "/v1/streams/{id}/poll",
     Tickets::ReadStream,
     ErrorFormat::Native,
 );
 /// `POST /v1/streams/{id}/ticket`.
-pub const STREAM_TICKET: Route = route("/v1/streams/{id}/ticket", Tickets::No, ErrorFormat::Native);
+pub(crate) const STREAM_TICKET: Route =
+    route("/v1/streams/{id}/ticket", Tickets::No, ErrorFormat::Native);
 /// `/v1/ws` (WebSocket over HTTP/1.1 `GET` + Upgrade, or HTTP/2 extended `CONNECT`).
-pub const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorFormat::Native);
+pub(crate) const WS: Route = route("/v1/ws", Tickets::PerMessage, ErrorFormat::Native);
 
 /// Every API route.
-pub const API: &[Route] = &[
+pub(crate) const API: &[Route] = &[
     MODELS,
     MODEL,
     CHAT_COMPLETIONS,
@@ -80,7 +83,7 @@ pub const API: &[Route] = &[
 ];
 
 /// The route `path` asks for, and the value of its `{id}` segment if it has one.
-pub fn find(path: &str) -> Option<(&'static Route, Option<&str>)> {
+pub(crate) fn find(path: &str) -> Option<(&'static Route, Option<&str>)> {
     API.iter().find_map(|route| {
         let mut id = None;
         let mut pattern = route.path.split('/');
@@ -99,7 +102,7 @@ pub fn find(path: &str) -> Option<(&'static Route, Option<&str>)> {
 /// Whether a stream ticket may stand in for a credential on `method path`: `Some(Some(id))`
 /// to read stream `id`, `Some(None)` where each stream asked for is checked later, `None` not
 /// at all.
-pub fn ticket_scope<'p>(method: &Method, path: &'p str) -> Option<Option<&'p str>> {
+pub(crate) fn ticket_scope<'p>(method: &Method, path: &'p str) -> Option<Option<&'p str>> {
     let (route, id) = find(path)?;
     match route.tickets {
         Tickets::No => None,
@@ -110,7 +113,7 @@ pub fn ticket_scope<'p>(method: &Method, path: &'p str) -> Option<Option<&'p str
 
 /// `error` in the shape of the route `path` asks for (OpenAI's on the OpenAI routes, native
 /// elsewhere and on unknown paths).
-pub fn error_response(path: &str, error: ApiError) -> Response {
+pub(crate) fn error_response(path: &str, error: ApiError) -> Response {
     let format = find(path).map_or(ErrorFormat::Native, |(route, _)| route.errors);
     error.into_response_as(format)
 }

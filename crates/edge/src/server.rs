@@ -61,7 +61,7 @@ use crate::{
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
 
 /// Loads a rustls server configuration with ALPN `h2`, `http/1.1`.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     let certs = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading --tls-cert {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -80,7 +80,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 
 /// Caps on connections and on how slowly a client may send its request headers.
 #[derive(Debug, Clone)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     /// Open connections in all; past it new ones get a bare 503.
     pub max_connections: usize,
     /// Open connections per client address; past it new ones get a bare 429.
@@ -93,7 +93,7 @@ pub struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// The limits the configuration sets.
-    pub fn from_config(config: &crate::EdgeConfig) -> Self {
+    pub(crate) fn from_config(config: &crate::EdgeConfig) -> Self {
         Self {
             max_connections: config.http.max_connections,
             per_ip: PerIp::new(config.limits.max_connections_per_ip),
@@ -105,7 +105,7 @@ impl ConnectionLimits {
 
 /// Accepts connections until `lifecycle.accepting`, then waits (bounded) for open ones to
 /// finish. Every task it starts goes on `lifecycle.tasks`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,

@@ -304,7 +304,7 @@ impl EdgeConfig {
     }
 
     /// Seconds → durations.
-    pub fn detach_grace(&self) -> Duration {
+    pub(crate) fn detach_grace(&self) -> Duration {
         Duration::from_secs(self.streams.detach_grace_secs)
     }
 
@@ -324,7 +324,7 @@ impl EdgeConfig {
     }
 
     /// The Origin allowlist for WebSocket upgrades.
-    pub fn ws_origins(&self) -> &[String] {
+    pub(crate) fn ws_origins(&self) -> &[String] {
         self.ws_origins.as_deref().unwrap_or(&self.cors_origins)
     }
 

@@ -154,7 +154,7 @@ impl std::error::Error for ApiError {}
 
 impl ApiError {
     /// 400 `invalid_request` about one field.
-    pub fn invalid_field(field: &str, message: impl std::fmt::Display) -> Self {
+    pub(crate) fn invalid_field(field: &str, message: impl std::fmt::Display) -> Self {
         Self::InvalidRequest {
             message: format!("{field}: {message}"),
             param: Some(field.to_string()),
@@ -360,7 +360,7 @@ impl ApiError {
     }
 
     /// The SSE `error` event (not a stream event: no `id:`, no seq).
-    pub fn write_sse(&self, out: &mut BytesMut) {
+    pub(crate) fn write_sse(&self, out: &mut BytesMut) {
         let body = json!({"type": "error", "code": self.code(), "message": self.message()});
         out.extend_from_slice(b"event: error\ndata: ");
         out.extend_from_slice(body.to_string().as_bytes());
@@ -381,7 +381,7 @@ impl ApiError {
     }
 
     /// The response in `format`.
-    pub fn into_response_as(self, format: ErrorFormat) -> Response {
+    pub(crate) fn into_response_as(self, format: ErrorFormat) -> Response {
         match format {
             ErrorFormat::Native => self.into_response(),
             ErrorFormat::OpenAi => OpenAiError(self).into_response(),
@@ -420,7 +420,7 @@ impl IntoResponse for ApiError {
 
 /// Which HTTP error shape a route answers in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorFormat {
+pub(crate) enum ErrorFormat {
     /// `{"error":{"code","message"}}`.
     Native,
     /// OpenAI's `{"error":{"message","type","param","code"}}`.

@@ -127,7 +127,7 @@ impl Event {
 
     /// Builds an event that also carries the generator's emit time (token events only; used by
     /// load tests to measure the delay the edge adds).
-    pub fn with_emit_time(seq: u64, kind: EventKind, emitted_at: Option<i64>) -> Self {
+    pub(crate) fn with_emit_time(seq: u64, kind: EventKind, emitted_at: Option<i64>) -> Self {
         let emitted_at = emitted_at.filter(|_| matches!(kind, EventKind::Token { .. }));
         let wire = Wire {
             kind: &kind,
@@ -154,7 +154,7 @@ impl Event {
     }
 
     /// The wire type name.
-    pub fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         type_name(&self.kind)
     }
 

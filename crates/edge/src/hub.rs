@@ -40,7 +40,7 @@ const STORE_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a stop waits for the stream's terminal event before answering with the status
 /// it has (202 `running`): the stop stays recorded and the owner, current or next, ends the
 /// stream.
-pub const STOP_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// The hub; shared by every transport through `Arc<Hub>`.
 pub struct Hub {
@@ -126,7 +126,7 @@ impl Hub {
     }
 
     /// Whether the store and bus answer (readiness).
-    pub async fn backends_healthy(&self) -> (bool, bool) {
+    pub(crate) async fn backends_healthy(&self) -> (bool, bool) {
         (self.store.healthy().await, self.bus.healthy())
     }
 
@@ -176,7 +176,7 @@ impl Hub {
 
     /// [`Hub::create`] with an id minted by the caller (who may need it before the stream
     /// exists, e.g. to count it against its tenant's limits).
-    pub async fn create_with_id(
+    pub(crate) async fn create_with_id(
         self: &Arc<Self>,
         id: StreamId,
         spec: StreamSpec,
@@ -378,7 +378,7 @@ impl Hub {
     }
 
     /// The running streams this replica owns now (the tenant limits keep counting them).
-    pub fn owned_running(&self) -> Vec<Arc<StreamState>> {
+    pub(crate) fn owned_running(&self) -> Vec<Arc<StreamState>> {
         self.map()
             .values()
             .filter(|s| s.is_owned() && s.status() == StreamStatus::Running)
@@ -439,7 +439,7 @@ impl Hub {
     }
 
     /// Forgets finished streams past their history TTL, every few seconds, until `shutdown`.
-    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
         let ttl = self.config.history_ttl();
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
@@ -476,7 +476,7 @@ impl Hub {
     /// file a second behind, a snapshot): every stream this replica holds that no owner here
     /// is writing is written back, so an ended stream stays ended and a history stays whole.
     /// Running streams owned here heal through their owner's next write.
-    pub async fn watch_store(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn watch_store(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(STORE_WATCH_INTERVAL);
         let mut known: Option<String> = None;
         loop {
@@ -541,7 +541,7 @@ impl Hub {
 
     /// Applies control requests from other replicas, until `shutdown`: cancel a stream owned
     /// here; restart the detach grace of a stream followed elsewhere.
-    pub async fn serve_control(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn serve_control(self: Arc<Self>, shutdown: CancellationToken) {
         let (mut cancels, mut touches) = match (
             self.bus.cancel_requests().await,
             self.bus.touch_requests().await,

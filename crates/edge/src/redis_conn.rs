@@ -35,7 +35,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// topology change (`MOVED`, `TRYAGAIN`, `CLUSTERDOWN`) or the node holding its slot is
 /// unreachable: long enough for a replica to take over a dead master with a node timeout of a
 /// few seconds, so the failover costs a pause instead of a lost write.
-pub const CLUSTER_RETRY_WINDOW: Duration = Duration::from_secs(6);
+pub(crate) const CLUSTER_RETRY_WINDOW: Duration = Duration::from_secs(6);
 /// Longest pause between two of those attempts.
 const CLUSTER_RETRY_MAX_WAIT: Duration = Duration::from_millis(500);
 
@@ -84,7 +84,7 @@ pub struct RedisArgs {
 
 /// Where to connect, parsed from `--redis-url` and [`RedisArgs`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// A Redis Cluster (else one server).
     pub cluster: bool,
     /// TLS (`rediss`).
@@ -97,7 +97,7 @@ impl Target {
     /// Parses a `--redis-url`: one URL, or for a cluster several comma-separated seed nodes
     /// where the later ones may be bare `host:port` (they take the first one's scheme and
     /// credentials).
-    pub fn parse(url: &str, force_cluster: bool) -> anyhow::Result<Self> {
+    pub(crate) fn parse(url: &str, force_cluster: bool) -> anyhow::Result<Self> {
         let mut parts = url.split(',').map(str::trim).filter(|s| !s.is_empty());
         let first = parts.next().context("--redis-url is empty")?;
         let Some((scheme, rest)) = first.split_once("://") else {
@@ -148,7 +148,7 @@ impl Target {
 }
 
 /// `url` with any password replaced by `***`, for logs and errors.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     url.split(',')
         .map(|one| {
             let start = one.find("://").map_or(0, |i| i + 3);

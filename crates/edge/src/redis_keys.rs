@@ -39,7 +39,7 @@ pub fn tenant_bucket(tenant: &str) -> String {
 }
 
 /// `tokenfan:{tenant:<b64>}:active`, a ZSET of stream ids scored by lease expiry (ms).
-pub fn tenant_active(tenant: &str) -> String {
+pub(crate) fn tenant_active(tenant: &str) -> String {
     format!("{}:active", tenant_tag(tenant))
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{config::StreamLimits, error::ApiError};
 
 /// The models this edge serves (all backed by the mock generator).
-pub const MODELS: &[Model] = &[
+pub(crate) const MODELS: &[Model] = &[
     Model {
         id: "tokenfan-mock",
         timing: None,
@@ -21,11 +21,11 @@ pub const MODELS: &[Model] = &[
 ];
 
 /// The model used when a request names none.
-pub const DEFAULT_MODEL: &str = "tokenfan-mock";
+pub(crate) const DEFAULT_MODEL: &str = "tokenfan-mock";
 
 /// A mock model: a name and, optionally, its own default (ttft, inter-token) in ms.
 #[derive(Debug, Clone, Copy)]
-pub struct Model {
+pub(crate) struct Model {
     /// The model id clients send.
     pub id: &'static str,
     /// Default timing when the request gives none; `None` = the generator's defaults.
@@ -225,7 +225,7 @@ pub fn validate_messages(messages: &[Message]) -> Result<(), ApiError> {
 }
 
 /// The model a request names, or the default; unknown → 404 `model_not_found`.
-pub fn resolve_model(name: Option<&str>) -> Result<&'static Model, ApiError> {
+pub(crate) fn resolve_model(name: Option<&str>) -> Result<&'static Model, ApiError> {
     let name = name.unwrap_or(DEFAULT_MODEL);
     MODELS
         .iter()
@@ -244,7 +244,7 @@ fn check_bound(field: &str, value: Option<u32>, max: u32) -> Result<(), ApiError
 }
 
 /// A random seed for requests that give none.
-pub fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     let mut buf = [0u8; 8];
     // The OS RNG failing is not something a request can cause; fall back to the clock.
     if getrandom::fill(&mut buf).is_err() {
@@ -257,7 +257,7 @@ pub fn random_seed() -> u64 {
 }
 
 /// Reads a JSON body: checks the content type (415), the size (413), UTF-8 and syntax (400).
-pub async fn read_json<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     limit: usize,

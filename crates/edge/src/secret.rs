@@ -46,7 +46,7 @@ impl std::str::FromStr for Secret {
 
 /// The secret given directly, else the content of `file` (one trailing newline stripped, as
 /// `echo` and most secret stores write one), else none. `flag` names the option in errors.
-pub fn resolve(
+pub(crate) fn resolve(
     value: Option<&Secret>,
     file: Option<&Path>,
     flag: &str,

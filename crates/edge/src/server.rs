@@ -574,12 +574,12 @@ impl ConnectionSlot {
 
     /// Counts a write timeout of this connection (once per connection, whoever notices first:
     /// the socket's deadline or the WebSocket's own).
-    pub fn count_write_timeout(&self) {
+    pub(crate) fn count_write_timeout(&self) {
         self.0.0.count_write_timeout();
     }
 
     /// Whether a write on this connection timed out.
-    pub fn write_timed_out(&self) -> bool {
+    pub(crate) fn write_timed_out(&self) -> bool {
         self.0.0.timed_out.load(Ordering::Relaxed)
     }
 }

@@ -35,7 +35,7 @@ pub struct AppState {
 impl AppState {
     /// The stream `id` as `caller` may see it: another tenant's stream is 404 exactly like an
     /// unknown one, everywhere; a ticket for another stream is 403.
-    pub async fn stream_for(
+    pub(crate) async fn stream_for(
         &self,
         caller: &Caller,
         id: &str,
@@ -48,7 +48,7 @@ impl AppState {
 
     /// [`AppState::stream_for`] for stopping a stream or minting a ticket for it: needs a
     /// credential of the tenant; a ticket only reads (403).
-    pub async fn stream_to_manage(
+    pub(crate) async fn stream_to_manage(
         &self,
         caller: &Caller,
         id: &str,
@@ -61,7 +61,7 @@ impl AppState {
 
     /// Creates a stream owned by the caller's tenant, within the tenant's limits (429 past
     /// them); `transport` is the one starting it. Tickets cannot create streams (403).
-    pub async fn create_stream(
+    pub(crate) async fn create_stream(
         &self,
         caller: &Caller,
         mut spec: StreamSpec,

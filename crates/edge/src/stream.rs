@@ -161,20 +161,20 @@ impl StreamState {
     }
 
     /// Records the owner's stream span (the owner's own, or one learnt from the bus).
-    pub fn set_traceparent(&self, traceparent: Option<Arc<str>>) {
+    pub(crate) fn set_traceparent(&self, traceparent: Option<Arc<str>>) {
         if traceparent.is_some() {
             *self.traceparent.lock().unwrap_or_else(|e| e.into_inner()) = traceparent;
         }
     }
 
     /// The same stream, owned by `tenant`.
-    pub fn with_tenant(mut self, tenant: &str) -> Self {
+    pub(crate) fn with_tenant(mut self, tenant: &str) -> Self {
         self.tenant = Arc::from(tenant);
         self
     }
 
     /// The same stream, with its stored request.
-    pub fn with_spec_json(mut self, spec_json: String) -> Self {
+    pub(crate) fn with_spec_json(mut self, spec_json: String) -> Self {
         self.spec_json = Arc::from(spec_json);
         self
     }
@@ -195,7 +195,7 @@ impl StreamState {
     }
 
     /// Marks this replica as the stream's owner, or not.
-    pub fn set_owned(&self, owned: bool) {
+    pub(crate) fn set_owned(&self, owned: bool) {
         self.owned.store(owned, Ordering::Release);
     }
 
@@ -205,7 +205,7 @@ impl StreamState {
     }
 
     /// Records that this replica owns the stream at `epoch`.
-    pub fn set_epoch(&self, epoch: u64) {
+    pub(crate) fn set_epoch(&self, epoch: u64) {
         self.epoch.fetch_max(epoch, Ordering::AcqRel);
     }
 
@@ -306,7 +306,7 @@ impl StreamState {
 
     /// Whether anyone attached here or polled within `window` (a mirror relays this interest
     /// to the owner).
-    pub fn has_interest(&self, window: std::time::Duration) -> bool {
+    pub(crate) fn has_interest(&self, window: std::time::Duration) -> bool {
         self.attached_count() > 0
             || self
                 .touched_at
@@ -425,7 +425,7 @@ impl Subscription {
     }
 
     /// Waits for the next events: at least one, all that are available.
-    pub async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
+    pub(crate) async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
         loop {
             self.published.mark_unchanged();
             let batch = self.try_batch()?;

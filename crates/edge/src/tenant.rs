@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 /// The tenant of every stream when authentication is off (and of streams recorded before
 /// tenants existed).
-pub const DEFAULT_TENANT: &str = "default";
+pub(crate) const DEFAULT_TENANT: &str = "default";
 
 /// Checks a tenant name from a key file, a JWT or a ticket: 1 to 256 bytes, no control
 /// characters. `Err` says what is wrong with it.
@@ -55,7 +55,7 @@ impl Caller {
     }
 
     /// Whether this caller may read stream `id` at all (a ticket reads only its own stream).
-    pub fn may_read(&self, id: &str) -> bool {
+    pub(crate) fn may_read(&self, id: &str) -> bool {
         match self {
             Self::Tenant(_) => true,
             Self::Ticket { stream, .. } => &**stream == id,

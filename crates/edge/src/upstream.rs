@@ -46,13 +46,13 @@ pub trait Generators: Send + Sync + 'static {
 
 /// The mock generator in this process, called directly (the embedded default).
 #[derive(Debug)]
-pub struct InProcess {
+pub(crate) struct InProcess {
     service: tokenfan_generator::GeneratorService,
 }
 
 impl InProcess {
     /// Calls `service` for every stream.
-    pub fn new(service: tokenfan_generator::GeneratorService) -> Self {
+    pub(crate) fn new(service: tokenfan_generator::GeneratorService) -> Self {
         Self { service }
     }
 }
@@ -188,7 +188,7 @@ impl Generators for GeneratorPool {
 }
 
 /// Whether a failed call is worth retrying on another generator (from the next token).
-pub fn retryable(status: &Status) -> bool {
+pub(crate) fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable

@@ -24,7 +24,7 @@ pub fn values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item =
 /// `Set-Cookie` for cookie `name` holding `ticket`, scoped to the URLs of `stream`, kept for
 /// `ttl`; `Secure` when the client reached the edge over HTTPS (`tls`: the edge serves TLS
 /// itself; else an `X-Forwarded-Proto: https` from the proxy in front says so).
-pub fn ticket_cookie(
+pub(crate) fn ticket_cookie(
     name: &str,
     ticket: &IssuedTicket,
     stream: &StreamId,

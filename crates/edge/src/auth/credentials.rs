@@ -12,7 +12,7 @@ use crate::{error::ApiError, tenant::Caller};
 
 /// What the edge checks credentials with.
 #[derive(Debug)]
-pub enum Verifier {
+pub(crate) enum Verifier {
     /// Authentication off: everyone is the default tenant.
     None,
     /// `--auth api-keys`.
@@ -23,7 +23,7 @@ pub enum Verifier {
 
 impl Verifier {
     /// Loads the keys `args` name (files are read here).
-    pub fn from_args(args: &AuthArgs) -> anyhow::Result<Self> {
+    pub(crate) fn from_args(args: &AuthArgs) -> anyhow::Result<Self> {
         Ok(match args.mode {
             AuthMode::None => Self::None,
             AuthMode::ApiKeys => Self::ApiKeys(ApiKeys::load(
@@ -35,7 +35,7 @@ impl Verifier {
     }
 
     /// A credential (API key or JWT) → its tenant and, for a JWT, when it expires; or a 401.
-    pub fn verify(&self, credential: &str) -> Result<(Caller, Option<u64>), ApiError> {
+    pub(crate) fn verify(&self, credential: &str) -> Result<(Caller, Option<u64>), ApiError> {
         let (tenant, expires) = match self {
             Self::None => return Ok((Caller::anonymous(), None)),
             Self::ApiKeys(keys) => (

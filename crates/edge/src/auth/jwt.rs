@@ -224,7 +224,7 @@ fn load_jwks(path: &Path) -> anyhow::Result<Vec<(Option<String>, DecodingKey)>> 
 
 /// Makes `jsonwebtoken` use the ring-based HS256/RS256 implementation below (once per
 /// process; tests that sign tokens call it too).
-pub fn install_crypto() {
+pub(crate) fn install_crypto() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         // Err = a provider is installed already: keep it.

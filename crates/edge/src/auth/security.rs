@@ -65,21 +65,11 @@ impl Security {
         self.mode
     }
 
-    /// Identifies the caller of a `/v1/…` request. Precedence: the `Authorization` header,
-    /// then credentials in the cookie, then a ticket (`?ticket=` or the cookie). Tickets
-    /// count only on the routes that read a stream; one for another stream is 403.
-    pub fn identify(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-    ) -> Result<Caller, ApiError> {
-        self.identify_until(method, uri, headers)
-            .map(|(caller, _)| caller)
-    }
-
-    /// [`Security::identify`], with the Unix second the credential or ticket stops being
-    /// accepted (None: API keys and no authentication do not expire).
+    /// Identifies the caller of a `/v1/…` request, with the Unix second the credential or
+    /// ticket stops being accepted (None: API keys and no authentication do not expire).
+    /// Precedence: the `Authorization` header, then credentials in the cookie, then a ticket
+    /// (`?ticket=` or the cookie). Tickets count only on the routes that read a stream; one
+    /// for another stream is 403.
     pub fn identify_until(
         &self,
         method: &Method,
@@ -179,13 +169,13 @@ impl Security {
     }
 
     /// A ticket for reading `stream`, when authentication is on.
-    pub fn ticket_for(&self, stream: &StreamState) -> Option<IssuedTicket> {
+    pub(crate) fn ticket_for(&self, stream: &StreamState) -> Option<IssuedTicket> {
         (self.mode != AuthMode::None).then(|| self.tickets.issue(&stream.id, stream.tenant()))
     }
 
     /// Puts `ticket` on a response: the `x-stream-ticket` header and, with `--auth-cookie`,
     /// a cookie scoped to the stream's URLs.
-    pub fn add_ticket_headers(
+    pub(crate) fn add_ticket_headers(
         &self,
         ticket: Option<&IssuedTicket>,
         stream: &StreamState,

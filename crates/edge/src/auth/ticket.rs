@@ -14,7 +14,7 @@ use ring::hmac;
 use crate::{error::ApiError, ids::StreamId};
 
 /// What every ticket starts with (and how a cookie value is told apart from a credential).
-pub const PREFIX: &str = "tft1.";
+pub(crate) const PREFIX: &str = "tft1.";
 
 /// Response header carrying a new stream's ticket.
 pub const TICKET_HEADER: &str = "x-stream-ticket";
@@ -125,7 +125,7 @@ pub fn unix_now() -> u64 {
 
 /// A ticket just issued.
 #[derive(Debug, Clone)]
-pub struct IssuedTicket {
+pub(crate) struct IssuedTicket {
     /// The ticket.
     pub token: String,
     /// Unix seconds.
@@ -134,7 +134,7 @@ pub struct IssuedTicket {
 
 /// Issues and checks this edge's tickets: the key and how long a ticket lasts.
 #[derive(Debug)]
-pub struct Tickets {
+pub(crate) struct Tickets {
     key: TicketKey,
     /// How long a new ticket stays valid.
     pub ttl: Duration,
@@ -142,12 +142,12 @@ pub struct Tickets {
 
 impl Tickets {
     /// Tickets signed with `key`, valid for `ttl`.
-    pub fn new(key: TicketKey, ttl: Duration) -> Self {
+    pub(crate) fn new(key: TicketKey, ttl: Duration) -> Self {
         Self { key, ttl }
     }
 
     /// A ticket for reading stream `id` of `tenant`, from now for the ticket TTL.
-    pub fn issue(&self, id: &StreamId, tenant: &str) -> IssuedTicket {
+    pub(crate) fn issue(&self, id: &StreamId, tenant: &str) -> IssuedTicket {
         let expires_at = unix_now() + self.ttl.as_secs();
         IssuedTicket {
             token: self.key.sign(id, tenant, expires_at),
@@ -156,7 +156,7 @@ impl Tickets {
     }
 
     /// What `ticket` grants, or a 401 saying why it is refused.
-    pub fn check(&self, ticket: &str) -> Result<TicketClaims, ApiError> {
+    pub(crate) fn check(&self, ticket: &str) -> Result<TicketClaims, ApiError> {
         self.key.verify(ticket, unix_now()).map_err(|e| match e {
             TicketError::Invalid => ApiError::InvalidTicket(
                 "the stream ticket is malformed or its signature does not match".into(),
@@ -167,7 +167,7 @@ impl Tickets {
 }
 
 /// 403 for a ticket used beyond its one stream (or to create, stop or mint).
-pub fn out_of_scope() -> ApiError {
+pub(crate) fn out_of_scope() -> ApiError {
     ApiError::TicketScope
 }
 

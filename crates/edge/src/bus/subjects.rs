@@ -15,10 +15,7 @@ pub const CANCEL: &str = "tokenfan.v1.control.cancel";
 
 /// "Subscribers of this stream are attached elsewhere" (restarts the owner's detach grace);
 /// the payload is the stream id.
-pub const TOUCH: &str = "tokenfan.v1.control.touch";
-
-/// Matches the event subjects of every stream (for tools such as `nats sub`).
-pub const ALL_STREAM_EVENTS: &str = "tokenfan.v1.stream.*.events";
+pub(crate) const TOUCH: &str = "tokenfan.v1.control.touch";
 
 /// Header: the seq of the first event in the batch.
 pub const HEADER_FIRST_SEQ: &str = "tokenfan-first-seq";
@@ -29,7 +26,7 @@ pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// Whether `token` can stand as one NATS subject token: not empty, and no `.` (separator),
 /// `*` / `>` (wildcards), whitespace or control characters.
-pub fn is_valid_token(token: &str) -> bool {
+pub(crate) fn is_valid_token(token: &str) -> bool {
     !token.is_empty()
         && !token
             .chars()

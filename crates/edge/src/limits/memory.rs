@@ -18,7 +18,7 @@ struct TenantState {
 }
 
 /// Buckets and counted streams per tenant, in this process.
-pub struct MemoryLimits {
+pub(crate) struct MemoryLimits {
     policy: Policy,
     tenants: Mutex<HashMap<Arc<str>, TenantState>>,
 }
@@ -31,7 +31,7 @@ impl std::fmt::Debug for MemoryLimits {
 
 impl MemoryLimits {
     /// Nothing counted yet.
-    pub fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy) -> Self {
         Self {
             policy,
             tenants: Mutex::new(HashMap::new()),
@@ -83,7 +83,7 @@ impl MemoryLimits {
 
     /// How many streams of `tenant` are counted now.
     #[cfg(test)]
-    pub fn counted(&self, tenant: &str) -> usize {
+    pub(crate) fn counted(&self, tenant: &str) -> usize {
         let now = Instant::now();
         self.tenants()
             .get(tenant)

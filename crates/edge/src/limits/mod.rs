@@ -34,7 +34,7 @@ use crate::{error::ApiError, ids::StreamId, lifecycle::Lifecycle, stream::Stream
 /// How long a counted stream stays counted without a renewal.
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often owners renew their streams' entries.
-pub const KEEP_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const KEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Limit options (the `limits` section of [`crate::EdgeConfig`]).
 #[derive(Debug, Clone, clap::Args)]

@@ -30,7 +30,7 @@ use crate::{
 /// else takes a token, adds the stream with a lease, and returns `{1, 0}`. `renew` pushes the
 /// lease of a stream still counted; `release` removes it. Time is Redis's (`TIME`), so
 /// replicas with skewed clocks agree.
-pub const LIMIT_LUA: &str = r"
+pub(crate) const LIMIT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, id, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -79,14 +79,14 @@ fn millis(d: Duration) -> u64 {
 
 /// Buckets and counted streams per tenant, in Redis (one server or a cluster).
 #[derive(Debug)]
-pub struct RedisLimits {
+pub(crate) struct RedisLimits {
     conn: RedisConn,
     policy: Policy,
 }
 
 impl RedisLimits {
     /// Limits on `conn` (a clone of the store's connection, or one of their own).
-    pub fn new(conn: RedisConn, policy: Policy) -> Self {
+    pub(crate) fn new(conn: RedisConn, policy: Policy) -> Self {
         Self { conn, policy }
     }
 

@@ -21,7 +21,7 @@ use crate::{event::Event, stream::StreamStatus};
 
 /// The poll answer `{"stream_id","status","events":[…],"next_after"}`, written from the
 /// events' cached JSON (no re-serialization).
-pub fn poll_body(
+pub(crate) fn poll_body(
     stream_id: &str,
     status: StreamStatus,
     events: &[Arc<Event>],
@@ -55,14 +55,14 @@ pub fn poll_body(
 
 /// Counts an open streaming response or socket in `tokenfan_edge_connections{transport}` and
 /// its delivered events in `tokenfan_edge_events_delivered_total{transport}`.
-pub struct TransportGuard {
+pub(crate) struct TransportGuard {
     gauge: metrics::Gauge,
     delivered: metrics::Counter,
 }
 
 impl TransportGuard {
     /// Counts one more open connection of `transport`.
-    pub fn new(transport: &'static str) -> Self {
+    pub(crate) fn new(transport: &'static str) -> Self {
         let gauge = metrics::gauge!("tokenfan_edge_connections", "transport" => transport);
         gauge.increment(1.0);
         Self {
@@ -74,7 +74,7 @@ impl TransportGuard {
     }
 
     /// Counts delivered events.
-    pub fn delivered(&self, n: usize) {
+    pub(crate) fn delivered(&self, n: usize) {
         self.delivered.increment(n as u64);
     }
 }
@@ -86,7 +86,7 @@ impl Drop for TransportGuard {
 }
 
 /// The request span for a stream-starting request, continuing the caller's `traceparent`.
-pub fn request_span(headers: &axum::http::HeaderMap, route: &'static str) -> tracing::Span {
+pub(crate) fn request_span(headers: &axum::http::HeaderMap, route: &'static str) -> tracing::Span {
     let span = tracing::info_span!("http.request", otel.name = route, otel.kind = "server");
     tokenfan_telemetry::propagation::set_parent(
         &span,

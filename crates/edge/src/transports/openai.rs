@@ -71,7 +71,7 @@ struct ResponseFormat {
 /// OpenAI's `seed` is any integer (the API takes 64-bit signed ones); the generator's is
 /// unsigned. Non-negative seeds are used as they are; a negative one is mapped to its two's
 /// complement bit pattern, which is deterministic and keeps different seeds different.
-pub fn seed_of(seed: &serde_json::Number) -> Option<u64> {
+pub(crate) fn seed_of(seed: &serde_json::Number) -> Option<u64> {
     seed.as_u64().or_else(|| seed.as_i64().map(|n| n as u64))
 }
 
@@ -337,7 +337,7 @@ fn usage_json(usage: Usage) -> Value {
 /// Writes Chat Completions chunks: the role chunk, one chunk per token event, the finish
 /// chunk, the usage chunk if asked, then `data: [DONE]`; a failure or cancel mid-stream sends
 /// `data: {"error":…}` and no `[DONE]`.
-pub struct OpenAiFramer {
+pub(crate) struct OpenAiFramer {
     id: String,
     model: &'static str,
     created: u64,
@@ -348,7 +348,7 @@ pub struct OpenAiFramer {
 
 /// What an OpenAI chunk stream sends besides the answer's chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenAiFraming {
+pub(crate) struct OpenAiFraming {
     /// The role chunk first (the answer is read from its beginning).
     pub role_chunk: bool,
     /// The EventSource `retry:` hint first (`GET …/events?format=openai`).
@@ -359,7 +359,7 @@ pub struct OpenAiFraming {
 
 impl OpenAiFramer {
     /// A framer for `stream`.
-    pub fn new(stream: &StreamState, framing: OpenAiFraming) -> Self {
+    pub(crate) fn new(stream: &StreamState, framing: OpenAiFraming) -> Self {
         Self {
             id: format!("chatcmpl-{}", stream.id),
             model: stream.model,

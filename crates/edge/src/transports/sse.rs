@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The reconnection delay EventSource is told to use.
-pub const RETRY: &[u8] = b"retry: 1000\n\n";
+pub(crate) const RETRY: &[u8] = b"retry: 1000\n\n";
 
 /// Turns a subscription's events into SSE bytes.
 pub trait Framer: Send + 'static {
@@ -49,7 +49,7 @@ pub trait Framer: Send + 'static {
 }
 
 /// Native framing: `retry:` then `id:`/`event:`/`data:` frames.
-pub struct NativeFramer;
+pub(crate) struct NativeFramer;
 
 impl Framer for NativeFramer {
     fn start(&mut self, out: &mut BytesMut) {
@@ -85,7 +85,7 @@ pub fn response(
 
 /// [`response`] that also ends when `expires` (the request's credential expiry) comes, with
 /// the framer's `credentials_expired` bytes.
-pub fn response_until(
+pub(crate) fn response_until(
     app: &AppState,
     sub: Subscription,
     mut framer: impl Framer,

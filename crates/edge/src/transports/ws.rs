@@ -66,7 +66,7 @@ const CLOSE_POLICY: u16 = 1008;
 const CONTROL: usize = 128;
 
 /// Refusals in a row (rate limit, too many cancels) after which the socket is closed.
-pub const WS_STRIKES: u32 = 10;
+pub(crate) const WS_STRIKES: u32 = 10;
 
 /// How long a close frame may take to write.
 const CLOSE_WRITE: Duration = Duration::from_secs(1);
@@ -217,7 +217,7 @@ where
 /// [`serve`], closing the socket (1008, after an `error` message `credentials_expired`) when
 /// the credential or ticket it was opened with expires. `slot` is the connection's share of
 /// the connection caps (held until the socket closes) and where write timeouts are counted.
-pub async fn serve_until<S, R>(
+pub(crate) async fn serve_until<S, R>(
     app: AppState,
     caller: Caller,
     expires: Option<auth::CredentialExpiry>,

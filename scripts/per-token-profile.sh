@@ -43,7 +43,7 @@ seq 1 "$N" | xargs -P "$CONC" -I{} sh -c "curl -sN --max-time 120 -X POST \
 TOKENS=$(paste -sd+ "$OUT/tokens.$TOOL.$N.txt" | bc)
 if [ "$TOOL" = strace ]; then
   # Stop the edge itself; strace then writes its summary and exits.
-  kill -TERM "$(pgrep -P "$PID" -f tokenfan-edge)"
+  kill -TERM "$(pgrep -P "$PID")"
 else
   kill -TERM "$PID"
 fi

@@ -333,9 +333,9 @@ mod tests {
     #[test]
     fn wire_forms_match_the_contract() {
         let t = Event::new(1, EventKind::Token { text: "Hel".into() });
-        assert_eq!(&t.json()[..], br#"{"type":"token","seq":1,"text":"Hel"}"#);
+        assert_eq!(t.json(), br#"{"type":"token","seq":1,"text":"Hel"}"#);
         assert_eq!(
-            &t.sse()[..],
+            t.sse(),
             b"id: 1\nevent: token\ndata: {\"type\":\"token\",\"seq\":1,\"text\":\"Hel\"}\n\n"
         );
         let v: serde_json::Value = serde_json::from_slice(t.ws("abc")).expect("valid JSON");
@@ -399,7 +399,7 @@ mod tests {
 
         let timed = Event::with_emit_time(2, EventKind::Token { text: "x".into() }, Some(7));
         assert_eq!(
-            &timed.json()[..],
+            timed.json(),
             br#"{"type":"token","seq":2,"text":"x","emitted_at_unix_nanos":7}"#
         );
     }

@@ -11,7 +11,8 @@
 #
 # strace and dhat count from process start, so take two runs (40 and 100 streams) and divide
 # the difference by the difference in tokens: start-up and shutdown cancel out. Prints the
-# tokens delivered (every `event: token` line the clients received).
+# tokens delivered (every `event: token` line the clients received). LOG_FILTER (default warn)
+# is the edge's --log-filter: `warn,tokenfan_edge=info` turns the stream spans on.
 set -u
 TOOL=$1 N=$2 OUT=$3
 BIN=${BIN:-target/release/tokenfan-edge}
@@ -19,6 +20,7 @@ CONC=${CONC:-10}
 MAX_TOKENS=${MAX_TOKENS:-50}
 TTFT_MS=${TTFT_MS:-5}
 INTER_TOKEN_MS=${INTER_TOKEN_MS:-20}
+LOG_FILTER=${LOG_FILTER:-warn}
 mkdir -p "$OUT"
 PORT=$((20000 + RANDOM % 20000))
 case $TOOL in
@@ -29,7 +31,7 @@ case $TOOL in
   *) echo "tool: callgrind, dhat, strace or none" >&2; exit 2 ;;
 esac
 "${PRE[@]}" "$BIN" --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$((PORT + 1))" \
-  --log-filter warn --shutdown-grace-secs 1 >"$OUT/edge.$TOOL.$N.log" 2>&1 &
+  --log-filter "$LOG_FILTER" --shutdown-grace-secs 1 >"$OUT/edge.$TOOL.$N.log" 2>&1 &
 PID=$!
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$((PORT + 1))/healthz" >/dev/null && break

@@ -1,8 +1,9 @@
 //! Stream events and their wire forms.
 //!
-//! An [`Event`] is serialized to its native JSON once, when it is created; the SSE frame and
-//! the WebSocket text are derived from those bytes at most once each and shared by every
-//! subscriber through the `Arc<Event>` they all hold.
+//! An [`Event`] is written once, when it is created, as its SSE frame, whose `data:` is the
+//! native JSON (both forms in one exact-size allocation); the WebSocket text is derived from
+//! those bytes at most once. Every subscriber shares them through the `Arc<Event>` they all
+//! hold.
 
 use std::sync::OnceLock;
 

@@ -1,8 +1,9 @@
 //! Stream events and their wire forms.
 //!
-//! An [`Event`] is serialized to its native JSON once, when it is created; the SSE frame and
-//! the WebSocket text are derived from those bytes at most once each and shared by every
-//! subscriber through the `Arc<Event>` they all hold.
+//! An [`Event`] is written once, when it is created, as its SSE frame, whose `data:` is the
+//! native JSON (both forms in one exact-size allocation); the WebSocket text is derived from
+//! those bytes at most once. Every subscriber shares them through the `Arc<Event>` they all
+//! hold.
 
 use std::sync::OnceLock;
 
@@ -111,13 +112,26 @@ pub struct Event {
     pub kind: EventKind,
     /// When the generator emitted the (last) token, for streams started with `emit_times`.
     pub emitted_at: Option<i64>,
-    /// Native JSON, e.g. `{"type":"token","seq":1,"text":"Hel"}`.
-    json: Bytes,
-    /// `id:`/`event:`/`data:` SSE frame, built on first use.
-    sse: OnceLock<Bytes>,
+    /// The SSE frame `id: <seq>\nevent: <type>\ndata: <json>\n\n`, whose `data:` is the native
+    /// JSON: both wire forms in one exact-size allocation, written once.
+    frame: Box<[u8]>,
+    /// Where the JSON starts in `frame` (it ends 2 bytes before the frame does).
+    json_at: usize,
     /// WebSocket text (the JSON with `"stream_id"`), built on first use.
     ws: OnceLock<Bytes>,
 }
+
+/// Most bytes an event's frame needs besides its text (escaped): `id: `, the seq, the type
+/// and the JSON keys, a timestamp.
+const FRAME_OVERHEAD: usize = 128;
+
+thread_local! {
+    /// Scratch space the frames are written in before they are copied to their exact size.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Scratch buffers above this size are not kept for the next event.
+const SCRATCH_KEEP: usize = 16 * 1024;
 
 impl Event {
     /// Builds an event and serializes it.
@@ -129,21 +143,21 @@ impl Event {
     /// load tests to measure the delay the edge adds).
     pub(crate) fn with_emit_time(seq: u64, kind: EventKind, emitted_at: Option<i64>) -> Self {
         let emitted_at = emitted_at.filter(|_| matches!(kind, EventKind::Token { .. }));
-        let wire = Wire {
-            kind: &kind,
-            type_name: type_name(&kind),
-            seq,
-            emitted_at,
-        };
-        let json = serde_json::to_vec(&wire)
-            .map(Bytes::from)
-            .unwrap_or_default();
+        let type_name = type_name(&kind);
+        let (frame, json_at) = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (frame, json_at) = write_frame(&mut scratch, seq, &kind, type_name, emitted_at);
+            if scratch.capacity() > SCRATCH_KEEP {
+                *scratch = Vec::new();
+            }
+            (frame, json_at)
+        });
         Self {
             seq,
             kind,
             emitted_at,
-            json,
-            sse: OnceLock::new(),
+            frame,
+            json_at,
             ws: OnceLock::new(),
         }
     }
@@ -153,45 +167,32 @@ impl Event {
         !matches!(self.kind, EventKind::Token { .. })
     }
 
-    /// The wire type name.
-    pub(crate) fn type_name(&self) -> &'static str {
-        type_name(&self.kind)
-    }
-
     /// The native JSON.
-    pub fn json(&self) -> &Bytes {
-        &self.json
+    pub fn json(&self) -> &[u8] {
+        self.frame
+            .get(self.json_at..self.frame.len().saturating_sub(2))
+            .unwrap_or_default()
     }
 
     /// Size in bytes, for queue accounting.
     pub fn size(&self) -> usize {
-        self.json.len()
+        self.json().len()
     }
 
     /// The SSE frame: `id: <seq>\nevent: <type>\ndata: <json>\n\n`.
-    pub fn sse(&self) -> &Bytes {
-        self.sse.get_or_init(|| {
-            let mut b = BytesMut::with_capacity(self.json.len() + 40);
-            b.put_slice(b"id: ");
-            b.put_slice(self.seq.to_string().as_bytes());
-            b.put_slice(b"\nevent: ");
-            b.put_slice(self.type_name().as_bytes());
-            b.put_slice(b"\ndata: ");
-            b.put_slice(&self.json);
-            b.put_slice(b"\n\n");
-            b.freeze()
-        })
+    pub fn sse(&self) -> &[u8] {
+        &self.frame
     }
 
     /// The WebSocket text: the native JSON with `"stream_id"` first. `stream_id` must be
     /// the id of this event's stream (ids are URL-safe, so they need no escaping).
     pub fn ws(&self, stream_id: &str) -> &Bytes {
         self.ws.get_or_init(|| {
-            let mut b = BytesMut::with_capacity(self.json.len() + stream_id.len() + 16);
+            let mut b = BytesMut::with_capacity(self.json().len() + stream_id.len() + 16);
             b.put_slice(b"{\"stream_id\":\"");
             b.put_slice(stream_id.as_bytes());
             b.put_slice(b"\",");
-            b.put_slice(&self.json[1..]);
+            b.put_slice(self.json().get(1..).unwrap_or_default());
             b.freeze()
         })
     }
@@ -258,6 +259,61 @@ impl Event {
     }
 }
 
+/// Writes `id: <seq>\nevent: <type>\ndata: <json>\n\n` into `scratch` and returns an
+/// exact-size copy with the offset of the JSON. A token's JSON is written directly (its text
+/// escaped by serde_json, so the bytes are the ones serde_json would write); the terminal
+/// events go through serde.
+fn write_frame(
+    scratch: &mut Vec<u8>,
+    seq: u64,
+    kind: &EventKind,
+    type_name: &'static str,
+    emitted_at: Option<i64>,
+) -> (Box<[u8]>, usize) {
+    scratch.clear();
+    if let EventKind::Token { text } = kind {
+        scratch.reserve(text.len() + FRAME_OVERHEAD);
+    }
+    scratch.extend_from_slice(b"id: ");
+    // serde_json writes integers with `itoa`, as it does inside the JSON.
+    let _ = serde_json::to_writer(&mut *scratch, &seq);
+    let seq_text = 4..scratch.len();
+    scratch.extend_from_slice(b"\nevent: ");
+    scratch.extend_from_slice(type_name.as_bytes());
+    scratch.extend_from_slice(b"\ndata: ");
+    let json_at = scratch.len();
+    let written = match kind {
+        EventKind::Token { text } => {
+            scratch.extend_from_slice(b"{\"type\":\"token\",\"seq\":");
+            scratch.extend_from_within(seq_text);
+            scratch.extend_from_slice(b",\"text\":");
+            let escaped = serde_json::to_writer(&mut *scratch, text.as_str());
+            if let Some(t) = emitted_at {
+                scratch.extend_from_slice(b",\"emitted_at_unix_nanos\":");
+                let _ = serde_json::to_writer(&mut *scratch, &t);
+            }
+            scratch.push(b'}');
+            escaped
+        }
+        _ => serde_json::to_writer(
+            &mut *scratch,
+            &Wire {
+                kind,
+                type_name,
+                seq,
+                emitted_at,
+            },
+        ),
+    };
+    if written.is_err() {
+        // Not reachable (the values are plain strings and numbers); an empty JSON is what
+        // the bus refuses to carry.
+        scratch.truncate(json_at);
+    }
+    scratch.extend_from_slice(b"\n\n");
+    (Box::from(scratch.as_slice()), json_at)
+}
+
 fn type_name(kind: &EventKind) -> &'static str {
     match kind {
         EventKind::Token { .. } => "token",
@@ -273,9 +329,9 @@ mod tests {
     #[test]
     fn wire_forms_match_the_contract() {
         let t = Event::new(1, EventKind::Token { text: "Hel".into() });
-        assert_eq!(&t.json()[..], br#"{"type":"token","seq":1,"text":"Hel"}"#);
+        assert_eq!(t.json(), br#"{"type":"token","seq":1,"text":"Hel"}"#);
         assert_eq!(
-            &t.sse()[..],
+            t.sse(),
             b"id: 1\nevent: token\ndata: {\"type\":\"token\",\"seq\":1,\"text\":\"Hel\"}\n\n"
         );
         let v: serde_json::Value = serde_json::from_slice(t.ws("abc")).expect("valid JSON");
@@ -309,9 +365,37 @@ mod tests {
         }
         assert!(Event::from_json(br#"{"type":"nope","seq":1}"#).is_none());
 
+        // The hand-written token JSON is byte for byte what serde_json writes.
+        for text in [
+            "",
+            "a \"quote\" \\ back",
+            "line\nbreak\ttab\u{1}\u{7f}",
+            "中文 🦀 </script>",
+        ] {
+            for emitted_at in [None, Some(-3), Some(i64::MAX)] {
+                let kind = EventKind::Token { text: text.into() };
+                let wire = Wire {
+                    kind: &kind,
+                    type_name: "token",
+                    seq: u64::MAX,
+                    emitted_at,
+                };
+                let want = serde_json::to_vec(&wire).expect("serializes");
+                let event = Event::with_emit_time(u64::MAX, kind, emitted_at);
+                assert_eq!(event.json(), &want[..], "{text:?}");
+                let frame = [
+                    &b"id: 18446744073709551615\nevent: token\ndata: "[..],
+                    &want,
+                    b"\n\n",
+                ]
+                .concat();
+                assert_eq!(event.sse(), &frame[..]);
+            }
+        }
+
         let timed = Event::with_emit_time(2, EventKind::Token { text: "x".into() }, Some(7));
         assert_eq!(
-            &timed.json()[..],
+            timed.json(),
             br#"{"type":"token","seq":2,"text":"x","emitted_at_unix_nanos":7}"#
         );
     }

@@ -245,15 +245,20 @@ impl Owner {
                 "no message from the generator for {idle:?}"
             )))
         };
+        // Registered once for the whole call, not once per batch.
+        let cancelled = self.state.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
+        let handover = hub.lifecycle().handover.clone().cancelled_owned();
+        tokio::pin!(handover);
         let call = hub.generators().generate(self.request(), turn, &self.span);
         let mut call: Generation = tokio::select! {
             r = call => match r {
                 Ok(stream) => stream,
                 Err(status) => return Attempt::Failed(status),
             },
-            () = self.state.cancel.cancelled() => return Attempt::Cancelled,
+            () = &mut cancelled => return Attempt::Cancelled,
             () = detached.as_mut() => return Attempt::Cancelled,
-            () = hub.lifecycle().handover.cancelled() => return Attempt::Released(Release::Handover),
+            () = &mut handover => return Attempt::Released(Release::Handover),
             () = &mut stall => return stalled(),
         };
         let lease_every = config.lease_ttl() / 3;
@@ -262,12 +267,12 @@ impl Owner {
         loop {
             let first = tokio::select! {
                 biased;
-                () = self.state.cancel.cancelled() => return Attempt::Cancelled,
+                () = &mut cancelled => return Attempt::Cancelled,
                 () = detached.as_mut() => {
                     tracing::info!("no subscriber for the detach grace: cancelling");
                     return Attempt::Cancelled;
                 }
-                () = hub.lifecycle().handover.cancelled() => return Attempt::Released(Release::Handover),
+                () = &mut handover => return Attempt::Released(Release::Handover),
                 _ = lease.tick() => {
                     if let Err(why) = self.renew().await {
                         return Attempt::Released(why);
@@ -288,8 +293,8 @@ impl Owner {
             };
             stall.as_mut().reset(Instant::now() + idle);
             let (batch, end) = self.take_batch(first, &mut call);
-            if !batch.is_empty() {
-                if self.state.last_seq() == 0 {
+            if let Some(first) = batch.first() {
+                if first.seq == 1 {
                     let ttft = started.elapsed();
                     self.span.record("ttft_ms", ttft.as_millis() as i64);
                     metrics::histogram!("tokenfan_edge_time_to_first_token_seconds")
@@ -316,11 +321,13 @@ impl Owner {
         let mut batch = Vec::new();
         let mut next = Some(first);
         let mut end = None;
+        // Only this task appends to the stream while it owns it.
+        let recorded = self.state.last_seq();
         while let Some(m) = next.take() {
             match m.event {
                 Some(WireEvent::Token(t)) => {
                     let seq = u64::from(t.index) + 1;
-                    let expected = self.state.last_seq() + batch.len() as u64 + 1;
+                    let expected = recorded + batch.len() as u64 + 1;
                     if seq == expected {
                         let emitted_at = self.spec.emit_times.then_some(t.emitted_at_unix_nanos);
                         let kind = EventKind::Token { text: t.text };

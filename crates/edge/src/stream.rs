@@ -1,10 +1,10 @@
 //! One stream's shared state on this replica, and subscriptions to it.
 //!
 //! The stream's events live in one append-only vector shared by every subscriber: the history
-//! *is* the queue. A subscription is a cursor into it plus a `watch` receiver that wakes it when
-//! events are appended, so subscribing at `after = N` takes the history and the live tail under
-//! one lock, with no seam where an event could be missed or doubled, and a slow subscriber
-//! costs no memory of its own. A subscriber more than `queue` events behind gets its pending
+//! *is* the queue. A subscription is a cursor into it; one that found nothing pending leaves its
+//! waker in the stream's wait list under the same lock, and the next append wakes the list, so
+//! subscribing at `after = N` takes the history and the live tail under one lock, with no seam
+//! where an event could be missed or doubled, and a slow subscriber costs no memory of its own. A subscriber more than `queue` events behind gets its pending
 //! tokens coalesced into one event (texts joined, seq of the last); more than `max_bytes`
 //! behind, it is closed with `slow_consumer` and may resume by seq.
 
@@ -13,6 +13,7 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll, Waker},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -76,6 +77,29 @@ struct Inner {
     events: Vec<Arc<Event>>,
     status: StreamStatus,
     ended_at: Option<Instant>,
+    /// Wakers of the tasks waiting for the next append: at most one per subscription per
+    /// round (a subscription remembers its slot), emptied by every append.
+    waiting: Vec<Waker>,
+    /// Appends so far: a slot in `waiting` belongs to the round it was taken in.
+    round: u64,
+}
+
+impl Inner {
+    /// Leaves `waker` to be woken by the next append, in the slot `slot` names when it was
+    /// taken this round (a subscription polled again before anything came), else in a new one.
+    fn wait(&mut self, slot: &mut Option<(u64, usize)>, waker: &Waker) {
+        if let Some((round, i)) = *slot
+            && round == self.round
+            && let Some(w) = self.waiting.get_mut(i)
+        {
+            if !w.will_wake(waker) {
+                w.clone_from(waker);
+            }
+            return;
+        }
+        *slot = Some((self.round, self.waiting.len()));
+        self.waiting.push(waker.clone());
+    }
 }
 
 /// A stream as this replica knows it.
@@ -87,8 +111,6 @@ pub struct StreamState {
     /// Creation time, Unix seconds (OpenAI's `created`).
     pub created_unix: u64,
     inner: Mutex<Inner>,
-    /// Last appended seq; subscribers wait on it. Lives as long as the state.
-    published: watch::Sender<u64>,
     /// Subscribers attached now (plus touches from polls); the owner's detach-grace timer
     /// watches it.
     attached: watch::Sender<usize>,
@@ -137,8 +159,9 @@ impl StreamState {
                 events: Vec::new(),
                 status: StreamStatus::Running,
                 ended_at: None,
+                waiting: Vec::new(),
+                round: 0,
             }),
-            published: watch::channel(0).0,
             attached: watch::channel(0).0,
             cancel: CancellationToken::new(),
             limits,
@@ -237,8 +260,9 @@ impl StreamState {
     /// Appends a batch of consecutive events and wakes the subscribers. Events whose seq is
     /// already present are skipped; nothing is accepted after the terminal event.
     pub fn publish(&self, batch: &[Arc<Event>]) {
-        let last = {
+        let mut woken = {
             let mut inner = self.lock();
+            let before = inner.events.len();
             for event in batch {
                 if inner.status != StreamStatus::Running {
                     break;
@@ -252,9 +276,21 @@ impl StreamState {
                 }
                 inner.events.push(event.clone());
             }
-            inner.events.len() as u64
+            if inner.events.len() == before {
+                return;
+            }
+            inner.round += 1;
+            std::mem::take(&mut inner.waiting)
         };
-        self.published.send_replace(last);
+        // Woken outside the lock: a woken subscriber may run at once on another thread.
+        for waker in woken.drain(..) {
+            waker.wake();
+        }
+        // Hand the list's capacity back unless a subscriber already started the next round.
+        let mut inner = self.lock();
+        if inner.waiting.is_empty() {
+            inner.waiting = woken;
+        }
     }
 
     /// Refuses a cursor past the terminal event (or, while running, past the highest seq the
@@ -290,11 +326,11 @@ impl StreamState {
         };
         self.attached.send_modify(|n| *n += 1);
         Ok(Subscription {
-            published: self.published.subscribe(),
             state: self.clone(),
             cursor: after,
             backlog_end,
             finished: false,
+            slot: None,
         })
     }
 
@@ -322,12 +358,16 @@ impl StreamState {
 
     /// Waits until the stream has its terminal event.
     pub async fn wait_finished(&self) {
-        let mut rx = self.published.subscribe();
-        while self.status() == StreamStatus::Running {
-            if rx.changed().await.is_err() {
-                return;
+        let mut slot = None;
+        std::future::poll_fn(|cx| {
+            let mut inner = self.lock();
+            if inner.status != StreamStatus::Running {
+                return Poll::Ready(());
             }
-        }
+            inner.wait(&mut slot, cx.waker());
+            Poll::Pending
+        })
+        .await;
     }
 }
 
@@ -346,12 +386,13 @@ pub enum Closed {
 /// A cursor into a stream; counts as attached until dropped.
 pub struct Subscription {
     state: Arc<StreamState>,
-    published: watch::Receiver<u64>,
     cursor: u64,
     /// The history that existed when it subscribed ends here: replaying it is not lagging, so
     /// it is handed out in plain batches, outside the coalescing and byte-cap rules.
     backlog_end: u64,
     finished: bool,
+    /// Its slot in the stream's wait list, and the round it was taken in.
+    slot: Option<(u64, usize)>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -382,10 +423,15 @@ impl Subscription {
 
     /// The events available now, without waiting (may be empty).
     pub fn try_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
+        self.take(None)
+    }
+
+    /// The events available now; when there are none, `waker` is woken by the next append.
+    fn take(&mut self, waker: Option<&Waker>) -> Result<Vec<Arc<Event>>, Closed> {
         if self.finished {
             return Err(Closed::Finished);
         }
-        let inner = self.state.lock();
+        let mut inner = self.state.lock();
         let limits = self.state.limits;
         let pending = inner.events.get(self.cursor as usize..).unwrap_or_default();
         let batch = if pending.is_empty() {
@@ -395,6 +441,9 @@ impl Subscription {
                 // instead of waiting forever.
                 self.finished = true;
                 return Err(Closed::Finished);
+            }
+            if let Some(waker) = waker {
+                inner.wait(&mut self.slot, waker);
             }
             return Ok(Vec::new());
         } else if self.cursor < self.backlog_end {
@@ -424,23 +473,34 @@ impl Subscription {
         Ok(batch)
     }
 
+    /// The next events, at least one and all that are available; when there are none, the
+    /// task is woken by the next append.
+    pub fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<Arc<Event>>, Closed>> {
+        match self.take(Some(cx.waker())) {
+            Ok(batch) if batch.is_empty() => Poll::Pending,
+            other => Poll::Ready(other),
+        }
+    }
+
     /// Waits for the next events: at least one, all that are available.
     pub(crate) async fn next_batch(&mut self) -> Result<Vec<Arc<Event>>, Closed> {
-        loop {
-            self.published.mark_unchanged();
-            let batch = self.try_batch()?;
-            if !batch.is_empty() {
-                return Ok(batch);
-            }
-            if self.published.changed().await.is_err() {
-                return Err(Closed::Finished);
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_batch(cx)).await
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if let Some((round, i)) = self.slot {
+            // Let go of the waiting task now rather than at the next append.
+            let mut inner = self.state.lock();
+            if round == inner.round {
+                if i + 1 == inner.waiting.len() {
+                    inner.waiting.pop();
+                } else if let Some(w) = inner.waiting.get_mut(i) {
+                    w.clone_from(Waker::noop());
+                }
+            }
+        }
         self.state
             .attached
             .send_modify(|n| *n = n.saturating_sub(1));
@@ -615,6 +675,46 @@ mod tests {
             .try_batch()
             .expect("a running stream may still get there");
         assert!(pending.is_empty());
+    }
+
+    /// Counts its wakes.
+    struct Counting(AtomicU64);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waiting_subscriber_holds_one_slot_and_is_woken_once_per_append() {
+        let s = state(8, 1 << 20);
+        let counter = Arc::new(Counting(AtomicU64::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut sub = s.subscribe(0).expect("ok");
+        for _ in 0..5 {
+            assert!(sub.poll_batch(&mut cx).is_pending());
+        }
+        assert_eq!(s.lock().waiting.len(), 1, "polled again: the same slot");
+        s.publish(&[token(1, "a")]);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert!(s.lock().waiting.is_empty());
+        let Poll::Ready(Ok(batch)) = sub.poll_batch(&mut cx) else {
+            panic!("the appended event is ready");
+        };
+        assert_eq!(batch.len(), 1);
+
+        // A subscription dropped while waiting lets go of its waker.
+        let mut other = s.subscribe(1).expect("ok");
+        assert!(sub.poll_batch(&mut cx).is_pending());
+        assert!(other.poll_batch(&mut cx).is_pending());
+        drop(other);
+        assert_eq!(s.lock().waiting.len(), 1, "the last slot is given back");
+        drop(sub);
+        assert!(s.lock().waiting.is_empty());
+        s.publish(&[token(2, "b")]);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "nobody was waiting");
     }
 
     #[tokio::test]

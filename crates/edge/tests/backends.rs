@@ -134,7 +134,7 @@ async fn seq_and_traceparent_headers_arrive() {
         Some("7")
     );
     let lines: Vec<&[u8]> = message.payload.split(|b| *b == b'\n').collect();
-    let want: Vec<&[u8]> = events.iter().map(|e| &e.json()[..]).collect();
+    let want: Vec<&[u8]> = events.iter().map(|e| e.json()).collect();
     assert_eq!(lines, want, "the native JSON of each event, one per line");
 
     bus.publish(&id, batch(8..=8), None).await.expect("publish");
@@ -144,7 +144,7 @@ async fn seq_and_traceparent_headers_arrive() {
         .expect("message");
     let headers = message.headers.as_ref().expect("headers");
     assert!(headers.get(subjects::HEADER_TRACEPARENT).is_none());
-    assert_eq!(&message.payload[..], &batch(8..=8)[0].json()[..]);
+    assert_eq!(&message.payload[..], batch(8..=8)[0].json());
 
     bus.publish(&id, Vec::new().into(), Some(tp.into()))
         .await

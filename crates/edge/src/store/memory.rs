@@ -68,7 +68,14 @@ impl Entry {
 /// History kept in this process (the embedded default).
 #[derive(Default)]
 pub struct MemoryStore {
-    entries: Mutex<HashMap<StreamId, Entry>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<StreamId, Entry>,
+    /// Creations since the last sweep.
+    created: usize,
 }
 
 /// Expired entries are swept once every this many creations (and on access).
@@ -80,7 +87,8 @@ impl MemoryStore {
         id: &StreamId,
         f: impl FnOnce(&mut Entry) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = &mut guard.map;
         let expired = entries
             .get(id)
             .and_then(|e| e.expires_at)
@@ -100,11 +108,18 @@ impl Store for MemoryStore {
         meta: StreamMeta,
         terms: LeaseTerms,
     ) -> Result<bool, StoreError> {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if entries.len().is_multiple_of(SWEEP_EVERY) {
-            entries.retain(|_, e| e.expires_at.is_none_or(|t| t > now));
+        // Counted, not keyed on the map's size: a map that stays at a multiple of the period
+        // would be scanned on every creation.
+        guard.created += 1;
+        if guard.created >= SWEEP_EVERY {
+            guard.created = 0;
+            guard
+                .map
+                .retain(|_, e| e.expires_at.is_none_or(|t| t > now));
         }
+        let entries = &mut guard.map;
         if entries
             .get(id)
             .is_some_and(|e| e.expires_at.is_none_or(|t| t > now))

@@ -336,7 +336,7 @@ impl RedisStore {
             } else {
                 ""
             };
-            invocation.arg(event.seq).arg(status).arg(&event.json()[..]);
+            invocation.arg(event.seq).arg(status).arg(event.json());
         }
         let invocation = &invocation;
         let (len, stop): (i64, i64) = self

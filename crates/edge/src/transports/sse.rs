@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::{
     auth,
@@ -94,7 +94,7 @@ pub(crate) fn response_until(
 ) -> Response {
     let guard = TransportGuard::new(transport);
     let heartbeat = Duration::from_secs(app.config.http.sse_heartbeat_secs);
-    let shutdown = app.shutdown.clone();
+    let shutdown = Box::pin(app.shutdown.clone().cancelled_owned());
     let stream_id = sub.stream().id.to_string();
     let mut prelude = BytesMut::new();
     framer.start(&mut prelude);
@@ -128,7 +128,8 @@ struct SseBody<F> {
     sub: Subscription,
     framer: F,
     heartbeat: tokio::time::Interval,
-    shutdown: CancellationToken,
+    /// Registered with the shutdown token once, not once per chunk.
+    shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
     prelude: Option<Bytes>,
     /// Fires when the credential the response was opened with expires.
     expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -146,14 +147,12 @@ async fn next_chunk<F: Framer>(
         return None;
     }
     let mut out = BytesMut::new();
-    if let Some(prelude) = s.prelude.take() {
+    // The first chunk: the prelude and whatever is ready now. Later chunks wait for more
+    // (`next_batch` looks at what is pending before it waits).
+    let ready = s.prelude.take().map(|prelude| {
         out.extend_from_slice(&prelude);
-    }
-    // Whatever is ready now goes out with the prelude; then wait for more.
-    let ready = match s.sub.try_batch() {
-        Ok(batch) if batch.is_empty() && out.is_empty() => None,
-        other => Some(other),
-    };
+        s.sub.try_batch()
+    });
     let result = match ready {
         Some(r) => r,
         None => tokio::select! {
@@ -162,7 +161,7 @@ async fn next_chunk<F: Framer>(
                 out.extend_from_slice(b": heartbeat\n\n");
                 return Some((Ok(out.freeze()), s));
             }
-            () = s.shutdown.cancelled() => {
+            () = s.shutdown.as_mut() => {
                 s.framer.interrupted(&mut out);
                 s.done = true;
                 return (!out.is_empty()).then(|| (Ok(out.freeze()), s));

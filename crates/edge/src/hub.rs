@@ -20,13 +20,14 @@ use tracing::Instrument as _;
 use crate::{
     bus::Bus,
     config::EdgeConfig,
+    context::Context,
     error::ApiError,
     ids::StreamId,
     lifecycle::Lifecycle,
-    mirror::Mirror,
-    owner::Owner,
+    mirror::{self, Mirror},
+    owner::{self, Owner},
     request::StreamSpec,
-    store::{LeaseTerms, Store, StoreError, StreamMeta},
+    store::{Store, StoreError, StreamMeta},
     stream::{StreamState, StreamStatus, SubscriberLimits},
     upstream::Generators,
 };
@@ -44,20 +45,14 @@ pub(crate) const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// The hub; shared by every transport through `Arc<Hub>`.
 pub struct Hub {
-    config: Arc<EdgeConfig>,
-    replica: String,
-    generators: Arc<dyn Generators>,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) bus: Arc<dyn Bus>,
+    /// What the owner and mirror tasks share with the hub.
+    ctx: Arc<Context>,
     /// Whether other replicas share the store and bus (streams may live elsewhere).
     cluster: bool,
     streams: Mutex<HashMap<StreamId, Arc<StreamState>>>,
     /// Streams whose history expired, until when they are remembered (answered with 410
     /// `history_expired` rather than 404), and their tenant. Bounded by `max_streams`.
     expired: Mutex<HashMap<StreamId, (std::time::Instant, Arc<str>)>>,
-    /// The edge's shutdown phases and task tracker: every task of the hub goes on it; its
-    /// `handover` phase hands the streams over.
-    lifecycle: Lifecycle,
     /// Counts the owner and mirror tasks (spawned on `tasks`), which the drain waits for.
     streams_tasks: TaskTracker,
 }
@@ -65,7 +60,7 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("replica", &self.replica)
+            .field("replica", &self.ctx.replica)
             .finish()
     }
 }
@@ -83,15 +78,17 @@ impl Hub {
         lifecycle: &Lifecycle,
     ) -> Arc<Self> {
         Arc::new(Self {
-            config,
-            replica,
-            generators,
-            store,
-            bus,
+            ctx: Arc::new(Context {
+                config,
+                replica,
+                generators,
+                store,
+                bus,
+                lifecycle: lifecycle.clone(),
+            }),
             cluster,
             streams: Mutex::new(HashMap::new()),
             expired: Mutex::new(HashMap::new()),
-            lifecycle: lifecycle.clone(),
             streams_tasks: TaskTracker::new(),
         })
     }
@@ -102,47 +99,38 @@ impl Hub {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.lifecycle.spawn(task)
+        self.ctx.lifecycle.spawn(task)
     }
 
     /// The edge's shutdown phases and task tracker.
     pub(crate) fn lifecycle(&self) -> &Lifecycle {
-        &self.lifecycle
+        &self.ctx.lifecycle
     }
 
     /// The configuration.
     pub fn config(&self) -> &EdgeConfig {
-        &self.config
+        &self.ctx.config
     }
 
     /// The generators.
     pub fn generators(&self) -> &dyn Generators {
-        &*self.generators
+        &*self.ctx.generators
     }
 
     /// This replica's id (in leases and logs).
     pub fn replica(&self) -> &str {
-        &self.replica
+        &self.ctx.replica
     }
 
     /// Whether the store and bus answer (readiness).
     pub(crate) async fn backends_healthy(&self) -> (bool, bool) {
-        (self.store.healthy().await, self.bus.healthy())
-    }
-
-    /// The owner lease's terms: renewed every third of the TTL; a running stream's keys outlive
-    /// its owner's last renewal by the history TTL.
-    pub(crate) fn lease_terms(&self) -> LeaseTerms {
-        LeaseTerms {
-            ttl: self.config.lease_ttl(),
-            keep: self.config.history_ttl() + self.config.lease_ttl(),
-        }
+        (self.ctx.store.healthy().await, self.ctx.bus.healthy())
     }
 
     fn limits(&self) -> SubscriberLimits {
         SubscriberLimits {
-            queue: self.config.streams.subscriber_queue,
-            max_bytes: self.config.streams.subscriber_max_bytes,
+            queue: self.ctx.config.streams.subscriber_queue,
+            max_bytes: self.ctx.config.streams.subscriber_max_bytes,
         }
     }
 
@@ -191,7 +179,7 @@ impl Hub {
         );
         {
             let mut map = self.map();
-            if map.len() >= self.config.streams.max_streams {
+            if map.len() >= self.ctx.config.streams.max_streams {
                 return Err(ApiError::Capacity(format!(
                     "this replica already holds {} streams",
                     map.len()
@@ -199,9 +187,14 @@ impl Hub {
             }
             map.insert(id.clone(), state.clone());
         }
-        let meta = StreamMeta::running(&spec, &self.replica);
+        let meta = StreamMeta::running(&spec, &self.ctx.replica);
         let epoch = meta.epoch;
-        if let Err(err) = self.store.create(&id, meta, self.lease_terms()).await {
+        if let Err(err) = self
+            .ctx
+            .store
+            .create(&id, meta, self.ctx.lease_terms())
+            .await
+        {
             self.map().remove(&id);
             tracing::warn!(%err, "store: recording a new stream failed");
             return Err(ApiError::StoreUnavailable);
@@ -210,24 +203,9 @@ impl Hub {
         Ok(state)
     }
 
-    /// Records a running stream again in a store that forgot it (a Redis restart without
-    /// persistence), owned here at `epoch`; true when this call recorded it (false: someone
-    /// else did first). The caller writes the history.
-    pub(crate) async fn restore(
-        &self,
-        state: &StreamState,
-        spec: &StreamSpec,
-        epoch: u64,
-    ) -> Result<bool, StoreError> {
-        let mut meta = StreamMeta::running(spec, &self.replica);
-        meta.epoch = epoch;
-        meta.stop_requested = state.cancel.is_cancelled();
-        self.store.create(&state.id, meta, self.lease_terms()).await
-    }
-
     /// Starts owning a stream taken over from a replica that died (the lease is already
     /// held, at `epoch`); `failover` is the mirror's `tokenfan.stream.failover` span.
-    pub(crate) fn take_over(
+    fn take_over(
         self: &Arc<Self>,
         state: Arc<StreamState>,
         spec: StreamSpec,
@@ -254,7 +232,7 @@ impl Hub {
             otel.name = "tokenfan.stream",
             stream_id = %state.id,
             model = spec.model,
-            replica = %self.replica,
+            replica = %self.ctx.replica,
             transport,
             resumed_after = state.last_seq() as i64,
             tokens = tracing::field::Empty,
@@ -269,7 +247,7 @@ impl Hub {
         let traceparent = tokenfan_telemetry::propagation::span_traceparent(&span);
         state.set_traceparent(traceparent.as_deref().map(Arc::from));
         let owner = Owner {
-            hub: self.clone(),
+            ctx: self.ctx.clone(),
             state,
             spec,
             span: span.clone(),
@@ -277,24 +255,38 @@ impl Hub {
             epoch,
             proven: tokio::time::Instant::now(),
         };
-        self.spawn(
-            self.streams_tasks
-                .track_future(owner.run().instrument(span)),
-        );
+        let hub = self.clone();
+        self.spawn(self.streams_tasks.track_future(async move {
+            // A released stream (fenced, or its lease unproven) is followed like any other
+            // replica's, unless this replica is shutting down.
+            if let owner::Next::Follow(state, spec) = owner.run().instrument(span).await {
+                hub.follow(state, spec);
+            }
+        }));
     }
 
     /// Follows a stream another replica owns.
-    pub(crate) fn follow(self: &Arc<Self>, state: Arc<StreamState>, spec: StreamSpec) {
+    fn follow(self: &Arc<Self>, state: Arc<StreamState>, spec: StreamSpec) {
         let mirror = Mirror {
-            hub: self.clone(),
-            state,
-            spec,
+            ctx: self.ctx.clone(),
+            state: state.clone(),
+            spec: spec.clone(),
         };
-        self.spawn(self.streams_tasks.track_future(mirror.run()));
+        let hub = self.clone();
+        self.spawn(self.streams_tasks.track_future(async move {
+            match mirror.run().await {
+                mirror::Next::Done => {}
+                // Nobody here follows it any more.
+                mirror::Next::Forget => hub.forget(&state.id),
+                mirror::Next::Own { failover, epoch } => {
+                    hub.take_over(state, spec, &failover, epoch);
+                }
+            }
+        }));
     }
 
     /// Drops a mirror nobody here follows any more.
-    pub(crate) fn forget(&self, id: &StreamId) {
+    fn forget(&self, id: &StreamId) {
         let mut map = self.map();
         if map.get(id).is_some_and(|s| !s.is_owned()) {
             map.remove(id);
@@ -332,7 +324,7 @@ impl Hub {
         if !self.cluster {
             return Err(ApiError::StreamNotFound);
         }
-        let meta = match self.store.meta(&id).await {
+        let meta = match self.ctx.store.meta(&id).await {
             Ok(meta) => meta,
             Err(StoreError::NotFound) => return Err(ApiError::StreamNotFound),
             Err(StoreError::Expired(after)) => return Err(ApiError::HistoryExpired(after)),
@@ -356,7 +348,7 @@ impl Hub {
                 .with_spec_json(spec.to_json()),
         );
         // Fill the history before anyone subscribes, so a finished stream answers at once.
-        match self.store.read(&id, 0).await {
+        match self.ctx.store.read(&id, 0).await {
             Ok(events) => state.publish(&events),
             Err(StoreError::Expired(after)) => return Err(ApiError::HistoryExpired(after)),
             Err(err) => tracing::warn!(%err, "store: reading history failed; the mirror retries"),
@@ -395,7 +387,7 @@ impl Hub {
             "stream.cancel",
             otel.name = "tokenfan.stream.cancel",
             stream_id = %state.id,
-            replica = %self.replica,
+            replica = %self.ctx.replica,
             relayed = !state.is_owned(),
             status = tracing::field::Empty,
         );
@@ -417,7 +409,7 @@ impl Hub {
         if state.status() != StreamStatus::Running {
             return Ok(state.status());
         }
-        match self.store.request_stop(&state.id).await {
+        match self.ctx.store.request_stop(&state.id).await {
             Ok(_) | Err(StoreError::NotFound) => {}
             // The owner here ends the stream; the store learns it with the terminal event.
             Err(err) if state.is_owned() => {
@@ -430,7 +422,7 @@ impl Hub {
         }
         if state.is_owned() {
             state.cancel.cancel();
-        } else if let Err(err) = self.bus.request_cancel(&state.id).await {
+        } else if let Err(err) = self.ctx.bus.request_cancel(&state.id).await {
             // Recorded: the owner sees it at its next lease renewal.
             tracing::warn!(%err, "bus: relaying a stop failed; the owner reads it from the store");
         }
@@ -440,7 +432,7 @@ impl Hub {
 
     /// Forgets finished streams past their history TTL, every few seconds, until `shutdown`.
     pub(crate) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
-        let ttl = self.config.history_ttl();
+        let ttl = self.ctx.config.history_ttl();
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
@@ -459,6 +451,7 @@ impl Hub {
             let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
             expired.retain(|_, (until, _)| *until > now);
             let room = self
+                .ctx
                 .config
                 .streams
                 .max_streams
@@ -484,7 +477,7 @@ impl Hub {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            let Some(now) = self.store.incarnation().await else {
+            let Some(now) = self.ctx.store.incarnation().await else {
                 continue;
             };
             if known.as_ref().is_some_and(|k| *k != now) {
@@ -514,16 +507,20 @@ impl Hub {
                 // is recorded again by its owner, who knows its epoch).
                 let meta = StreamMeta {
                     model: state.model,
-                    owner: self.replica.clone(),
+                    owner: self.ctx.replica.clone(),
                     status: StreamStatus::Running,
                     spec_json: state.spec_json().to_owned(),
                     tenant: state.tenant().to_owned(),
                     epoch: state.epoch().max(1),
                     stop_requested: false,
                 };
-                let _ = self.store.create(&state.id, meta, self.lease_terms()).await;
+                let _ = self
+                    .ctx
+                    .store
+                    .create(&state.id, meta, self.ctx.lease_terms())
+                    .await;
             }
-            match self.store.heal(&state.id, &events).await {
+            match self.ctx.store.heal(&state.id, &events).await {
                 Ok(stored) if stored.len < state.last_seq() => {
                     tracing::warn!(stream_id = %state.id, stored = stored.len,
                         "store: a history could not be written back whole");
@@ -532,8 +529,12 @@ impl Hub {
                 Err(err) => tracing::warn!(%err, stream_id = %state.id, "store: healing failed"),
             }
             if let Some(ended) = state.ended_at() {
-                let left = self.config.history_ttl().saturating_sub(ended.elapsed());
-                let _ = self.store.expire(&state.id, left).await;
+                let left = self
+                    .ctx
+                    .config
+                    .history_ttl()
+                    .saturating_sub(ended.elapsed());
+                let _ = self.ctx.store.expire(&state.id, left).await;
             }
             metrics::counter!("tokenfan_edge_store_heals_total").increment(1);
         }
@@ -543,8 +544,8 @@ impl Hub {
     /// here; restart the detach grace of a stream followed elsewhere.
     pub(crate) async fn serve_control(self: Arc<Self>, shutdown: CancellationToken) {
         let (mut cancels, mut touches) = match (
-            self.bus.cancel_requests().await,
-            self.bus.touch_requests().await,
+            self.ctx.bus.cancel_requests().await,
+            self.ctx.bus.touch_requests().await,
         ) {
             (Ok(c), Ok(t)) => (Some(c), Some(t)),
             (Err(err), _) | (_, Err(err)) => {
@@ -580,7 +581,7 @@ impl Hub {
     /// `grace` to finish; the rest are cancelled with their terminal events written.
     pub async fn drain(&self, grace: Duration) {
         if self.cluster {
-            self.lifecycle.handover.cancel();
+            self.ctx.lifecycle.handover.cancel();
             self.streams_tasks.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.streams_tasks.wait()).await;
             return;

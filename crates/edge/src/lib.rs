@@ -18,6 +18,7 @@ mod body_deadline;
 pub mod bus;
 pub mod config;
 mod conn_limits;
+mod context;
 pub mod error;
 pub mod event;
 pub mod hub;

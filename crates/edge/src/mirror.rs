@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::{
     bus::{BusBatch, EventFeed},
-    hub::Hub,
+    context::Context,
     request::StreamSpec,
     store::{Claim, StoreError},
     stream::StreamState,
@@ -30,20 +30,20 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// See the module docs.
 pub(crate) struct Mirror {
-    pub(crate) hub: Arc<Hub>,
+    pub(crate) ctx: Arc<Context>,
     pub(crate) state: Arc<StreamState>,
     pub(crate) spec: StreamSpec,
 }
 
-/// How a mirror ended (the `outcome` of its span).
-#[derive(Debug, Clone, Copy)]
-enum Outcome {
-    /// The stream reached its terminal event.
-    Finished,
-    /// Nobody on this replica followed it any more.
-    Forgotten,
-    /// The owner died and this replica owns the stream now.
-    TookOver,
+/// What the hub does once a mirror stops.
+pub(crate) enum Next {
+    /// Nothing: the stream reached its terminal event.
+    Done,
+    /// Forget the mirror: nobody on this replica follows it any more.
+    Forget,
+    /// Own the stream: its owner died and this replica holds the lease now, at `epoch`;
+    /// `failover` is the `tokenfan.stream.failover` span, the new owner's parent.
+    Own { failover: tracing::Span, epoch: u64 },
 }
 
 /// What the mirror span records; written as the mirror goes, recorded at its end.
@@ -58,7 +58,7 @@ struct Tally {
 }
 
 impl Mirror {
-    pub(crate) async fn run(self) {
+    pub(crate) async fn run(self) -> Next {
         // Not entered until it ends: its parent comes with the first traced batch, and a span
         // that has started cannot change parent.
         let span = tracing::info_span!(
@@ -67,23 +67,24 @@ impl Mirror {
             otel.name = "tokenfan.stream.mirror",
             otel.kind = "consumer",
             stream_id = %self.state.id,
-            replica = %self.hub.replica(),
+            replica = %self.ctx.replica,
             events_received = tracing::field::Empty,
             gaps_refilled = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
         let mut tally = Tally::default();
-        let outcome = self.follow(&span, &mut tally).await;
+        let next = self.follow(&span, &mut tally).await;
         span.record("events_received", tally.received as i64);
         span.record("gaps_refilled", tally.refills as i64);
         span.record(
             "outcome",
-            match outcome {
-                Outcome::Finished => "finished",
-                Outcome::Forgotten => "forgotten",
-                Outcome::TookOver => "took_over",
+            match next {
+                Next::Done => "finished",
+                Next::Forget => "forgotten",
+                Next::Own { .. } => "took_over",
             },
         );
+        next
     }
 
     /// Applies one bus batch (refilling first when it skips seqs).
@@ -105,12 +106,12 @@ impl Mirror {
         self.state.publish(&batch.events);
     }
 
-    async fn follow(&self, span: &tracing::Span, tally: &mut Tally) -> Outcome {
+    async fn follow(&self, span: &tracing::Span, tally: &mut Tally) -> Next {
         let id = self.state.id.clone();
-        let config = self.hub.config();
+        let config = &self.ctx.config;
         let lease_ttl = config.lease_ttl();
         let grace = config.detach_grace();
-        let mut feed: Option<EventFeed> = self.hub.bus.subscribe(&id).await.ok();
+        let mut feed: Option<EventFeed> = self.ctx.bus.subscribe(&id).await.ok();
         self.refill().await;
 
         let mut tick = tokio::time::interval(TICK);
@@ -128,7 +129,7 @@ impl Mirror {
                 },
                 _ = tick.tick() => {
                     if feed.is_none() {
-                        feed = self.hub.bus.subscribe(&id).await.ok();
+                        feed = self.ctx.bus.subscribe(&id).await.ok();
                         if feed.is_some() {
                             tally.refills += 1;
                             self.refill().await;
@@ -142,34 +143,35 @@ impl Mirror {
                         // Quiet: maybe the bus lost messages, maybe the owner died.
                         tally.refills += 1;
                         self.refill().await;
-                        if self.state.last_seq() == last_seq && self.take_over().await {
-                            return Outcome::TookOver;
+                        if self.state.last_seq() == last_seq
+                            && let Some((failover, epoch)) = self.take_over().await
+                        {
+                            return Next::Own { failover, epoch };
                         }
                         last_progress = Instant::now();
                     }
                     if self.state.has_interest(grace / 2) {
                         idle_since = None;
                         if last_touch.is_none_or(|t| t.elapsed() >= grace / 3) {
-                            let _ = self.hub.bus.request_touch(&id).await;
+                            let _ = self.ctx.bus.request_touch(&id).await;
                             last_touch = Some(Instant::now());
                         }
                     } else if idle_since.get_or_insert_with(Instant::now).elapsed()
                         >= grace + lease_ttl
                     {
                         // Nobody here follows it any more: forget the mirror.
-                        self.hub.forget(&id);
-                        return Outcome::Forgotten;
+                        return Next::Forget;
                     }
                 }
             }
         }
-        Outcome::Finished
+        Next::Done
     }
 
     /// Applies the history after the last event this replica has.
     async fn refill(&self) {
         match self
-            .hub
+            .ctx
             .store
             .read(&self.state.id, self.state.last_seq())
             .await
@@ -180,28 +182,28 @@ impl Mirror {
         }
     }
 
-    /// Claims the stream when the owner's lease has lapsed (at the next epoch), and starts
-    /// owning it here. Never during this replica's shutdown, and never a stream whose end is
-    /// known (here or in the store).
-    async fn take_over(&self) -> bool {
-        if self.hub.lifecycle().handover.is_cancelled() {
-            return false;
+    /// Claims the stream when the owner's lease has lapsed (at the next epoch), for this
+    /// replica to own it: the failover span and the epoch. Never during this replica's
+    /// shutdown, and never a stream whose end is known (here or in the store).
+    async fn take_over(&self) -> Option<(tracing::Span, u64)> {
+        if self.ctx.lifecycle.handover.is_cancelled() {
+            return None;
         }
-        let store = &self.hub.store;
+        let store = &self.ctx.store;
         let id = &self.state.id;
         let (epoch, stop_requested) = match store
-            .claim(id, self.hub.replica(), self.hub.lease_terms())
+            .claim(id, &self.ctx.replica, self.ctx.lease_terms())
             .await
         {
             Ok(Claim::Claimed {
                 epoch,
                 stop_requested,
             }) => (epoch, stop_requested),
-            Ok(Claim::Held) => return false,
+            Ok(Claim::Held) => return None,
             Ok(Claim::Ended) => {
                 // The end is stored: it reaches the subscribers here through the refill.
                 self.refill().await;
-                return false;
+                return None;
             }
             Err(StoreError::NotFound) => {
                 // The store forgot the stream (a restart without persistence) and its owner
@@ -209,20 +211,20 @@ impl Mirror {
                 // was down): this replica holds its request and history, so it does. A stream
                 // that ended is never here (the mirror stops at the terminal event).
                 let epoch = self.state.epoch() + 1;
-                match self.hub.restore(&self.state, &self.spec, epoch).await {
+                match self.ctx.restore(&self.state, &self.spec, epoch).await {
                     Ok(true) => (epoch, false),
-                    _ => return false,
+                    _ => return None,
                 }
             }
             Err(err) => {
                 tracing::warn!(%err, stream_id = %id, "store: claiming a stream failed");
-                return false;
+                return None;
             }
         };
         // Events the old owner stored just before it stopped.
         self.refill().await;
         if self.state.status() != StreamStatus::Running {
-            return false;
+            return None;
         }
         if stop_requested {
             // A stop recorded while the old owner was failing: the new one only ends it.
@@ -235,7 +237,7 @@ impl Mirror {
             "stream.failover",
             otel.name = "tokenfan.stream.failover",
             stream_id = %id,
-            replica = %self.hub.replica(),
+            replica = %self.ctx.replica,
             resumed_after = self.state.last_seq() as i64,
             epoch = epoch as i64,
         );
@@ -245,9 +247,7 @@ impl Mirror {
                 "the owner stopped; taking the stream over");
         });
         metrics::counter!("tokenfan_edge_owner_failovers_total").increment(1);
-        self.hub
-            .take_over(self.state.clone(), self.spec.clone(), &failover, epoch);
-        true
+        Some((failover, epoch))
     }
 }
 

@@ -20,8 +20,8 @@ use tokenfan_proto::v1::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    context::Context,
     event::{Event, EventKind, FinishReason, Usage},
-    hub::Hub,
     request::StreamSpec,
     store::StoreError,
     stream::StreamState,
@@ -39,7 +39,7 @@ const MAX_WRITE_BACKOFF: Duration = Duration::from_millis(250);
 
 /// The owner of one stream: runs its generator call(s) to the terminal event.
 pub(crate) struct Owner {
-    pub(crate) hub: Arc<Hub>,
+    pub(crate) ctx: Arc<Context>,
     pub(crate) state: Arc<StreamState>,
     pub(crate) spec: StreamSpec,
     /// The stream span (`tokenfan.stream`): one per stream and owner, never one per token.
@@ -79,17 +79,26 @@ pub(crate) enum Release {
     Handover,
 }
 
+/// What the hub does once an owner stops.
+pub(crate) enum Next {
+    /// Nothing: the stream ended here, or the replica is shutting down.
+    Done,
+    /// Follow the stream like any other replica's (ownership was released while this replica
+    /// keeps serving; it may claim the stream again later).
+    Follow(Arc<StreamState>, StreamSpec),
+}
+
 impl Owner {
-    pub(crate) async fn run(mut self) {
-        let hub = self.hub.clone();
+    pub(crate) async fn run(mut self) -> Next {
+        let ctx = self.ctx.clone();
         // The hub recorded the stream, took the lease and marked it owned before spawning this.
         let started = Instant::now();
-        let retries = hub.config().streams.generator_retries;
-        let grace = hub.config().detach_grace();
+        let retries = ctx.config.streams.generator_retries;
+        let grace = ctx.config.detach_grace();
         let detached = detached(self.state.attached(), grace);
         tokio::pin!(detached);
 
-        let turn = hub.generators().next_turn();
+        let turn = ctx.generators.next_turn();
         let mut attempt = 0u32;
         let terminal = loop {
             let outcome = if self.state.cancel.is_cancelled() {
@@ -164,18 +173,19 @@ impl Owner {
         let status = self.state.status();
         metrics::counter!("tokenfan_edge_streams_total", "outcome" => status.as_str()).increment(1);
         metrics::gauge!("tokenfan_edge_streams_active").decrement(1.0);
-        if let Err(err) = hub
+        if let Err(err) = ctx
             .store
-            .expire(&self.state.id, hub.config().history_ttl())
+            .expire(&self.state.id, ctx.config.history_ttl())
             .await
         {
             tracing::warn!(%err, "store: setting the history TTL failed");
         }
+        Next::Done
     }
 
     /// Stops owning the stream without a terminal event; unless the replica is shutting down,
     /// it goes on following it like any other replica (and may claim it again later).
-    fn release(self, why: Release) {
+    fn release(self, why: Release) -> Next {
         tracing::info!(?why, epoch = self.epoch, "ownership released");
         self.span
             .record("released", format!("{why:?}").to_lowercase());
@@ -188,8 +198,10 @@ impl Owner {
             Release::Handover => "handover",
         })
         .increment(1);
-        if !self.hub.lifecycle().handover.is_cancelled() {
-            self.hub.follow(self.state.clone(), self.spec.clone());
+        if self.ctx.lifecycle.handover.is_cancelled() {
+            Next::Done
+        } else {
+            Next::Follow(self.state, self.spec)
         }
     }
 
@@ -234,8 +246,8 @@ impl Owner {
         started: Instant,
         detached: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Attempt {
-        let hub = self.hub.clone();
-        let config = hub.config();
+        let ctx = self.ctx.clone();
+        let config = &ctx.config;
         let idle = Duration::from_secs(config.streams.generator_idle_timeout_secs);
         let stall = tokio::time::sleep(idle);
         tokio::pin!(stall);
@@ -248,9 +260,9 @@ impl Owner {
         // Registered once for the whole call, not once per batch.
         let cancelled = self.state.cancel.clone().cancelled_owned();
         tokio::pin!(cancelled);
-        let handover = hub.lifecycle().handover.clone().cancelled_owned();
+        let handover = ctx.lifecycle.handover.clone().cancelled_owned();
         tokio::pin!(handover);
-        let call = hub.generators().generate(self.request(), turn, &self.span);
+        let call = ctx.generators.generate(self.request(), turn, &self.span);
         let mut call: Generation = tokio::select! {
             r = call => match r {
                 Ok(stream) => stream,
@@ -363,11 +375,11 @@ impl Owner {
     /// Renews the lease (and learns of a recorded stop). A store that fails keeps the owner
     /// going until the lease could have lapsed; past that, ownership is released.
     async fn renew(&mut self) -> Result<(), Release> {
-        let hub = self.hub.clone();
+        let ctx = self.ctx.clone();
         let sent = Instant::now();
-        let renewed = hub
+        let renewed = ctx
             .store
-            .renew(&self.state.id, hub.replica(), self.epoch, hub.lease_terms())
+            .renew(&self.state.id, &ctx.replica, self.epoch, ctx.lease_terms())
             .await;
         match renewed {
             Ok(stop) => {
@@ -387,7 +399,7 @@ impl Owner {
     }
 
     fn check_proven(&self) -> Result<(), Release> {
-        if self.proven.elapsed() >= self.hub.config().lease_ttl() {
+        if self.proven.elapsed() >= self.ctx.config.lease_ttl() {
             Err(Release::Unproven)
         } else {
             Ok(())
@@ -400,7 +412,7 @@ impl Owner {
     /// lost the stream gets it whole; one that fails is retried until it answers or the
     /// lease could have lapsed.
     async fn write(&mut self, batch: Vec<Arc<Event>>) -> Result<(), Release> {
-        let hub = self.hub.clone();
+        let ctx = self.ctx.clone();
         let Some(last) = batch.last().map(|e| e.seq) else {
             return Ok(());
         };
@@ -420,7 +432,7 @@ impl Owner {
             }
             let sent = Instant::now();
             let send = resend.as_deref().unwrap_or(&batch);
-            match hub.store.append(&self.state.id, self.epoch, send).await {
+            match ctx.store.append(&self.state.id, self.epoch, send).await {
                 Ok(stored) if stored.len >= last => {
                     self.proven = sent;
                     if stored.stop_requested {
@@ -474,7 +486,7 @@ impl Owner {
             }
         }
         self.state.publish(&batch);
-        if let Err(err) = hub
+        if let Err(err) = ctx
             .bus
             .publish(&self.state.id, batch.into(), self.traceparent.clone())
             .await
@@ -495,7 +507,7 @@ impl Owner {
     /// The store forgot the stream (a Redis restart without persistence): record it again at
     /// this owner's epoch; the caller then writes the history. False when the store failed.
     async fn restore(&mut self) -> bool {
-        match self.hub.restore(&self.state, &self.spec, self.epoch).await {
+        match self.ctx.restore(&self.state, &self.spec, self.epoch).await {
             Ok(_) => {
                 tracing::info!("store: stream recorded again after data loss");
                 true
@@ -561,6 +573,7 @@ mod tests {
     use crate::{
         bus::memory::MemoryBus,
         config::EdgeConfig,
+        hub::Hub,
         request::StreamRequest,
         store::memory::MemoryStore,
         upstream::{Generation, Generators},

@@ -8,10 +8,7 @@
 //! had received all those tokens would have recorded — and the merged percentiles, maxima,
 //! means and counts must equal that histogram's, while every counter must equal the sum.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use clap::Parser as _;
 use hdrhistogram::Histogram;
@@ -22,18 +19,9 @@ use tokenfan_loadgen::{
     run,
     stats::{Hists, Summary, new_hist},
 };
-use tokenfan_testkit::{edge::TestEdge, tls::TlsDir};
+use tokenfan_testkit::{edge::TestEdge, temp::temp_dir, tls::TlsDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenfan-loadgen");
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tokenfan-loadgen-horizontal-{}-{name}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// Runs the binary off the test's runtime threads.
 async fn loadgen(args: Vec<String>) -> std::process::Output {

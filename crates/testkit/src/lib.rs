@@ -1,7 +1,8 @@
 //! `tokenfan-testkit`: what tokenfan's tests share, kept out of the crates that ship.
 //!
 //! - [`servers`]: hermetic `nats-server` and `redis-server` processes (single, TLS, clusters)
-//!   on free loopback ports, killed when dropped; [`tls`]: certificates made on the spot.
+//!   on free loopback ports, killed when dropped; [`tls`]: certificates made on the spot;
+//!   [`temp`]: fresh temporary directories.
 //! - [`conformance`]: the suites every [`tokenfan_edge::bus::Bus`] and
 //!   [`tokenfan_edge::store::Store`] implementation must pass.
 //! - [`edge`]: a real edge on a port-0 listener ([`edge::TestEdge`]), request bodies, stream
@@ -20,6 +21,7 @@ pub mod edge;
 pub mod fuzzing;
 pub mod servers;
 pub mod sse;
+pub mod temp;
 pub mod tls;
 pub mod wait;
 pub mod ws;

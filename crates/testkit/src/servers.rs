@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use crate::temp::temp_dir;
 use crate::tls::TlsFiles;
 
 /// A child process killed (and its directory removed) on drop.
@@ -83,19 +84,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
-}
-
-/// A fresh temporary directory (the caller removes it, or hands it to a [`ServerProcess`]).
-pub fn temp_dir(name: &str) -> PathBuf {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    let dir = std::env::temp_dir().join(format!(
-        "tokenfan-{name}-{}-{:016x}",
-        std::process::id(),
-        u64::from_le_bytes(bytes)
-    ));
-    let _ = std::fs::create_dir_all(&dir);
-    dir
 }
 
 fn find(binary: &str) -> String {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::servers::temp_dir;
+use crate::temp::temp_dir;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// PEM files for TLS tests: a CA, and a certificate + key it signed that is valid for

@@ -24,7 +24,7 @@ use crate::{
     hub::Hub,
     request::StreamSpec,
     store::StoreError,
-    stream::StreamState,
+    stream::{Quiet, StreamState},
     upstream::{Generation, retryable},
 };
 
@@ -86,7 +86,7 @@ impl Owner {
         let started = Instant::now();
         let retries = hub.config().streams.generator_retries;
         let grace = hub.config().detach_grace();
-        let detached = detached(self.state.attached(), grace);
+        let detached = Quiet::new(detached(self.state.attached(), grace));
         tokio::pin!(detached);
 
         let turn = hub.generators().next_turn();
@@ -245,11 +245,10 @@ impl Owner {
                 "no message from the generator for {idle:?}"
             )))
         };
-        // Registered once for the whole call, not once per batch.
-        let cancelled = self.state.cancel.clone().cancelled_owned();
-        tokio::pin!(cancelled);
-        let handover = hub.handover.clone().cancelled_owned();
-        tokio::pin!(handover);
+        // Registered once for the whole call and polled again only when they wake the task,
+        // not on every batch.
+        let mut cancelled = Quiet::new(self.state.cancel.clone().cancelled_owned());
+        let mut handover = Quiet::new(hub.handover.clone().cancelled_owned());
         let call = hub.generators().generate(self.request(), turn, &self.span);
         let mut call: Generation = tokio::select! {
             r = call => match r {

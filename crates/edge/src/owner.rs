@@ -24,7 +24,7 @@ use crate::{
     event::{Event, EventKind, FinishReason, Usage},
     request::StreamSpec,
     store::StoreError,
-    stream::StreamState,
+    stream::{Quiet, StreamState},
     upstream::{Generation, retryable},
 };
 
@@ -95,7 +95,7 @@ impl Owner {
         let started = Instant::now();
         let retries = ctx.config.streams.generator_retries;
         let grace = ctx.config.detach_grace();
-        let detached = detached(self.state.attached(), grace);
+        let detached = Quiet::new(detached(self.state.attached(), grace));
         tokio::pin!(detached);
 
         let turn = ctx.generators.next_turn();
@@ -257,11 +257,10 @@ impl Owner {
                 "no message from the generator for {idle:?}"
             )))
         };
-        // Registered once for the whole call, not once per batch.
-        let cancelled = self.state.cancel.clone().cancelled_owned();
-        tokio::pin!(cancelled);
-        let handover = ctx.lifecycle.handover.clone().cancelled_owned();
-        tokio::pin!(handover);
+        // Registered once for the whole call and polled again only when they wake the task,
+        // not on every batch.
+        let mut cancelled = Quiet::new(self.state.cancel.clone().cancelled_owned());
+        let mut handover = Quiet::new(ctx.lifecycle.handover.clone().cancelled_owned());
         let call = ctx.generators.generate(self.request(), turn, &self.span);
         let mut call: Generation = tokio::select! {
             r = call => match r {

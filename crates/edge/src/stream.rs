@@ -531,9 +531,64 @@ fn coalesce(pending: &[Arc<Event>]) -> Vec<Arc<Event>> {
     out
 }
 
+/// A future polled again only once it has woken its task: in between, polling it costs an
+/// atomic swap and a waker check. For waits that seldom end (a stop, a handover, a shutdown, the
+/// detach grace) on loops that run once per batch of tokens, where polling the wait itself
+/// would take its locks every time.
+pub(crate) struct Quiet<F> {
+    future: std::pin::Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+}
+
+/// Set by the inner future's wake-up; wakes the task that polled the [`Quiet`] last.
+struct WakeFlag {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> Quiet<F> {
+    /// Wraps `future`; the first poll polls it.
+    pub(crate) fn new(future: F) -> Self {
+        Self {
+            future: Box::pin(future),
+            flag: Arc::new(WakeFlag {
+                woken: AtomicBool::new(true),
+                task: futures::task::AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Quiet<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // Registered before the flag is read: a wake-up after the read wakes this task.
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(self.flag.clone());
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use std::future::Future as _;
 
     use super::*;
     use crate::event::Usage;
@@ -715,6 +770,25 @@ mod tests {
         assert!(s.lock().waiting.is_empty());
         s.publish(&[token(2, "b")]);
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "nobody was waiting");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_wait_ends_when_its_future_wakes_it() {
+        let token = CancellationToken::new();
+        let mut quiet = Quiet::new(token.clone().cancelled_owned());
+        let counter = Arc::new(Counting(AtomicU64::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut pinned = std::pin::Pin::new(&mut quiet);
+        for _ in 0..3 {
+            assert!(pinned.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        token.cancel();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "the task is woken");
+        assert!(pinned.as_mut().poll(&mut cx).is_ready());
+        let done = Quiet::new(std::future::ready(7));
+        assert_eq!(done.await, 7, "the first poll polls the future");
     }
 
     #[tokio::test]

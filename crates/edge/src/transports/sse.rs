@@ -20,7 +20,7 @@ use crate::{
     event::Event,
     observability::GapMeter,
     state::AppState,
-    stream::{Closed, Subscription},
+    stream::{Closed, Quiet, Subscription},
     transports::TransportGuard,
 };
 
@@ -94,7 +94,7 @@ pub(crate) fn response_until(
 ) -> Response {
     let guard = TransportGuard::new(transport);
     let heartbeat = Duration::from_secs(app.config.http.sse_heartbeat_secs);
-    let shutdown = Box::pin(app.shutdown.clone().cancelled_owned());
+    let shutdown = Quiet::new(app.shutdown.clone().cancelled_owned());
     let stream_id = sub.stream().id.to_string();
     let mut prelude = BytesMut::new();
     framer.start(&mut prelude);
@@ -128,8 +128,8 @@ struct SseBody<F> {
     sub: Subscription,
     framer: F,
     heartbeat: tokio::time::Interval,
-    /// Registered with the shutdown token once, not once per chunk.
-    shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Registered with the shutdown token once, polled again only when it wakes the task.
+    shutdown: Quiet<WaitForCancellationFutureOwned>,
     prelude: Option<Bytes>,
     /// Fires when the credential the response was opened with expires.
     expires: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -161,7 +161,7 @@ async fn next_chunk<F: Framer>(
                 out.extend_from_slice(b": heartbeat\n\n");
                 return Some((Ok(out.freeze()), s));
             }
-            () = s.shutdown.as_mut() => {
+            () = &mut s.shutdown => {
                 s.framer.interrupted(&mut out);
                 s.done = true;
                 return (!out.is_empty()).then(|| (Ok(out.freeze()), s));

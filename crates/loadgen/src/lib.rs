@@ -10,6 +10,7 @@
 
 pub mod chart;
 pub mod cli;
+pub mod ctx;
 pub mod event;
 pub mod merge;
 pub mod metrics;

@@ -343,7 +343,7 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = crate::scenarios::mix(x);
+                x = crate::ctx::mix(x);
                 // 50 µs … ~3 s, heavy-tailed.
                 50 + (x % 1000) * (x % 3000) + (x >> 60) * 100_000
             })

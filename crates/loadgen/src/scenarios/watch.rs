@@ -15,7 +15,7 @@ use std::{
 use tokio::{task::JoinSet, time::Instant};
 
 use crate::{
-    scenarios::{Ctx, Ended},
+    ctx::{Ctx, Ended},
     stats::unix_nanos,
     transports::{poll, sse},
     verify::Violation,

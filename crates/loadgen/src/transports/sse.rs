@@ -4,8 +4,8 @@
 use tokio::time::Instant;
 
 use crate::{
+    ctx::{Ctx, Ended},
     event::{Chunk, Ev, Frame, SseParser},
-    scenarios::{Ctx, Ended},
     stats::{Kind, Reader, ReaderEnd, Stats, unix_nanos},
     transports::{request_error, status_error},
     verify::Violation,

@@ -325,6 +325,9 @@ pub fn merge(
         notes,
         // One process's CPU figure means nothing for the sum; the parts keep theirs.
         cpu: None,
+        server_cpu_us_per_token: None,
+        // Each load generator's own lag is its own (a part's result file has it).
+        loadgen_lag: None,
         server_memory,
         server_counters: None,
         left_in_flight,

@@ -183,11 +183,18 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     };
     let ticker = (!plan.report.quiet)
         .then(|| progress::spawn(stats.clone(), secs(plan.report.progress_secs)));
+    let lag_tickers: Vec<_> = (0..threads.max(1))
+        .map(|_| tokio::spawn(lag_ticker(stats.clone())))
+        .collect();
 
     drive(&run).await;
 
     if let Some(t) = ticker {
         t.stop().await;
+    }
+    for t in lag_tickers {
+        // They end at the end of the window; by now they have.
+        let _ = t.await;
     }
     if let Some(ws) = &run.ws {
         ws.shutdown().await;
@@ -233,6 +240,27 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
         ok: report.ok,
         report: Some(report),
     })
+}
+
+/// Period of the lag tickers.
+const LAG_TICK: Duration = Duration::from_millis(10);
+
+/// Measures the event-loop delay: wakes every [`LAG_TICK`] until the end of the window and
+/// records how late it woke ([`Stats::event_loop_delay`]). Tokio's timer has 1 ms resolution,
+/// so up to ~1 ms is the timer, not the load.
+async fn lag_ticker(stats: Arc<Stats>) {
+    loop {
+        let due = Instant::now() + LAG_TICK;
+        if due >= stats.deadline {
+            return;
+        }
+        tokio::time::sleep_until(due).await;
+        let late = Instant::now().saturating_duration_since(due);
+        stats.event_loop_delay(
+            unix_nanos(),
+            u64::try_from(late.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
 }
 
 /// TLS of `wss://` sockets (https:// targets): ALPN http/1.1, the Upgrade needs it.

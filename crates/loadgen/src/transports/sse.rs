@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use crate::{
     ctx::{Ctx, Ended},
-    event::{Chunk, Ev, Frame, SseParser},
+    event::{Chunk, Ev, Frame, SseParser, TokenScan},
     stats::{Kind, Reader, ReaderEnd, Stats, unix_nanos},
     transports::{request_error, status_error},
     verify::Violation,
@@ -18,15 +18,47 @@ struct Failure {
     detail: String,
 }
 
-/// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time.
-/// Err when the body failed or ran past `deadline`.
+/// Read-to-parsed times a body holds before it hands them to the run (one lock per batch).
+const LAG_BATCH: usize = 64;
+
+/// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time (the
+/// wall clock when the read returned). Records how long each read in the window took from
+/// its return to its last event handled ([`Stats::read_to_parsed`]). Err when the body failed
+/// or ran past `deadline`.
 async fn read_body(
     resp: &mut reqwest::Response,
+    stats: &Stats,
     deadline: Instant,
     label: &str,
     mut on_frame: impl FnMut(Frame<'_>, i64),
 ) -> Result<(), Failure> {
     let mut parser = SseParser::default();
+    let mut lag: Vec<u64> = Vec::new();
+    let end = read_frames(
+        resp,
+        stats,
+        deadline,
+        label,
+        &mut parser,
+        &mut lag,
+        &mut on_frame,
+    )
+    .await;
+    if !lag.is_empty() {
+        stats.read_to_parsed(&lag);
+    }
+    end
+}
+
+async fn read_frames(
+    resp: &mut reqwest::Response,
+    stats: &Stats,
+    deadline: Instant,
+    label: &str,
+    parser: &mut SseParser,
+    lag: &mut Vec<u64>,
+    on_frame: &mut impl FnMut(Frame<'_>, i64),
+) -> Result<(), Failure> {
     loop {
         match tokio::time::timeout_at(deadline, resp.chunk()).await {
             Err(_) => {
@@ -49,6 +81,13 @@ async fn read_body(
                         kind: "sse_line_too_long",
                         detail: label.to_owned(),
                     });
+                }
+                if stats.in_window(recv) {
+                    lag.push(u64::try_from((unix_nanos() - recv) / 1000).unwrap_or(0));
+                    if lag.len() >= LAG_BATCH {
+                        stats.read_to_parsed(lag);
+                        lag.clear();
+                    }
                 }
             }
         }
@@ -82,7 +121,7 @@ async fn follow_native(
     let stats = &ctx.stats;
     let mut attempts = ctx.plan.load.resume_attempts;
     loop {
-        let end = read_body(&mut resp, deadline, label, |f, recv| {
+        let end = read_body(&mut resp, stats, deadline, label, |f, recv| {
             native_frame(reader, stats, &f, recv)
         })
         .await;
@@ -136,9 +175,15 @@ async fn follow_native(
     }
 }
 
-/// Feeds one native SSE frame to `reader`. A `type: error` without `seq` is a notice (e.g.
+/// Feeds one native SSE frame to `reader`. Token events take the byte scan of
+/// [`TokenScan`] (no JSON parser on the hot path); anything else, and a token event the scan
+/// cannot read, is parsed as JSON. A `type: error` without `seq` is a notice (e.g.
 /// `slow_consumer`), not the terminal event: counted as an error, and the body ends after it.
 fn native_frame(reader: &mut Reader, stats: &Stats, f: &Frame<'_>, recv: i64) {
+    if let Some(t) = TokenScan::of(f.data) {
+        reader.token(Some(t.seq), t.text, t.emitted_at, recv);
+        return;
+    }
     match serde_json::from_slice::<Ev<'_>>(f.data) {
         Ok(ev) if ev.kind.as_deref() == Some("error") && ev.seq.is_none() => {
             let code = ev.code.as_deref().unwrap_or("?").to_owned();
@@ -286,7 +331,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     );
     let mut finish_reason: Option<String> = None;
     let mut done_marker = false;
-    let end = read_body(&mut resp, deadline, &label, |f, recv| {
+    let end = read_body(&mut resp, stats, deadline, &label, |f, recv| {
         if done_marker {
             reader.violation(Violation::EventAfterTerminal, || {
                 format!("{} after [DONE]", String::from_utf8_lossy(f.data))

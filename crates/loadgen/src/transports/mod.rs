@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod poll;
+pub mod raw;
 pub mod sse;
 pub mod ws;
 

@@ -25,7 +25,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
     time::Instant,
 };
@@ -150,7 +150,14 @@ struct Viewer {
     error: Option<String>,
 }
 
-async fn view(host: String, id: String, deadline: Instant) -> Viewer {
+/// One viewer; `connecting` is its place among the connections being opened, given up once
+/// its request is sent.
+async fn view(
+    host: String,
+    id: String,
+    deadline: Instant,
+    connecting: OwnedSemaphorePermit,
+) -> Viewer {
     let mut v = Viewer::default();
     let read = async {
         let mut s = TcpStream::connect(&host).await?;
@@ -159,6 +166,7 @@ async fn view(host: String, id: String, deadline: Instant) -> Viewer {
         );
         let subscribed = unix_nanos();
         s.write_all(req.as_bytes()).await?;
+        drop(connecting);
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut status_seen = false;
         loop {
@@ -236,11 +244,10 @@ fn main() -> ExitCode {
         let mut set = JoinSet::new();
         for _ in 0..a.viewers {
             let (host, id, connecting) = (a.host.clone(), id.clone(), connecting.clone());
-            set.spawn(async move {
-                let permit = connecting.acquire_owned().await;
-                let _permit = permit;
-                view(host, id, deadline).await
-            });
+            let Ok(permit) = connecting.acquire_owned().await else {
+                break;
+            };
+            set.spawn(view(host, id, deadline, permit));
         }
         let (mut samples, mut tokens, mut done, mut errors) = (Vec::new(), 0u64, 0usize, Vec::new());
         while let Some(r) = set.join_next().await {

@@ -41,7 +41,19 @@ def p99(summary):
     return None if not summary else summary.get("p99")
 
 
+LAG_WARN_MS = 5.0  # the load generator's own warning threshold (report.rs LAG_WARN_MS)
+
+
 def verdict(result, meta):
+    """The step's verdict; a timing failure names the load generator's own lag when it was late."""
+    v = timing_verdict(result, meta)
+    lag = loadgen_lag_p99(result)
+    if v.startswith("fail:") and "ms >" in v and lag is not None and lag > LAG_WARN_MS:
+        v += f" (the load generator's event loop was {lag:.0f} ms late at p99: it measured itself too)"
+    return v
+
+
+def timing_verdict(result, meta):
     limit = meta["limit_ms"]
     total = result.get("total", {})
     cfg = result.get("config", {})

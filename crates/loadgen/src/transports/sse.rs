@@ -1,5 +1,7 @@
 //! Server-sent events: native POST-SSE (`POST /v1/streams` with `Accept: text/event-stream`),
-//! viewers (`GET /v1/streams/{id}/events`) and OpenAI chat completions.
+//! viewers (`GET /v1/streams/{id}/events`) and OpenAI chat completions. Viewers of `http://`
+//! targets over HTTP/1.1 read their socket directly ([`raw`]); everything else goes through
+//! reqwest. Token events are read by a byte scan ([`TokenScan`]), the rest as JSON.
 
 use tokio::time::Instant;
 

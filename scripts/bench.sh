@@ -12,9 +12,15 @@
 #   express    bench/peers/express (Node.js + Express + ws)
 #   pushpin    bench/peers/pushpin: Pushpin (condure, zurl, pushpin-proxy, pushpin-handler) and its
 #              Node origin/publisher; watch and longpoll only
-#   generator  tokenfan-generator read directly over gRPC: the floor (scenario grpc only)
-# Scenarios: native (POST-SSE), watch (K streams × VIEWERS GET-SSE viewers), ws, longpoll,
-# shortpoll, grpc, idle (resident memory per idle SSE connection).
+#   generator  tokenfan-generator read directly over gRPC: the generator's floor (scenario grpc only)
+#   floor      bench/peers/floor (tokenfan-floor): the smallest POST-SSE server, tokio and one
+#              write per token, no HTTP library: the delivery floor (scenarios native and wrk)
+# Scenarios: wrk (POST-SSE streams of WRK_TOKENS tokens, each a new POST on a kept-alive
+# connection, at every step of WRK_STEPS whatever the verdict: the issue-13 measurement),
+# native (POST-SSE), watch (K streams × VIEWERS GET-SSE viewers), ws, longpoll, shortpoll, grpc,
+# idle (resident memory per idle SSE connection).
+#
+#   SCENARIOS=wrk SYSTEMS="tokenfan floor express" scripts/bench.sh    # the two wrk steps alone
 #
 # For every (scenario, system) the concurrency steps run in order until one fails (errors or
 # verification violations, or p99 above the limits: see bench/summarize.py); the last passing
@@ -36,9 +42,13 @@ if [[ "$QUICK" == 1 ]]; then
   WARMUP=${WARMUP:-1}
   MAX_TOKENS=${MAX_TOKENS:-40}
   IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-200}
+  WRK_STEPS=${WRK_STEPS:-30}
 fi
-SCENARIOS=${SCENARIOS:-"native watch ws longpoll shortpoll grpc idle"}
-SYSTEMS=${SYSTEMS:-"tokenfan express pushpin generator"}
+SCENARIOS=${SCENARIOS:-"wrk native watch ws longpoll shortpoll grpc idle"}
+SYSTEMS=${SYSTEMS:-"tokenfan floor express pushpin generator"}
+WRK_STEPS=${WRK_STEPS:-"300 1000"}                 # wrk: concurrent POST-SSE streams, every step runs
+WRK_TOKENS=${WRK_TOKENS:-50}                        # wrk: tokens per stream (max_tokens)
+WRK_TTFT_MS=${WRK_TTFT_MS:-20}                      # wrk: 50 tokens × 20 ms = 1.0 s on schedule
 STEPS=${STEPS:-"100 250 500 1000 2000 4000"}     # concurrent streams
 WATCH_STEPS=${WATCH_STEPS:-"10 25 50 100 250 400"}  # watch: streams, each with VIEWERS viewers
 VIEWERS=${VIEWERS:-10}
@@ -65,6 +75,7 @@ BIN=${BIN:-target/release}                          # where the binaries are (BU
 EDGE=$BIN/tokenfan-edge
 GENERATOR=$BIN/tokenfan-generator
 LOADGEN=$BIN/tokenfan-loadgen
+FLOOR=$BIN/tokenfan-floor
 
 log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -84,9 +95,10 @@ wants() { # wants WORD LIST...
 # ------------------------------------------------------------------ build and dependencies
 if [[ "$BUILD" == 1 ]]; then
   log "building release binaries"
-  cargo build --release --locked -p tokenfan-edge -p tokenfan-generator -p tokenfan-loadgen --bins >&2
+  cargo build --release --locked -p tokenfan-edge -p tokenfan-generator -p tokenfan-loadgen \
+    -p tokenfan-floor --bins >&2
 fi
-for b in "$EDGE" "$GENERATOR" "$LOADGEN"; do
+for b in "$EDGE" "$GENERATOR" "$LOADGEN" "$FLOOR"; do
   [[ -x "$b" ]] || { log "missing $b (run with BUILD=1)"; exit 1; }
 done
 deps=(python3:python3 taskset:util-linux ss:iproute2)
@@ -191,6 +203,11 @@ start_server() {
       srv_root=$!
       addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 60 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
       ;;
+    floor)
+      setsid taskset -c "$SERVER_CPU" "$FLOOR" --listen 127.0.0.1:0 >"$log" 2>&1 &
+      srv_root=$!
+      addr=$(wait_line "$log" 'listening on http://[0-9.]+:[0-9]+' 30 | sed 's#.*http://##') || { tail -n 20 "$log" >&2; return 1; }
+      ;;
     generator)
       NO_COLOR=1 TOKENFAN_LOG=warn,tokenfan_generator=info setsid taskset -c "$SERVER_CPU" "$GENERATOR" \
         --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --max-generations 1000000 \
@@ -220,6 +237,9 @@ applies() { # applies SCENARIO SYSTEM
   case "$1:$2" in
     grpc:generator) return 0 ;;
     grpc:* | *:generator) return 1 ;;
+    native:floor | wrk:floor) return 0 ;;
+    *:floor) return 1 ;;
+    wrk:pushpin) return 1 ;;
     watch:pushpin | longpoll:pushpin | idle:pushpin) return 0 ;;
     *:pushpin) return 1 ;;
     *) return 0 ;;
@@ -249,14 +269,19 @@ run_step() {
   local rss_base
   rss_base=$(rss_kib "${pids[@]}")
 
+  # wrk: POST-SSE (the loadgen's native scenario) with its own stream length and first token.
+  local verb=$scenario tokens=$MAX_TOKENS ttft=$TTFT_MS
+  if [[ "$scenario" == wrk ]]; then
+    verb=native tokens=$WRK_TOKENS ttft=$WRK_TTFT_MS
+  fi
   local cmd=()
   local mid_secs
   if [[ "$scenario" == idle ]]; then
     cmd=(idle --kind sse --connections "$c" --target "$srv_url" --server-pid "${pids[0]}" --no-metrics
       --settle-secs 3 --json "$out" --label "$system")
   else
-    cmd=("$scenario" --target "$srv_url" --concurrency "$c" --duration "$DURATION" --ramp "$RAMP"
-      --warmup "$WARMUP" --max-tokens "$MAX_TOKENS" --ttft-ms "$TTFT_MS" --inter-token-ms "$INTER_TOKEN_MS"
+    cmd=("$verb" --target "$srv_url" --concurrency "$c" --duration "$DURATION" --ramp "$RAMP"
+      --warmup "$WARMUP" --max-tokens "$tokens" --ttft-ms "$ttft" --inter-token-ms "$INTER_TOKEN_MS"
       --jitter-ms 0 --server-pid "$pid_list" --label "$system" --json "$out" --quiet)
     case "$scenario" in
       watch) cmd+=(--viewers "$VIEWERS") ;;
@@ -270,7 +295,7 @@ run_step() {
   echo "taskset -c $CLIENT_CPU $LOADGEN ${cmd[*]}" >"$RESULTS/$name.cmd"
   local limit_secs=300
   [[ "$scenario" == idle ]] || limit_secs=$(awk -v r="$RAMP" -v w="$WARMUP" -v d="$DURATION" \
-    -v t="$MAX_TOKENS" -v f="$TTFT_MS" -v g="$INTER_TOKEN_MS" 'BEGIN { printf "%d", r + w + d + 2 * (f + t * g) / 1000 + 120 }')
+    -v t="$tokens" -v f="$ttft" -v g="$INTER_TOKEN_MS" 'BEGIN { printf "%d", r + w + d + 2 * (f + t * g) / 1000 + 120 }')
   timeout --signal=INT --kill-after=10 "$limit_secs" \
     taskset -c "$CLIENT_CPU" "$LOADGEN" "${cmd[@]}" >"$RESULTS/$name.txt" 2>&1 &
   local lg=$!
@@ -322,23 +347,25 @@ started=$(date +%s)
   echo "# tokenfan side-by-side benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "# $(nproc) cores  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')  $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)  kernel $(uname -r)"
   echo "# git $(git rev-parse --short HEAD 2>/dev/null || echo '?')  node $(node --version 2>/dev/null || echo -)  pushpin $(pushpin --version 2>/dev/null | awk '{print $2}' || echo -)"
-  echo "# SCENARIOS=\"$SCENARIOS\" SYSTEMS=\"$SYSTEMS\" STEPS=\"$STEPS\" WATCH_STEPS=\"$WATCH_STEPS\" VIEWERS=$VIEWERS DURATION=$DURATION RAMP=$RAMP WARMUP=$WARMUP MAX_TOKENS=$MAX_TOKENS TTFT_MS=$TTFT_MS INTER_TOKEN_MS=$INTER_TOKEN_MS P99_LIMIT_MS=$P99_LIMIT_MS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU"
+  echo "# SCENARIOS=\"$SCENARIOS\" SYSTEMS=\"$SYSTEMS\" STEPS=\"$STEPS\" WRK_STEPS=\"$WRK_STEPS\" WRK_TOKENS=$WRK_TOKENS WRK_TTFT_MS=$WRK_TTFT_MS WATCH_STEPS=\"$WATCH_STEPS\" VIEWERS=$VIEWERS DURATION=$DURATION RAMP=$RAMP WARMUP=$WARMUP MAX_TOKENS=$MAX_TOKENS TTFT_MS=$TTFT_MS INTER_TOKEN_MS=$INTER_TOKEN_MS P99_LIMIT_MS=$P99_LIMIT_MS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU"
 } | tee "$RESULTS/machine.txt" >&2
 
 for scenario in $SCENARIOS; do
   case "$scenario" in
-    native | watch | ws | longpoll | shortpoll | grpc | idle) ;;
-    *) log "unknown scenario $scenario (native watch ws longpoll shortpoll grpc idle)"; exit 2 ;;
+    wrk | native | watch | ws | longpoll | shortpoll | grpc | idle) ;;
+    *) log "unknown scenario $scenario (wrk native watch ws longpoll shortpoll grpc idle)"; exit 2 ;;
   esac
   steps=$STEPS
   [[ "$scenario" == watch ]] && steps=$WATCH_STEPS
+  [[ "$scenario" == wrk ]] && steps=$WRK_STEPS
   [[ "$scenario" == idle ]] && steps=$IDLE_CONNECTIONS
   for system in $SYSTEMS; do
     applies "$scenario" "$system" || continue
     for c in $steps; do
       v=$(run_step "$scenario" "$system" "$c")
       log "$scenario $system $c: $v"
-      [[ "$v" == pass ]] || break
+      # wrk measures every step; the other scenarios search for the most streams held.
+      [[ "$v" == pass || "$scenario" == wrk ]] || break
       [[ "$QUICK" == 1 ]] && break
     done
   done

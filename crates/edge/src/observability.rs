@@ -19,99 +19,147 @@ pub(crate) const STREAMING_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", 
 /// Transports whose subscriptions time their inter-token gaps (the polls answer per request).
 pub(crate) const GAP_TRANSPORTS: &[&str] = &["sse", "post_sse", "openai", "ws"];
 
+/// Every edge metric: its kind, name and help text (histograms are in seconds).
+const METRICS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::Gauge,
+        "tokenfan_edge_connections",
+        "Open streaming responses and WebSockets, by transport.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_connections_refused_total",
+        "TCP connections refused because the replica was at --max-connections.",
+    ),
+    (
+        Kind::Gauge,
+        "tokenfan_edge_streams_active",
+        "Running streams this replica owns (runs the generator call for).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_streams_total",
+        "Streams that ended on this replica's owner task, by outcome (done, cancelled, error).",
+    ),
+    (
+        Kind::Histogram,
+        "tokenfan_edge_time_to_first_token_seconds",
+        "From the owner task's start to the first token batch it received from the generator.",
+    ),
+    (
+        Kind::Histogram,
+        "tokenfan_edge_inter_token_gap_seconds",
+        "Time between two consecutive live writes carrying tokens to one subscriber, by transport.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_events_delivered_total",
+        "Stream events handed to clients, by transport (a coalesced event counts once).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_coalesced_events_total",
+        "Token events joined into coalesced events for subscribers that fell behind.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_slow_consumer_closes_total",
+        "Subscriptions closed with slow_consumer (more than --subscriber-max-bytes behind).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_resumes_total",
+        "SSE and WebSocket subscriptions that named a cursor (Last-Event-ID, after > 0), by result.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_owner_failovers_total",
+        "Streams this replica took over after their owner's lease lapsed.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_generator_retries_total",
+        "Generator calls resumed on the next generator after a retryable failure.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_owner_releases_total",
+        "Owners that stopped without a terminal event, by reason: fenced (another replica claimed the stream), unproven (the store did not confirm the lease for a lease TTL), handover (shutdown).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_store_heals_total",
+        "Histories written back into a store that had lost part of them (an owner's write, or a Redis restart seen by its run_id).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_backend_errors_total",
+        "Failed NATS or Redis operations (and undecodable messages), by backend (nats, redis).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_bus_gaps_total",
+        "Bus batches that skipped seqs on arrival (the mirror refilled from the store).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_bus_dropped_batches_total",
+        "Bus batches dropped before reaching a mirror (full feed or NATS slow consumer).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_connections_refused_per_ip_total",
+        "TCP connections refused because their address held --max-connections-per-ip.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_auth_refusals_total",
+        "Requests refused by authentication (401/403), by error code.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_rate_limited_total",
+        "Stream creations refused by a tenant limit (429), by limit (rate, concurrent).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_body_timeouts_total",
+        "Requests answered 408 because their body did not arrive within --body-read-timeout-secs.",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_write_timeouts_total",
+        "Connections closed because a write made no progress for --write-timeout-secs, by transport (http, ws).",
+    ),
+    (
+        Kind::Counter,
+        "tokenfan_edge_credentials_expired_total",
+        "Streaming responses and WebSockets ended because their JWT or ticket expired, by transport.",
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
 /// Describes every edge metric and registers its series at zero. Call once the Prometheus
 /// recorder is installed.
 pub(crate) fn register_metrics() {
-    describe_gauge!(
-        "tokenfan_edge_connections",
-        "Open streaming responses and WebSockets, by transport."
-    );
-    describe_counter!(
-        "tokenfan_edge_connections_refused_total",
-        "TCP connections refused because the replica was at --max-connections."
-    );
-    describe_gauge!(
-        "tokenfan_edge_streams_active",
-        "Running streams this replica owns (runs the generator call for)."
-    );
-    describe_counter!(
-        "tokenfan_edge_streams_total",
-        "Streams that ended on this replica's owner task, by outcome (done, cancelled, error)."
-    );
-    describe_histogram!(
-        "tokenfan_edge_time_to_first_token_seconds",
-        Unit::Seconds,
-        "From the owner task's start to the first token batch it received from the generator."
-    );
-    describe_histogram!(
-        "tokenfan_edge_inter_token_gap_seconds",
-        Unit::Seconds,
-        "Time between two consecutive live writes carrying tokens to one subscriber, by transport."
-    );
-    describe_counter!(
-        "tokenfan_edge_events_delivered_total",
-        "Stream events handed to clients, by transport (a coalesced event counts once)."
-    );
-    describe_counter!(
-        "tokenfan_edge_coalesced_events_total",
-        "Token events joined into coalesced events for subscribers that fell behind."
-    );
-    describe_counter!(
-        "tokenfan_edge_slow_consumer_closes_total",
-        "Subscriptions closed with slow_consumer (more than --subscriber-max-bytes behind)."
-    );
-    describe_counter!(
-        "tokenfan_edge_resumes_total",
-        "SSE and WebSocket subscriptions that named a cursor (Last-Event-ID, after > 0), by result."
-    );
-    describe_counter!(
-        "tokenfan_edge_owner_failovers_total",
-        "Streams this replica took over after their owner's lease lapsed."
-    );
-    describe_counter!(
-        "tokenfan_edge_generator_retries_total",
-        "Generator calls resumed on the next generator after a retryable failure."
-    );
-    describe_counter!(
-        "tokenfan_edge_owner_releases_total",
-        "Owners that stopped without a terminal event, by reason: fenced (another replica \
-         claimed the stream), unproven (the store did not confirm the lease for a lease TTL), \
-         handover (shutdown)."
-    );
-    describe_counter!(
-        "tokenfan_edge_store_heals_total",
-        "Histories written back into a store that had lost part of them (an owner's write, or a \
-         Redis restart seen by its run_id)."
-    );
-    describe_counter!(
-        "tokenfan_edge_backend_errors_total",
-        "Failed NATS or Redis operations (and undecodable messages), by backend (nats, redis)."
-    );
-    describe_counter!(
-        "tokenfan_edge_bus_gaps_total",
-        "Bus batches that skipped seqs on arrival (the mirror refilled from the store)."
-    );
-    describe_counter!(
-        "tokenfan_edge_bus_dropped_batches_total",
-        "Bus batches dropped before reaching a mirror (full feed or NATS slow consumer)."
-    );
-    describe_counter!(
-        "tokenfan_edge_connections_refused_per_ip_total",
-        "TCP connections refused because their address held --max-connections-per-ip."
-    );
-    describe_counter!(
-        "tokenfan_edge_auth_refusals_total",
-        "Requests refused by authentication (401/403), by error code."
-    );
-    describe_counter!(
-        "tokenfan_edge_rate_limited_total",
-        "Stream creations refused by a tenant limit (429), by limit (rate, concurrent)."
-    );
-    describe_counter!(
-        "tokenfan_edge_body_timeouts_total",
-        "Requests answered 408 because their body did not arrive within --body-read-timeout-secs."
-    );
+    for (kind, name, help) in METRICS {
+        match kind {
+            Kind::Counter => describe_counter!(*name, *help),
+            Kind::Gauge => describe_gauge!(*name, *help),
+            Kind::Histogram => describe_histogram!(*name, Unit::Seconds, *help),
+        }
+    }
+    register_series();
+}
 
+/// Creates every series a dashboard reads at zero, so it exists before its first event.
+fn register_series() {
     for transport in STREAMING_TRANSPORTS {
         metrics::gauge!("tokenfan_edge_connections", "transport" => *transport).increment(0.0);
     }
@@ -154,14 +202,6 @@ pub(crate) fn register_metrics() {
     for limit in ["rate", "concurrent"] {
         metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => limit).absolute(0);
     }
-    describe_counter!(
-        "tokenfan_edge_write_timeouts_total",
-        "Connections closed because a write made no progress for --write-timeout-secs, by transport (http, ws)."
-    );
-    describe_counter!(
-        "tokenfan_edge_credentials_expired_total",
-        "Streaming responses and WebSockets ended because their JWT or ticket expired, by transport."
-    );
     // `increment(0)`: create the series without resetting a count another edge of this
     // process (tests, embedding) already has.
     metrics::counter!("tokenfan_edge_rate_limited_total", "limit" => "ws_messages").increment(0);

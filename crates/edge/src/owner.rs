@@ -135,23 +135,7 @@ impl Owner {
                         () = self.state.cancel.cancelled() => {}
                     }
                 }
-                Attempt::Failed(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(),
-                        "generator call failed; ending the stream with an error");
-                    // The generator's own words stay in the logs and the trace.
-                    let (code, message) = if status.code() == tonic::Code::InvalidArgument {
-                        (
-                            "invalid_request",
-                            "the generator refused the request".to_owned(),
-                        )
-                    } else {
-                        (
-                            "generator_unavailable",
-                            "no generator could finish the answer".to_owned(),
-                        )
-                    };
-                    break EventKind::Error { code, message };
-                }
+                Attempt::Failed(status) => break failed(&status),
                 Attempt::Released(why) => return self.release(why),
             }
         };
@@ -559,6 +543,25 @@ async fn detached(mut attached: watch::Receiver<usize>, grace: Duration) {
             }
             () = tokio::time::sleep(grace) => return,
         }
+    }
+}
+
+/// The terminal event of a stream whose generator call failed for good; the generator's own
+/// words stay in the logs and the trace.
+fn failed(status: &tonic::Status) -> EventKind {
+    tracing::warn!(code = ?status.code(), message = status.message(),
+        "generator call failed; ending the stream with an error");
+    let (code, message) = if status.code() == tonic::Code::InvalidArgument {
+        ("invalid_request", "the generator refused the request")
+    } else {
+        (
+            "generator_unavailable",
+            "no generator could finish the answer",
+        )
+    };
+    EventKind::Error {
+        code,
+        message: message.to_owned(),
     }
 }
 

@@ -21,7 +21,8 @@
 //!   + client scheduling).
 //!
 //! `emitted_at` is the server's wall clock; run client and server on the same machine. CPU use of
-//! the server (`--server-pid`) and of this client comes from `/proc/<pid>/stat` over the window.
+//! the server (`--server-pid`) and of this client comes from `/proc/<pid>/stat` over the window,
+//! read with the load generator's `procfs` (one reader of `/proc` for every benchmark client).
 //!
 //! ```text
 //! cargo run --release -p tokenfan-generator --example bench_schedule -- \
@@ -40,6 +41,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use serde_json::json;
+use tokenfan_loadgen::procfs::{ProcStat, proc_memory, proc_stat};
 use tokenfan_proto::v1::{
     ChatMessage, FinishReason, GenerateRequest, Timing, generate_response::Event,
     generator_client::GeneratorClient,
@@ -376,36 +378,6 @@ fn mix(mut z: u64) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // /proc
 
-#[derive(Debug, Clone, Copy, Default)]
-struct ProcStat {
-    /// utime + stime, clock ticks.
-    ticks: u64,
-    threads: u64,
-}
-
-fn proc_stat(pid: &str) -> anyhow::Result<ProcStat> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("parsing {path}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, stime 15, num_threads 20.
-    let field = |n: usize| -> anyhow::Result<u64> {
-        fields
-            .get(n - 3)
-            .with_context(|| format!("{path}: no field {n}"))?
-            .parse()
-            .with_context(|| format!("{path}: field {n}"))
-    };
-    Ok(ProcStat {
-        ticks: field(14)? + field(15)?,
-        threads: field(20)?,
-    })
-}
-
 /// CPU ticks of one `cpu*` line of `/proc/stat` (the whole machine, then each core).
 #[derive(Debug, Clone, Default)]
 struct CpuTicks {
@@ -464,19 +436,6 @@ fn cpu_use(before: &[CpuTicks], after: &[CpuTicks], ticks_per_sec: f64) -> Vec<C
             idle: pct(a.idle, b.idle),
         })
         .collect()
-}
-
-/// VmRSS and VmHWM of a process, in KiB.
-fn proc_memory(pid: &str) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -592,7 +551,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client_after = proc_stat("self")?;
     let machine_after = machine_stat()?;
     let measured = measured_from.elapsed().as_secs_f64();
-    let server_memory = server_pid.as_deref().map(proc_memory);
+    let server_memory = server_pid
+        .as_deref()
+        .and_then(|p| proc_memory(p).ok())
+        .map(|m| (m.rss_kib, m.hwm_kib));
 
     tokio::time::sleep_until(run_end).await;
     stop.cancel();

@@ -82,6 +82,76 @@ pub struct ChunkError<'a> {
     pub message: Option<Cow<'a, str>>,
 }
 
+/// The fields of a native token event read by a byte scan instead of a JSON parser: the hot
+/// path of the SSE readers, where one reader process may handle hundreds of thousands of
+/// events a second. It reads only the compact form every server of these benchmarks writes
+/// (`"type":"token"`, `"seq":N`, `"text":"…"`, `"emitted_at_unix_nanos":N`, no space around
+/// the colon, in any order) and gives up — the caller then parses the event as JSON — on
+/// anything else: another type, a missing or non-integer seq, a text with escapes (so the text
+/// checked is always the decoded one). A key cannot be matched inside a string value: a quote
+/// there is always escaped.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenScan<'a> {
+    pub seq: u64,
+    pub text: Option<&'a str>,
+    pub emitted_at: Option<i64>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The integer right after `key`, which must end at `,` or `}`; None when the key is absent,
+/// Some(None) when its value is not such an integer.
+fn integer_after(data: &[u8], key: &[u8]) -> Option<Option<i64>> {
+    let at = find(data, key)? + key.len();
+    let rest = &data[at..];
+    let sign = usize::from(rest.first() == Some(&b'-'));
+    let digits = rest[sign..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 || !matches!(rest.get(sign + digits), Some(b',' | b'}')) {
+        return Some(None);
+    }
+    Some(
+        std::str::from_utf8(&rest[..sign + digits])
+            .ok()
+            .and_then(|n| n.parse().ok()),
+    )
+}
+
+impl<'a> TokenScan<'a> {
+    pub fn of(data: &'a [u8]) -> Option<Self> {
+        if data.first() != Some(&b'{') || data.last() != Some(&b'}') {
+            return None;
+        }
+        find(data, br#""type":"token""#)?;
+        let seq = u64::try_from(integer_after(data, br#""seq":"#)??).ok()?;
+        let emitted_at = match integer_after(data, br#""emitted_at_unix_nanos":"#) {
+            None => None,
+            Some(v) => Some(v?),
+        };
+        const TEXT: &[u8] = br#""text":""#;
+        let text = match find(data, TEXT) {
+            None => None,
+            Some(i) => {
+                let rest = &data[i + TEXT.len()..];
+                let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+                if rest[end] == b'\\' {
+                    return None;
+                }
+                Some(std::str::from_utf8(&rest[..end]).ok()?)
+            }
+        };
+        Some(TokenScan {
+            seq,
+            text,
+            emitted_at,
+        })
+    }
+}
+
 /// One SSE event as dispatched by the parser.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
@@ -224,6 +294,49 @@ mod tests {
                 (None, None, "[DONE]".into()),
             ]
         );
+    }
+
+    #[test]
+    fn token_scan_reads_the_compact_form_and_gives_up_on_the_rest() {
+        fn scan(s: &str) -> Option<TokenScan<'_>> {
+            TokenScan::of(s.as_bytes())
+        }
+        assert_eq!(
+            scan(r#"{"type":"token","seq":3,"text":" 流 ✨","emitted_at_unix_nanos":5}"#),
+            Some(TokenScan {
+                seq: 3,
+                text: Some(" 流 ✨"),
+                emitted_at: Some(5)
+            })
+        );
+        // Any key order; no emit time; no text (the checker counts it missing).
+        assert_eq!(
+            scan(r#"{"seq":7,"text":"a","type":"token"}"#),
+            Some(TokenScan {
+                seq: 7,
+                text: Some("a"),
+                emitted_at: None
+            })
+        );
+        assert_eq!(
+            scan(r#"{"type":"token","seq":1}"#).map(|t| t.text),
+            Some(None)
+        );
+        // Left to the JSON parser.
+        for other in [
+            r#"{"type":"done","seq":4,"finish_reason":"stop","usage":{"completion_tokens":3}}"#,
+            r#"{"type":"token","text":"a"}"#,
+            r#"{"type":"token","seq":null,"text":"a"}"#,
+            r#"{"type":"token","seq":-1,"text":"a"}"#,
+            r#"{"type":"token","seq":1.5,"text":"a"}"#,
+            r#"{"type":"token","seq":1,"text":"a\"b"}"#,
+            r#"{"type":"token","seq":1,"text":"a","emitted_at_unix_nanos":"x"}"#,
+            r#"{"type" : "token","seq":1,"text":"a"}"#,
+            r#"{"type":"token","seq":1,"text":"a"#,
+            r#"{"type":"error","seq":1,"text":"\"type\":\"token\""}"#,
+        ] {
+            assert_eq!(scan(other), None, "{other}");
+        }
     }
 
     #[test]

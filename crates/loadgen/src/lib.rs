@@ -10,6 +10,7 @@
 
 pub mod chart;
 pub mod cli;
+pub mod ctx;
 pub mod event;
 pub mod merge;
 pub mod metrics;
@@ -26,16 +27,7 @@ use anyhow::Context as _;
 
 pub use cli::Cli;
 use cli::{Command, Plan};
-pub use report::Report;
-
-/// The end of a run.
-#[derive(Debug)]
-pub struct Outcome {
-    /// No error and no violation (the binary exits 0).
-    pub ok: bool,
-    /// The full result of a streaming scenario.
-    pub report: Option<Report>,
-}
+pub use report::{Outcome, Report};
 
 /// Runs what the command line asks for.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {

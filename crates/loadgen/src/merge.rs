@@ -325,6 +325,9 @@ pub fn merge(
         notes,
         // One process's CPU figure means nothing for the sum; the parts keep theirs.
         cpu: None,
+        server_cpu_us_per_token: None,
+        // Each load generator's own lag is its own (a part's result file has it).
+        loadgen_lag: None,
         server_memory,
         server_counters: None,
         left_in_flight,
@@ -343,7 +346,7 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = crate::scenarios::mix(x);
+                x = crate::ctx::mix(x);
                 // 50 µs … ~3 s, heavy-tailed.
                 50 + (x % 1000) * (x % 3000) + (x >> 60) * 100_000
             })

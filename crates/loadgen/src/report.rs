@@ -57,6 +57,14 @@ pub struct Report {
     pub notes: Vec<String>,
     /// CPU over the measured window.
     pub cpu: Option<CpuUse>,
+    /// The servers' CPU over the window (`--server-pid`, summed) per token received in it,
+    /// microseconds: what one delivered token costs the system under test.
+    #[serde(default)]
+    pub server_cpu_us_per_token: Option<f64>,
+    /// The load generator's own lag over the window (not summed by `merge`: each part has its
+    /// own).
+    #[serde(default)]
+    pub loadgen_lag: Option<LoadgenLag>,
     /// Memory of each `--server-pid` at the end.
     pub server_memory: Vec<ServerMemory>,
     /// tokenfan `/metrics` counters over the run (`--metrics`), summed over the targets.
@@ -69,6 +77,18 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
 }
+
+/// The load generator's own lag over the window, milliseconds (see [`crate::stats::Lag`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadgenLag {
+    /// How late the ticker tasks woke (10 ms period, one per runtime thread).
+    pub event_loop_delay_ms: Option<Summary>,
+    /// From a read returning to its last event handled (SSE transports).
+    pub read_to_parsed_ms: Option<Summary>,
+}
+
+/// Event-loop delay p99 above which the report warns that the load generator measured itself.
+pub const LAG_WARN_MS: f64 = 5.0;
 
 /// One run of a merged report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +168,11 @@ pub struct TransportResult {
     pub inter_token_ms: Option<Summary>,
     pub added_delay_ms: Option<Summary>,
     pub added_delay_all_ms: Option<Summary>,
+    /// Stream time: a reader's terminal event received − the request that started its stream
+    /// sent, for terminals received in the window. A stream of n tokens is on schedule at
+    /// `ttft + (n − 1) × inter_token`.
+    #[serde(default)]
+    pub stream_time_ms: Option<Summary>,
     /// Why `added_delay_ms` is absent, when it is for a known reason.
     pub added_delay_note: Option<String>,
     /// The histograms the summaries come from, lossless, so reports merge exactly
@@ -267,6 +292,7 @@ pub fn transport_result(
         },
         added_delay_ms: added,
         added_delay_all_ms: hists.and_then(|h| Summary::of(&h.delay_all)),
+        stream_time_ms: hists.and_then(|h| Summary::of(&h.stream)),
         histograms: if encode {
             // An empty set when nothing was recorded, so every transport of a report merges.
             hists.cloned().unwrap_or_default().encode().ok()
@@ -274,6 +300,17 @@ pub fn transport_result(
             None
         },
     }
+}
+
+/// Server CPU per token over the window, µs (None without servers, readings or tokens).
+pub fn cpu_us_per_token(cpu: Option<&CpuUse>, tokens_window: u64) -> Option<f64> {
+    let cpu = cpu?;
+    let pcts: Vec<f64> = cpu.servers.iter().filter_map(|s| s.pct_of_core).collect();
+    if pcts.is_empty() || tokens_window == 0 {
+        return None;
+    }
+    let cpu_secs = pcts.iter().sum::<f64>() / 100.0 * cpu.wall_secs;
+    Some(cpu_secs * 1e6 / tokens_window as f64)
 }
 
 pub fn build(
@@ -338,6 +375,12 @@ pub fn build(
             memory: procfs::proc_memory(&pid.to_string()).ok(),
         })
         .collect();
+    let lag = stats.lag();
+    let loadgen_lag = Some(LoadgenLag {
+        event_loop_delay_ms: Summary::of(&lag.event_loop),
+        read_to_parsed_ms: Summary::of(&lag.read_to_parsed),
+    });
+    let server_cpu_us_per_token = cpu_us_per_token(cpu.as_ref(), total.tokens_window);
     let scenario = plan.scenario;
     use crate::cli::Scenario as S;
     let only = |s: S| plan.scenario == s || plan.scenario == S::Mixed;
@@ -395,6 +438,8 @@ pub fn build(
         examples: stats.examples(),
         notes: stats.notes(),
         cpu,
+        server_cpu_us_per_token,
+        loadgen_lag,
         server_memory,
         server_counters,
         left_in_flight,
@@ -460,6 +505,21 @@ fn transport_lines(out: &mut String, t: &TransportResult, c: &Config, indent: &s
         c.inter_token_ms,
         Summary::line(t.inter_token_ms.as_ref())
     );
+    if t.stream_time_ms.is_some() {
+        let _ = writeln!(
+            out,
+            "{indent}stream time (terminal received − request sent; {} ms on schedule for a \
+             stream of max_tokens), window: {}",
+            schedule_ms(c),
+            Summary::line(t.stream_time_ms.as_ref())
+        );
+    }
+}
+
+/// How long a stream of `max_tokens` tokens takes on schedule: `ttft + (max_tokens − 1) ×
+/// inter_token` (50 tokens × 20 ms with a 20 ms first token: 1,000 ms).
+pub fn schedule_ms(c: &Config) -> u64 {
+    u64::from(c.ttft_ms) + u64::from(c.max_tokens.saturating_sub(1)) * u64::from(c.inter_token_ms)
 }
 
 /// The text report (of one run, or of a merged one).
@@ -618,6 +678,36 @@ pub fn text(r: &Report) -> String {
             let _ = writeln!(out, "CPU: not measured");
         }
     }
+    if let Some(us) = r.server_cpu_us_per_token {
+        let _ = writeln!(
+            out,
+            "server CPU per token received in the window: {us:.2} µs ({} tokens)",
+            r.total.tokens_window
+        );
+    }
+    if let Some(lag) = &r.loadgen_lag {
+        let _ = writeln!(
+            out,
+            "loadgen lag, window: event-loop delay (10 ms tickers, {} thread(s)): {}",
+            c.threads.max(1),
+            Summary::line(lag.event_loop_delay_ms.as_ref())
+        );
+        let _ = writeln!(
+            out,
+            "loadgen lag, window: read to parsed (SSE, per read): {}",
+            Summary::line(lag.read_to_parsed_ms.as_ref())
+        );
+        if let Some(p99) = lag.event_loop_delay_ms.as_ref().map(|s| s.p99)
+            && p99 > LAG_WARN_MS
+        {
+            let _ = writeln!(
+                out,
+                "WARNING: the load generator's event loop ran {p99:.1} ms late at p99 (> \
+                 {LAG_WARN_MS} ms): its delays include its own; use more --threads, more load \
+                 generators, or less load per process"
+            );
+        }
+    }
     for m in &r.server_memory {
         match &m.memory {
             Some(mem) => {
@@ -661,4 +751,13 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 /// Milliseconds since the epoch, for reports that have no [`Stats`].
 pub fn now_unix_ms() -> i64 {
     unix_nanos() / 1_000_000
+}
+
+/// The end of a run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// No error and no violation (the binary exits 0).
+    pub ok: bool,
+    /// The full result of a streaming scenario.
+    pub report: Option<Report>,
 }

@@ -1,7 +1,10 @@
 //! What a run counts: per transport kind, HDR histograms (microseconds) of time to first token,
-//! gap between tokens as received and added delay, plus counters; run-wide errors and
-//! violations by kind. [`Reader`] is the per-reader front: it verifies each event
-//! ([`Checker`]) and records its timing.
+//! gap between tokens as received, added delay and stream time, plus counters; run-wide errors
+//! and violations by kind, and the load generator's own lag ([`Lag`]). [`Reader`] is the
+//! per-reader front: it verifies each event ([`Checker`]) and records its timing in a small
+//! batch of its own, flushed to the shared histograms and counters every [`FLUSH_SAMPLES`]
+//! samples or [`FLUSH_NS`] (one lock per batch instead of one per token, so threads reading
+//! thousands of sockets do not queue on the histograms' lock).
 
 use std::{
     collections::BTreeMap,
@@ -150,6 +153,9 @@ pub struct EncodedHists {
     pub inter_token: String,
     pub added_delay: String,
     pub added_delay_all: String,
+    /// Stream time; absent in reports of loadgens that did not measure it (read as empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_time: Option<String>,
 }
 
 /// The histograms of one kind, microseconds.
@@ -165,6 +171,9 @@ pub struct Hists {
     pub delay: Histogram<u64>,
     /// The same over the whole run (ramp, warm-up and drain too).
     pub delay_all: Histogram<u64>,
+    /// Stream time: terminal event's receipt − request sent, for terminals received in the
+    /// window (per reader: a `watch` viewer counts from the creation request).
+    pub stream: Histogram<u64>,
 }
 
 impl Hists {
@@ -175,6 +184,7 @@ impl Hists {
             itl: new_hist(),
             delay: new_hist(),
             delay_all: new_hist(),
+            stream: new_hist(),
         }
     }
 
@@ -186,6 +196,7 @@ impl Hists {
             inter_token: encode_hist(&self.itl)?,
             added_delay: encode_hist(&self.delay)?,
             added_delay_all: encode_hist(&self.delay_all)?,
+            stream_time: Some(encode_hist(&self.stream)?),
         })
     }
 
@@ -197,6 +208,10 @@ impl Hists {
             itl: decode_hist(&e.inter_token)?,
             delay: decode_hist(&e.added_delay)?,
             delay_all: decode_hist(&e.added_delay_all)?,
+            stream: match &e.stream_time {
+                Some(text) => decode_hist(text)?,
+                None => new_hist(),
+            },
         })
     }
 
@@ -207,6 +222,7 @@ impl Hists {
         let _ = self.itl.add(&other.itl);
         let _ = self.delay.add(&other.delay);
         let _ = self.delay_all.add(&other.delay_all);
+        let _ = self.stream.add(&other.stream);
     }
 }
 
@@ -276,6 +292,29 @@ pub struct Stats {
     stalled: Mutex<Vec<(Kind, String, u64)>>,
     /// What the end-of-run checks on stalled streams found.
     notes: Mutex<Vec<String>>,
+    /// The load generator's own lag, in the window.
+    lag: Mutex<Lag>,
+}
+
+/// The load generator's own lag over the window, microseconds: what it adds to every figure
+/// it measures. Both should stay far below the delays it reports, or it measures itself.
+#[derive(Debug, Clone)]
+pub struct Lag {
+    /// How late a ticker task wakes from a timer (10 ms period, one ticker per runtime
+    /// thread): how long a task that became ready waits for a worker.
+    pub event_loop: Histogram<u64>,
+    /// From a read returning bytes to its last event parsed, verified and recorded (SSE
+    /// transports): the reader's own processing, per read.
+    pub read_to_parsed: Histogram<u64>,
+}
+
+impl Default for Lag {
+    fn default() -> Self {
+        Self {
+            event_loop: new_hist(),
+            read_to_parsed: new_hist(),
+        }
+    }
 }
 
 /// Examples of errors and violations kept for the report.
@@ -312,7 +351,30 @@ impl Stats {
             examples: Mutex::default(),
             stalled: Mutex::default(),
             notes: Mutex::default(),
+            lag: Mutex::default(),
         }
+    }
+
+    /// A ticker woke `late_us` after its deadline, at `at_ns` (kept when in the window).
+    pub fn event_loop_delay(&self, at_ns: i64, late_us: u64) {
+        if self.in_window(at_ns) {
+            lock(&self.lag)
+                .event_loop
+                .saturating_record(late_us.clamp(1, HIST_MAX_US));
+        }
+    }
+
+    /// Read-to-parsed times of a batch of reads, µs (only those read in the window).
+    pub fn read_to_parsed(&self, us: &[u64]) {
+        let mut lag = lock(&self.lag);
+        for v in us {
+            lag.read_to_parsed
+                .saturating_record((*v).clamp(1, HIST_MAX_US));
+        }
+    }
+
+    pub fn lag(&self) -> Lag {
+        lock(&self.lag).clone()
     }
 
     pub fn kind(&self, kind: Kind) -> &KindStats {
@@ -465,7 +527,40 @@ pub struct ReaderEnd {
     pub terminal: bool,
 }
 
-/// One reader of one stream: verifies its events and records their timing.
+/// Samples a reader holds before it flushes them (see the module docs).
+pub const FLUSH_SAMPLES: usize = 64;
+/// Longest a reader holds samples (so the progress line stays current).
+pub const FLUSH_NS: i64 = 250_000_000;
+
+/// Where a batched sample goes.
+#[derive(Debug, Clone, Copy)]
+enum Sample {
+    TtftAll(u64),
+    Ttft(u64),
+    Itl(u64),
+    DelayAll(u64),
+    Delay(u64),
+    Stream(u64),
+}
+
+/// What a reader recorded and has not flushed yet.
+#[derive(Debug, Default)]
+struct Pending {
+    samples: Vec<Sample>,
+    tokens_all: u64,
+    tokens_window: u64,
+    token_events_window: u64,
+    events_window: u64,
+    replayed_tokens: u64,
+    negative_delays: u64,
+    coalesced_events: u64,
+    /// When the batch was last flushed (Unix ns; 0 = never).
+    flushed_ns: i64,
+}
+
+/// One reader of one stream: verifies its events and records their timing. Samples and
+/// counters are batched ([`FLUSH_SAMPLES`], [`FLUSH_NS`]) and flushed at the terminal event
+/// and when the reader is dropped.
 #[derive(Debug)]
 pub struct Reader {
     stats: Arc<Stats>,
@@ -477,6 +572,7 @@ pub struct Reader {
     subscribed_ns: i64,
     last_recv: Option<i64>,
     check: Checker,
+    pending: Pending,
 }
 
 impl Reader {
@@ -500,6 +596,7 @@ impl Reader {
             subscribed_ns,
             last_recv: None,
             check: Checker::new(opts),
+            pending: Pending::default(),
         }
     }
 
@@ -565,48 +662,80 @@ impl Reader {
         if advance == 0 {
             return;
         }
-        let ks = self.stats.kind(self.kind);
         let in_window = self.stats.in_window(recv_ns);
-        ks.tokens_all.fetch_add(advance, Ordering::Relaxed);
+        let p = &mut self.pending;
+        p.tokens_all += advance;
         if advance > 1 {
-            ks.coalesced_events.fetch_add(1, Ordering::Relaxed);
+            p.coalesced_events += 1;
         }
         if in_window {
-            ks.tokens_window.fetch_add(advance, Ordering::Relaxed);
-            ks.token_events_window.fetch_add(1, Ordering::Relaxed);
-            ks.events_window.fetch_add(1, Ordering::Relaxed);
+            p.tokens_window += advance;
+            p.token_events_window += 1;
+            p.events_window += 1;
         }
-        let mut delay = None;
         if let Some(emitted) = emitted_at {
             if emitted < self.subscribed_ns {
-                ks.replayed_tokens.fetch_add(advance, Ordering::Relaxed);
+                p.replayed_tokens += advance;
             } else {
                 let ns = recv_ns - emitted;
                 if ns < 0 {
-                    ks.negative_delays.fetch_add(1, Ordering::Relaxed);
+                    p.negative_delays += 1;
                 }
-                delay = Some(us(ns));
+                p.samples.push(Sample::DelayAll(us(ns)));
+                if in_window {
+                    p.samples.push(Sample::Delay(us(ns)));
+                }
             }
         }
         let gap = self.last_recv.map(|prev| us(recv_ns - prev));
         self.last_recv = Some(recv_ns);
-        let mut guard = ks.hists();
-        let h = guard.get_or_insert_with(Hists::new);
         if first {
             let ttft = us(recv_ns - self.sent_ns);
-            h.ttft_all.saturating_record(ttft);
+            p.samples.push(Sample::TtftAll(ttft));
             if in_window {
-                h.ttft.saturating_record(ttft);
+                p.samples.push(Sample::Ttft(ttft));
             }
         } else if let Some(gap) = gap
             && in_window
         {
-            h.itl.saturating_record(gap);
+            p.samples.push(Sample::Itl(gap));
         }
-        if let Some(d) = delay {
-            h.delay_all.saturating_record(d);
-            if in_window {
-                h.delay.saturating_record(d);
+        if p.samples.len() >= FLUSH_SAMPLES || recv_ns - p.flushed_ns >= FLUSH_NS {
+            self.flush(recv_ns);
+        }
+    }
+
+    /// Moves the batch into the run's histograms and counters.
+    fn flush(&mut self, now_ns: i64) {
+        let p = &mut self.pending;
+        p.flushed_ns = now_ns;
+        let ks = self.stats.kind(self.kind);
+        for (counter, n) in [
+            (&ks.tokens_all, &mut p.tokens_all),
+            (&ks.tokens_window, &mut p.tokens_window),
+            (&ks.token_events_window, &mut p.token_events_window),
+            (&ks.events_window, &mut p.events_window),
+            (&ks.replayed_tokens, &mut p.replayed_tokens),
+            (&ks.negative_delays, &mut p.negative_delays),
+            (&ks.coalesced_events, &mut p.coalesced_events),
+        ] {
+            if *n > 0 {
+                counter.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if p.samples.is_empty() {
+            return;
+        }
+        let mut guard = ks.hists();
+        let h = guard.get_or_insert_with(Hists::new);
+        for sample in p.samples.drain(..) {
+            match sample {
+                Sample::TtftAll(v) => h.ttft_all.saturating_record(v),
+                Sample::Ttft(v) => h.ttft.saturating_record(v),
+                Sample::Itl(v) => h.itl.saturating_record(v),
+                Sample::DelayAll(v) => h.delay_all.saturating_record(v),
+                Sample::Delay(v) => h.delay.saturating_record(v),
+                Sample::Stream(v) => h.stream.saturating_record(v),
             }
         }
     }
@@ -640,13 +769,14 @@ impl Reader {
         self.stats.error(format!("stream_error_{code}"), || detail);
     }
 
-    fn terminal_event(&self, recv_ns: i64) {
+    fn terminal_event(&mut self, recv_ns: i64) {
         if self.stats.in_window(recv_ns) {
-            self.stats
-                .kind(self.kind)
-                .events_window
-                .fetch_add(1, Ordering::Relaxed);
+            self.pending.events_window += 1;
+            self.pending
+                .samples
+                .push(Sample::Stream(us(recv_ns - self.sent_ns)));
         }
+        self.flush(recv_ns);
     }
 
     /// A reader whose stream never started (refused at once): it counts for nothing.
@@ -659,6 +789,7 @@ impl Reader {
 
     /// The reader's transport ended: final checks, counts flushed to the run.
     pub fn end(mut self) -> ReaderEnd {
+        self.flush(unix_nanos());
         self.check.finish();
         let counts: Vec<(Violation, u64)> = self.check.counts().collect();
         if !counts.is_empty() {
@@ -684,6 +815,14 @@ impl Reader {
             tokens: self.check.tokens(),
             terminal: terminal.is_some(),
         }
+    }
+}
+
+impl Drop for Reader {
+    /// A reader dropped without [`Reader::end`] (its task was cancelled) still counts what it
+    /// received.
+    fn drop(&mut self) {
+        self.flush(unix_nanos());
     }
 }
 

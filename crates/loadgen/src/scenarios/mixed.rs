@@ -1,7 +1,7 @@
 //! `mixed`: each new stream draws its transport from the weights of `--mix`, seeded, so the
 //! same seed gives the same sequence of transports.
 
-use crate::{scenarios::mix, stats::Kind};
+use crate::{ctx::mix, stats::Kind};
 
 /// The kind of the stream with `seed` (the only one when there is one).
 pub fn pick(weights: &[(Kind, u32)], seed: u64) -> Kind {

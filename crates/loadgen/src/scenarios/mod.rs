@@ -8,17 +8,14 @@ pub mod mixed;
 pub mod watch;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use serde_json::{Value, json};
 use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 
+use crate::ctx::{Ctx, Ended, mix};
 use crate::{
     Outcome,
     cli::{HttpVersion, LoadArgs, Plan, Scenario},
@@ -29,103 +26,13 @@ use crate::{
     verify::CheckOptions,
 };
 
-/// How one stream ended, for the loop that started it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Ended {
-    /// The transport worked and the stream reached its terminal event (else the slot pauses
-    /// briefly before its next stream, so a dead server is not hammered).
-    pub ok: bool,
-    /// Every reader got `done` with `stop` or `length`.
-    pub completed: bool,
-}
-
-/// What every stream of a run shares.
-pub struct Ctx {
-    pub plan: Plan,
-    pub stats: Arc<Stats>,
-    pub http: reqwest::Client,
-    /// Round-robin position over the targets (streams).
-    rr: AtomicUsize,
-    /// Round-robin position over the targets (watch viewers).
-    pub viewer_rr: AtomicUsize,
-    pub ws: Option<WsPool>,
-    pub grpc: Option<GrpcPool>,
-    pub stream_timeout: Duration,
-}
-
-impl Ctx {
-    /// The next target, round-robin.
-    pub fn next_target(&self) -> &str {
-        let i = self.rr.fetch_add(1, Ordering::Relaxed);
-        self.target(i)
-    }
-
-    pub fn target(&self, i: usize) -> &str {
-        &self.plan.targets[i % self.plan.targets.len()]
-    }
-
-    /// What the checker of a reader expects (the same on every transport).
-    pub fn check_options(&self) -> CheckOptions {
-        CheckOptions {
-            allow_coalescing: self.plan.load.allow_coalescing,
-            require_emit_times: self.plan.emit_times(),
-        }
-    }
-
-    fn prompt(&self, seed: u64) -> String {
-        format!("{} {seed}", self.plan.load.prompt)
-    }
-
-    fn timing(&self) -> Value {
-        let l = &self.plan.load;
-        json!({"ttft_ms": l.ttft_ms, "inter_token_ms": l.inter_token_ms, "jitter_ms": l.jitter_ms})
-    }
-
-    /// The body of `POST /v1/streams` and of WebSocket `start`.
-    pub fn native_body(&self, seed: u64) -> Value {
-        let l = &self.plan.load;
-        let mut body = json!({
-            "prompt": self.prompt(seed),
-            "seed": seed,
-            "max_tokens": l.max_tokens,
-            "timing": self.timing(),
-        });
-        if self.plan.emit_times() {
-            body["emit_times"] = json!(true);
-        }
-        if let Some(m) = &l.model {
-            body["model"] = json!(m);
-        }
-        body
-    }
-
-    /// The body of `POST /v1/chat/completions`.
-    /// With emit times, the tokenfan extension `"emit_times": true` (token chunks then carry
-    /// `emitted_at_unix_nanos`; OpenAI servers ignore the field).
-    pub fn chat_body(&self, seed: u64) -> Value {
-        let l = &self.plan.load;
-        let mut body = json!({
-            "model": l.model.as_deref().unwrap_or("tokenfan-mock"),
-            "messages": [{"role": "user", "content": self.prompt(seed)}],
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "max_tokens": l.max_tokens,
-            "seed": seed,
-            "timing": self.timing(),
-        });
-        if self.plan.emit_times() {
-            body["emit_times"] = json!(true);
-        }
-        body
-    }
-}
-
-/// SplitMix64 finaliser: distinct, well-spread seeds per (slot, stream).
-pub fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// A run's shared context and the connection pools of the transports that need one.
+struct Run {
+    ctx: Arc<Ctx>,
+    /// WebSocket sockets (`ws`), shared by every stream of the run.
+    ws: Option<WsPool>,
+    /// gRPC channels (`grpc`).
+    grpc: Option<GrpcPool>,
 }
 
 fn secs(s: f64) -> Duration {
@@ -254,16 +161,13 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     } else {
         None
     };
-    let ctx = Arc::new(Ctx {
-        plan: plan.clone(),
-        stats: stats.clone(),
-        http: http.clone(),
-        rr: AtomicUsize::new(0),
-        viewer_rr: AtomicUsize::new(0),
-        ws,
-        grpc,
+    let ctx = Arc::new(Ctx::new(
+        plan.clone(),
+        stats.clone(),
+        http.clone(),
         stream_timeout,
-    });
+    ));
+    let run = Arc::new(Run { ctx, ws, grpc });
 
     // CPU over the window, read by a timer task.
     let cpu = {
@@ -279,13 +183,20 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     };
     let ticker = (!plan.report.quiet)
         .then(|| progress::spawn(stats.clone(), secs(plan.report.progress_secs)));
+    let lag_tickers: Vec<_> = (0..threads.max(1))
+        .map(|_| tokio::spawn(lag_ticker(stats.clone())))
+        .collect();
 
-    drive(&ctx).await;
+    drive(&run).await;
 
     if let Some(t) = ticker {
         t.stop().await;
     }
-    if let Some(ws) = &ctx.ws {
+    for t in lag_tickers {
+        // They end at the end of the window; by now they have.
+        let _ = t.await;
+    }
+    if let Some(ws) = &run.ws {
         ws.shutdown().await;
     }
     let run_secs = stats.t0.elapsed().as_secs_f64();
@@ -300,7 +211,7 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
             None
         }
     };
-    stalled_diagnostics(&ctx).await;
+    stalled_diagnostics(&run.ctx).await;
     let counters = match metrics_before {
         Some((before, failed)) => {
             let (after, failed_after) = metrics::fetch_all(&http, &plan.metrics_urls).await;
@@ -331,6 +242,27 @@ pub async fn run(plan: Plan, threads: usize) -> anyhow::Result<Outcome> {
     })
 }
 
+/// Period of the lag tickers.
+const LAG_TICK: Duration = Duration::from_millis(10);
+
+/// Measures the event-loop delay: wakes every [`LAG_TICK`] until the end of the window and
+/// records how late it woke ([`Stats::event_loop_delay`]). Tokio's timer has 1 ms resolution,
+/// so up to ~1 ms is the timer, not the load.
+async fn lag_ticker(stats: Arc<Stats>) {
+    loop {
+        let due = Instant::now() + LAG_TICK;
+        if due >= stats.deadline {
+            return;
+        }
+        tokio::time::sleep_until(due).await;
+        let late = Instant::now().saturating_duration_since(due);
+        stats.event_loop_delay(
+            unix_nanos(),
+            u64::try_from(late.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+}
+
 /// TLS of `wss://` sockets (https:// targets): ALPN http/1.1, the Upgrade needs it.
 fn ws_tls(load: &LoadArgs) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
     if !load
@@ -345,16 +277,17 @@ fn ws_tls(load: &LoadArgs) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> 
 }
 
 /// Starts streams until the end of the window, then waits for those in flight.
-async fn drive(ctx: &Arc<Ctx>) {
-    let l = &ctx.plan.load;
-    let stats = &ctx.stats;
+async fn drive(run: &Arc<Run>) {
+    let l = &run.ctx.plan.load;
+    let stats = &run.ctx.stats;
     let mut tasks = JoinSet::new();
     match l.rate {
         None => {
             let n = l.concurrency;
             for slot in 0..n {
-                let ctx = ctx.clone();
+                let run = run.clone();
                 tasks.spawn(async move {
+                    let ctx = &run.ctx;
                     let l = &ctx.plan.load;
                     let offset = l.ramp * slot as f64 / n as f64;
                     tokio::time::sleep_until(ctx.stats.t0 + secs(offset)).await;
@@ -363,7 +296,7 @@ async fn drive(ctx: &Arc<Ctx>) {
                         let seed = mix(l.seed ^ ((slot as u64) << 24) ^ k);
                         k += 1;
                         let label = format!("slot {slot} stream {k}");
-                        if !one_stream(&ctx, Some(slot), label, seed).await {
+                        if !one_stream(&run, Some(slot), label, seed).await {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
@@ -385,9 +318,9 @@ async fn drive(ctx: &Arc<Ctx>) {
                 k += 1;
                 match cap.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let ctx = ctx.clone();
+                        let run = run.clone();
                         tasks.spawn(async move {
-                            one_stream(&ctx, None, label, seed).await;
+                            one_stream(&run, None, label, seed).await;
                             drop(permit);
                         });
                     }
@@ -411,7 +344,8 @@ pub fn arrival_secs(k: u64, rate: f64, ramp: f64) -> f64 {
 }
 
 /// One stream over the transport its kind names; false when it failed.
-async fn one_stream(ctx: &Arc<Ctx>, slot: Option<usize>, label: String, seed: u64) -> bool {
+async fn one_stream(run: &Run, slot: Option<usize>, label: String, seed: u64) -> bool {
+    let ctx = &run.ctx;
     let kind = mixed::pick(&ctx.plan.mix, seed);
     let ks = ctx.stats.kind(kind);
     ks.streams_started.fetch_add(1, Ordering::Relaxed);
@@ -420,12 +354,12 @@ async fn one_stream(ctx: &Arc<Ctx>, slot: Option<usize>, label: String, seed: u6
         Kind::Native => sse::native(ctx, label, seed).await,
         Kind::Chat => sse::chat(ctx, label, seed).await,
         Kind::Watch => watch::run(ctx, label, seed).await,
-        Kind::Ws => match &ctx.ws {
+        Kind::Ws => match &run.ws {
             Some(ws) => ws.run(slot, label, ctx.native_body(seed)).await,
             None => Ended::default(),
         },
         Kind::Longpoll | Kind::Shortpoll => poll::run(ctx, kind, label, seed).await,
-        Kind::Grpc => match &ctx.grpc {
+        Kind::Grpc => match &run.grpc {
             Some(g) => g.run(ctx, label, seed).await,
             None => Ended::default(),
         },

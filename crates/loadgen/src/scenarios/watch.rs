@@ -3,6 +3,9 @@
 //! exactly the same text (compared by hash), besides each one's own verification. This is
 //! also the fan-out benchmark (`--streams 1 --viewers 1000` over three replicas).
 //!
+//! Viewers of `http://` targets over HTTP/1.1 read their sockets directly (see
+//! [`crate::transports::raw`]), so that thousands of them cost this process little.
+//!
 //! A viewer's time to first token is measured from the creation request. Tokens emitted
 //! before a viewer's request was sent reach it as history replay: they are verified but give
 //! no added-delay sample (counted as `replayed_tokens`).
@@ -15,7 +18,7 @@ use std::{
 use tokio::{task::JoinSet, time::Instant};
 
 use crate::{
-    scenarios::{Ctx, Ended},
+    ctx::{Ctx, Ended},
     stats::unix_nanos,
     transports::{poll, sse},
     verify::Violation,

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    scenarios::{Ctx, Ended},
+    ctx::{Ctx, Ended},
     stats::{Kind, Reader, unix_nanos},
 };
 

@@ -4,12 +4,13 @@
 
 pub mod grpc;
 pub mod poll;
+pub mod raw;
 pub mod sse;
 pub mod ws;
 
 use tokio::time::Instant;
 
-use crate::{scenarios::Ctx, stats::Stats};
+use crate::{ctx::Ctx, stats::Stats};
 
 /// How long a client waits before it reconnects (`--resume-attempts`): EventSource's default.
 pub(crate) const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
+    ctx::{Ctx, Ended},
     event::PollAnswer,
-    scenarios::{Ctx, Ended},
     stats::{Kind, Reader, unix_nanos},
     transports::{request_error, status_error},
     verify::Violation,

@@ -1,13 +1,16 @@
 //! Server-sent events: native POST-SSE (`POST /v1/streams` with `Accept: text/event-stream`),
-//! viewers (`GET /v1/streams/{id}/events`) and OpenAI chat completions.
+//! viewers (`GET /v1/streams/{id}/events`) and OpenAI chat completions. Viewers of `http://`
+//! targets over HTTP/1.1 read their socket directly ([`raw`]); everything else goes through
+//! reqwest. Token events are read by a byte scan ([`TokenScan`]), the rest as JSON.
 
 use tokio::time::Instant;
 
 use crate::{
-    event::{Chunk, Ev, Frame, SseParser},
-    scenarios::{Ctx, Ended},
+    cli::HttpVersion,
+    ctx::{Ctx, Ended},
+    event::{Chunk, Ev, Frame, SseParser, TokenScan},
     stats::{Kind, Reader, ReaderEnd, Stats, unix_nanos},
-    transports::{request_error, status_error},
+    transports::{raw, request_error, status_error},
     verify::Violation,
 };
 
@@ -18,17 +21,76 @@ struct Failure {
     detail: String,
 }
 
-/// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time.
-/// Err when the body failed or ran past `deadline`.
+/// An SSE response body: through the HTTP client, or (viewers of `http://` targets over
+/// HTTP/1.1) straight off its socket ([`raw`]).
+enum SseBody {
+    Http(reqwest::Response),
+    Raw(raw::RawBody),
+}
+
+impl SseBody {
+    /// Hands the next bytes of the body to `f`; None at its end, Err with the cause's chain.
+    async fn with_chunk<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, String> {
+        match self {
+            SseBody::Http(r) => match r.chunk().await {
+                Ok(b) => Ok(b.map(|b| f(&b))),
+                Err(e) => Err(super::chain(&e)),
+            },
+            SseBody::Raw(r) => match r.chunk().await {
+                Ok(b) => Ok(b.map(f)),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Read-to-parsed times a body holds before it hands them to the run (one lock per batch).
+const LAG_BATCH: usize = 64;
+
+/// Reads an SSE body to its end, calling `on_frame` with each event and its receipt time (the
+/// wall clock when the read returned). Records how long each read in the window took from
+/// its return to its last event handled ([`Stats::read_to_parsed`]). Err when the body failed
+/// or ran past `deadline`.
 async fn read_body(
-    resp: &mut reqwest::Response,
+    resp: &mut SseBody,
+    stats: &Stats,
     deadline: Instant,
     label: &str,
     mut on_frame: impl FnMut(Frame<'_>, i64),
 ) -> Result<(), Failure> {
     let mut parser = SseParser::default();
+    let mut lag: Vec<u64> = Vec::new();
+    let end = read_frames(
+        resp,
+        stats,
+        deadline,
+        label,
+        &mut parser,
+        &mut lag,
+        &mut on_frame,
+    )
+    .await;
+    if !lag.is_empty() {
+        stats.read_to_parsed(&lag);
+    }
+    end
+}
+
+async fn read_frames(
+    resp: &mut SseBody,
+    stats: &Stats,
+    deadline: Instant,
+    label: &str,
+    parser: &mut SseParser,
+    lag: &mut Vec<u64>,
+    on_frame: &mut impl FnMut(Frame<'_>, i64),
+) -> Result<(), Failure> {
     loop {
-        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+        let next = resp.with_chunk(|bytes| {
+            let recv = unix_nanos();
+            (recv, parser.push(bytes, |f| on_frame(f, recv)))
+        });
+        match tokio::time::timeout_at(deadline, next).await {
             Err(_) => {
                 return Err(Failure {
                     kind: "timeout_body",
@@ -38,17 +100,23 @@ async fn read_body(
             Ok(Err(e)) => {
                 return Err(Failure {
                     kind: "read",
-                    detail: format!("{label}: {}", super::chain(&e)),
+                    detail: format!("{label}: {e}"),
                 });
             }
             Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(bytes))) => {
-                let recv = unix_nanos();
-                if parser.push(&bytes, |f| on_frame(f, recv)).is_err() {
-                    return Err(Failure {
-                        kind: "sse_line_too_long",
-                        detail: label.to_owned(),
-                    });
+            Ok(Ok(Some((_, Err(_))))) => {
+                return Err(Failure {
+                    kind: "sse_line_too_long",
+                    detail: label.to_owned(),
+                });
+            }
+            Ok(Ok(Some((recv, Ok(()))))) => {
+                if stats.in_window(recv) {
+                    lag.push(u64::try_from((unix_nanos() - recv) / 1000).unwrap_or(0));
+                    if lag.len() >= LAG_BATCH {
+                        stats.read_to_parsed(lag);
+                        lag.clear();
+                    }
                 }
             }
         }
@@ -73,7 +141,7 @@ fn counted(stats: &Stats, end: Result<(), Failure>) -> bool {
 /// cleanly.
 async fn follow_native(
     ctx: &Ctx,
-    mut resp: reqwest::Response,
+    mut resp: SseBody,
     reader: &mut Reader,
     id: Option<&str>,
     deadline: Instant,
@@ -82,7 +150,7 @@ async fn follow_native(
     let stats = &ctx.stats;
     let mut attempts = ctx.plan.load.resume_attempts;
     loop {
-        let end = read_body(&mut resp, deadline, label, |f, recv| {
+        let end = read_body(&mut resp, stats, deadline, label, |f, recv| {
             native_frame(reader, stats, &f, recv)
         })
         .await;
@@ -126,7 +194,7 @@ async fn follow_native(
         match resumed {
             Some(r) => {
                 stats.resumed(cause);
-                resp = r;
+                resp = SseBody::Http(r);
             }
             None => {
                 // What ended the last connection is the stream's error.
@@ -136,9 +204,15 @@ async fn follow_native(
     }
 }
 
-/// Feeds one native SSE frame to `reader`. A `type: error` without `seq` is a notice (e.g.
+/// Feeds one native SSE frame to `reader`. Token events take the byte scan of
+/// [`TokenScan`] (no JSON parser on the hot path); anything else, and a token event the scan
+/// cannot read, is parsed as JSON. A `type: error` without `seq` is a notice (e.g.
 /// `slow_consumer`), not the terminal event: counted as an error, and the body ends after it.
 fn native_frame(reader: &mut Reader, stats: &Stats, f: &Frame<'_>, recv: i64) {
+    if let Some(t) = TokenScan::of(f.data) {
+        reader.token(Some(t.seq), t.text, t.emitted_at, recv);
+        return;
+    }
     match serde_json::from_slice::<Ev<'_>>(f.data) {
         Ok(ev) if ev.kind.as_deref() == Some("error") && ev.seq.is_none() => {
             let code = ev.code.as_deref().unwrap_or("?").to_owned();
@@ -199,7 +273,15 @@ pub async fn native(ctx: &Ctx, label: String, seed: u64) -> Ended {
         sent_ns,
         sent_ns,
     );
-    let ok = follow_native(ctx, resp, &mut reader, id.as_deref(), deadline, &label).await;
+    let ok = follow_native(
+        ctx,
+        SseBody::Http(resp),
+        &mut reader,
+        id.as_deref(),
+        deadline,
+        &label,
+    )
+    .await;
     let end = finish(reader, stats, ok);
     Ended {
         ok: ok && end.terminal,
@@ -219,19 +301,24 @@ pub async fn viewer(
 ) -> Option<ReaderEnd> {
     let stats = &ctx.stats;
     let subscribed_ns = unix_nanos();
-    let resp = super::send(
-        ctx,
-        target,
-        deadline,
-        &label,
-        reqwest::StatusCode::OK,
-        |t| {
-            ctx.http
-                .get(format!("{t}/v1/streams/{id}/events"))
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-        },
-    )
-    .await?;
+    let resp = match raw_host(ctx, target) {
+        Some(host) => raw_viewer(stats, host, id, deadline, &label).await?,
+        None => SseBody::Http(
+            super::send(
+                ctx,
+                target,
+                deadline,
+                &label,
+                reqwest::StatusCode::OK,
+                |t| {
+                    ctx.http
+                        .get(format!("{t}/v1/streams/{id}/events"))
+                        .header(reqwest::header::ACCEPT, "text/event-stream")
+                },
+            )
+            .await?,
+        ),
+    };
     let mut reader = Reader::new(
         stats.clone(),
         Kind::Watch,
@@ -244,6 +331,43 @@ pub async fn viewer(
     let mut end = finish(reader, stats, ok);
     end.terminal &= ok;
     Some(end)
+}
+
+/// `HOST:PORT` when a viewer of `target` reads its socket directly: an `http://` target over
+/// HTTP/1.1, and no `--resume-attempts` (re-attaching goes through the HTTP client).
+fn raw_host<'t>(ctx: &Ctx, target: &'t str) -> Option<&'t str> {
+    let l = &ctx.plan.load;
+    if l.http != HttpVersion::Http1 || l.resume_attempts > 0 {
+        return None;
+    }
+    let host = target.strip_prefix("http://")?.trim_end_matches('/');
+    (!host.contains('/')).then_some(host)
+}
+
+/// A viewer's `GET …/events` on a raw socket; failures are counted as [`super::send`] counts
+/// them.
+async fn raw_viewer(
+    stats: &Stats,
+    host: &str,
+    id: &str,
+    deadline: Instant,
+    label: &str,
+) -> Option<SseBody> {
+    let path = format!("/v1/streams/{id}/events");
+    match tokio::time::timeout_at(deadline, raw::get(host, &path, &[])).await {
+        Err(_) => stats.error("timeout_response", || label.to_owned()),
+        Ok(Ok(body)) => {
+            stats.http_version(http::Version::HTTP_11);
+            return Some(SseBody::Raw(body));
+        }
+        Ok(Err(raw::RawError::Connect(e))) => stats.error("connect", || format!("{label}: {e}")),
+        Ok(Err(raw::RawError::Io(e))) => stats.error("request", || format!("{label}: {e}")),
+        Ok(Err(raw::RawError::Malformed(m))) => stats.error("request", || format!("{label}: {m}")),
+        Ok(Err(raw::RawError::Status(status, body))) => {
+            stats.error(format!("http_{status}"), || body)
+        }
+    }
+    None
 }
 
 /// One OpenAI chat completion stream (`stream: true`, `include_usage`).
@@ -260,7 +384,7 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     let deadline = Instant::now() + ctx.stream_timeout;
     let body = ctx.chat_body(seed);
     let sent_ns = unix_nanos();
-    let Some(mut resp) = super::send(
+    let Some(resp) = super::send(
         ctx,
         target,
         deadline,
@@ -286,7 +410,8 @@ pub async fn chat(ctx: &Ctx, label: String, seed: u64) -> Ended {
     );
     let mut finish_reason: Option<String> = None;
     let mut done_marker = false;
-    let end = read_body(&mut resp, deadline, &label, |f, recv| {
+    let mut resp = SseBody::Http(resp);
+    let end = read_body(&mut resp, stats, deadline, &label, |f, recv| {
         if done_marker {
             reader.violation(Violation::EventAfterTerminal, || {
                 format!("{} after [DONE]", String::from_utf8_lossy(f.data))

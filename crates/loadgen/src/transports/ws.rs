@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::authority,
+    ctx::Ended,
     event::Ev,
-    scenarios::Ended,
     stats::{Kind, Reader, Stats, unix_nanos},
     verify::{CheckOptions, Violation},
 };

@@ -14,7 +14,7 @@ use crate::{
     state::AppState,
     stream::StreamStatus,
     tenant::Caller,
-    transports::{TransportGuard, poll_body, sse::parse_cursor},
+    transports::{TransportGuard, poll_body, sse::after_cursor},
 };
 
 /// Default wait when the client gives no `timeout_ms`.
@@ -38,12 +38,7 @@ pub async fn poll(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let stream = app.stream_for(&caller, &id).await?;
-    let after = query
-        .after
-        .as_deref()
-        .map(|v| parse_cursor("after", v))
-        .transpose()?
-        .unwrap_or(0);
+    let after = after_cursor(query.after.as_deref())?;
     let max = app.config.http.longpoll_max_ms;
     let timeout_ms = match query.timeout_ms.as_deref() {
         None => DEFAULT_TIMEOUT_MS.min(max),

@@ -11,7 +11,7 @@ use crate::{
     error::ApiError,
     state::AppState,
     tenant::Caller,
-    transports::{poll_body, sse::parse_cursor},
+    transports::{poll_body, sse::after_cursor},
 };
 
 /// Query of a short-poll.
@@ -30,12 +30,7 @@ pub async fn status(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let stream = app.stream_for(&caller, &id).await?;
-    let after = query
-        .after
-        .as_deref()
-        .map(|v| parse_cursor("after", v))
-        .transpose()?
-        .unwrap_or(0);
+    let after = after_cursor(query.after.as_deref())?;
     let (status, events) = stream.events_after(after)?;
     // A client polling the stream keeps it alive like an attached one.
     stream.touch();

@@ -213,3 +213,8 @@ pub fn parse_cursor(name: &str, value: &str) -> Result<u64, ApiError> {
         ))
     })
 }
+
+/// The `?after=` cursor of a poll: the seq to read after, 0 when absent.
+pub(crate) fn after_cursor(after: Option<&str>) -> Result<u64, ApiError> {
+    after.map_or(Ok(0), |v| parse_cursor("after", v))
+}

@@ -19,6 +19,13 @@
 //! every response on it). HTTP/2 flow control can stall one response while the socket is
 //! still writable, so a streaming response on HTTP/2 also has a watchdog: if the body has a
 //! chunk the connection did not take within the deadline, the whole connection is closed.
+//!
+//! # Idle event streams
+//!
+//! A plain-TCP HTTP/1.1 `GET /v1/streams/{id}/events` that opens a connection skips hyper
+//! ([`events_h1`]): it runs through the same router, but its response is written straight to
+//! the socket without hyper's two 8 KiB per-connection buffers; a connection kept alive after
+//! it goes to hyper. TLS and HTTP/2 connections, and every other request, are served by hyper.
 
 use std::{
     convert::Infallible,
@@ -56,6 +63,8 @@ use crate::{
     conn_limits::{IpPermit, PerIp},
     error::ApiError,
 };
+
+mod events_h1;
 
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
@@ -233,17 +242,43 @@ impl Serving {
             shutdown,
         } = self;
         let kill = connection.kill.clone();
-        let service = TowerToHyperService::new(Counted {
+        let mut counted = Counted {
             router,
             connection: connection.clone(),
-        });
+        };
         let result = match tls {
             None => {
                 let mut tcp = tcp;
                 let Some((protocol, prefix)) = sniff(&mut tcp, header_read_timeout).await else {
                     return;
                 };
-                let io = Deadline::new(Prefixed::new(prefix, tcp), connection);
+                let events = if protocol == Protocol::Http1 && prefix.is_empty() {
+                    match events_h1::take_request(&mut tcp).await {
+                        Ok(request) => request,
+                        Err(err) => {
+                            tracing::debug!(%peer, %err, "reading the request failed");
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let mut io = Deadline::new(tcp, connection);
+                if let Some(request) = events {
+                    let keep_alive = !events_h1::wants_close(request.headers());
+                    let Ok(response) = tower::Service::call(&mut counted, request).await;
+                    match events_h1::respond(&mut io, response, keep_alive).await {
+                        // Shutdown ended the response: close, so the client reconnects.
+                        Ok(true) if !shutdown.is_cancelled() => {}
+                        Ok(_) => return,
+                        Err(err) => {
+                            tracing::debug!(%peer, %err, "connection ended with an error");
+                            return;
+                        }
+                    }
+                }
+                let service = TowerToHyperService::new(counted);
+                let io = Prefixed::new(prefix, io);
                 protocols
                     .serve(io, protocol, service, &shutdown, &kill)
                     .await
@@ -263,6 +298,7 @@ impl Serving {
                     _ => Protocol::Http1,
                 };
                 let io = Deadline::new(stream, connection);
+                let service = TowerToHyperService::new(counted);
                 protocols
                     .serve(io, protocol, service, &shutdown, &kill)
                     .await
@@ -609,7 +645,11 @@ struct Counted {
     connection: Arc<Connection>,
 }
 
-impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
+impl<B> tower::Service<axum::extract::Request<B>> for Counted
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     type Response = axum::response::Response;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -618,7 +658,7 @@ impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: axum::extract::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: axum::extract::Request<B>) -> Self::Future {
         use tower::ServiceExt as _;
         let slot = match self.connection.open_request() {
             Ok(slot) => slot,

@@ -279,29 +279,33 @@ impl Serving {
                 }
                 let service = TowerToHyperService::new(counted);
                 let io = Prefixed::new(prefix, io);
-                protocols
-                    .serve(io, protocol, service, &shutdown, &kill)
-                    .await
+                // Boxed, like the TLS path below: this task's own state then stays as small
+                // as an idle event stream needs.
+                Box::pin(protocols.serve(io, protocol, service, &shutdown, &kill)).await
             }
             Some(acceptor) => {
-                let stream =
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, %err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+                Box::pin(async move {
+                    let stream =
+                        match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(err)) => {
+                                tracing::debug!(%peer, %err, "TLS handshake failed");
+                                return Ok(());
+                            }
+                            Err(_) => return Ok(()),
+                        };
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
                     };
-                let protocol = match stream.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => Protocol::Http2,
-                    _ => Protocol::Http1,
-                };
-                let io = Deadline::new(stream, connection);
-                let service = TowerToHyperService::new(counted);
-                protocols
-                    .serve(io, protocol, service, &shutdown, &kill)
-                    .await
+                    let io = Deadline::new(stream, connection);
+                    let service = TowerToHyperService::new(counted);
+                    protocols
+                        .serve(io, protocol, service, &shutdown, &kill)
+                        .await
+                })
+                .await
             }
         };
         if let Err(err) = result {

@@ -34,6 +34,9 @@ use super::Deadline;
 /// The largest request head this path takes (larger ones go to hyper).
 const MAX_HEAD: usize = 8 * 1024;
 
+/// The first peek at a request head, in bytes.
+const FIRST_PEEK: usize = 1024;
+
 /// The most request headers this path takes (more go to hyper).
 const MAX_HEADERS: usize = 64;
 
@@ -49,13 +52,19 @@ const DECLINED: [header::HeaderName; 4] = [
 /// `tcp` has bytes waiting (the protocol sniff saw them). Ok(None): not for this path, nothing
 /// consumed. Err: the socket failed while the head was being consumed.
 pub(super) async fn take_request(tcp: &mut TcpStream) -> io::Result<Option<Request<Body>>> {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let seen = tcp.peek(&mut buf).await?;
-    let Some((request, head_len)) = parse(&buf[..seen]) else {
-        return Ok(None);
-    };
-    tcp.read_exact(&mut buf[..head_len]).await?;
-    Ok(Some(request))
+    // Most heads fit the smaller buffer; a larger one is tried only when it is full.
+    for size in [FIRST_PEEK, MAX_HEAD] {
+        let mut buf = vec![0u8; size];
+        let seen = tcp.peek(&mut buf).await?;
+        if let Some((request, head_len)) = parse(&buf[..seen]) {
+            tcp.read_exact(&mut buf[..head_len]).await?;
+            return Ok(Some(request));
+        }
+        if seen < size {
+            break;
+        }
+    }
+    Ok(None)
 }
 
 /// The request `bytes` hold, and its length, when it is exactly one complete events request
@@ -141,14 +150,11 @@ pub(super) async fn respond<I: Socket>(
         || parts.status == StatusCode::NOT_MODIFIED;
     let length = hyper::body::Body::size_hint(&body).exact();
     let chunked = !bodiless && length.is_none();
-    io.write_all(&head(
-        parts.status,
-        &parts.headers,
-        bodiless,
-        length,
-        keep_alive,
-    ))
-    .await?;
+    let head = head(parts.status, &parts.headers, bodiless, length, keep_alive);
+    // Not held while the body streams.
+    drop(parts);
+    io.write_all(&head).await?;
+    drop(head);
     // Until the client sends something (a pipelined request), its socket is watched for a
     // close, so an idle stream notices a client that left.
     let mut watch_peer = true;

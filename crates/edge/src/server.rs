@@ -987,4 +987,73 @@ mod tests {
             "peeked only"
         );
     }
+
+    /// Reads from `tcp` until what was read ends with `end`.
+    async fn read_until(tcp: &mut TcpStream, end: &str) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let read = async {
+            while !got.ends_with(end.as_bytes()) {
+                let n = tcp.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("in time");
+        String::from_utf8(got).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn an_events_response_then_hyper_on_the_same_connection() {
+        use tokio::io::AsyncReadExt as _;
+        let router = Router::new()
+            .route(
+                "/v1/streams/{id}/events",
+                axum::routing::get(|| async { "first" }),
+            )
+            .route("/next", axum::routing::get(|| async { "second" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let lifecycle = crate::Lifecycle::default();
+        let limits = ConnectionLimits {
+            max_connections: 10,
+            per_ip: PerIp::new(10),
+            header_read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(listener, router, None, limits, lifecycle.clone()));
+
+        // Kept alive: the events response, then the next request is hyper's.
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET /v1/streams/abc/events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let first = read_until(&mut tcp, "first").await;
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+        assert!(first.contains("\r\ncontent-length: 5\r\n"), "{first}");
+        assert!(!first.contains("connection"), "{first}");
+        tcp.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut second = String::new();
+        tcp.read_to_string(&mut second).await.expect("read");
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+        assert!(second.ends_with("second"), "{second}");
+
+        // Asked to close: the response says so and the connection ends.
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(
+            b"GET /v1/streams/abc/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut only = String::new();
+        tcp.read_to_string(&mut only).await.expect("read");
+        assert!(only.contains("\r\nconnection: close\r\n"), "{only}");
+        assert!(only.ends_with("\r\n\r\nfirst"), "{only}");
+        lifecycle.root.cancel();
+    }
 }

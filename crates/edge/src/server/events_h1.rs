@@ -155,10 +155,13 @@ pub(super) async fn respond<I: Socket>(
     drop(parts);
     io.write_all(&head).await?;
     drop(head);
+    if bodiless {
+        body = Body::empty();
+    }
     // Until the client sends something (a pipelined request), its socket is watched for a
     // close, so an idle stream notices a client that left.
     let mut watch_peer = true;
-    while !bodiless {
+    loop {
         tokio::select! {
             biased;
             frame = body.frame() => match frame {
@@ -434,7 +437,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sized_body_has_a_content_length() {
+    async fn a_sized_body_has_a_content_length_and_204_none() {
         let response = http::Response::builder()
             .status(StatusCode::NOT_FOUND)
             .body(Body::from("{\"error\":1}"))
@@ -443,6 +446,18 @@ mod tests {
         assert!(got.starts_with("HTTP/1.1 404 Not Found\r\n"), "{got}");
         assert!(got.contains("\r\ncontent-length: 11\r\n"), "{got}");
         assert!(got.ends_with("\r\n\r\n{\"error\":1}"), "{got}");
+
+        let response = http::Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(Body::empty())
+            .expect("response");
+        let (got, _) = written(response, false).await;
+        assert!(got.starts_with("HTTP/1.1 204 No Content\r\n"), "{got}");
+        assert!(
+            !got.contains("content-length") && !got.contains("chunked"),
+            "{got}"
+        );
+        assert!(got.ends_with("\r\nconnection: close\r\n\r\n"), "{got}");
     }
 
     #[test]

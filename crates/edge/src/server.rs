@@ -19,6 +19,13 @@
 //! every response on it). HTTP/2 flow control can stall one response while the socket is
 //! still writable, so a streaming response on HTTP/2 also has a watchdog: if the body has a
 //! chunk the connection did not take within the deadline, the whole connection is closed.
+//!
+//! # Idle event streams
+//!
+//! A plain-TCP HTTP/1.1 `GET /v1/streams/{id}/events` that opens a connection skips hyper
+//! ([`events_h1`]): it runs through the same router, but its response is written straight to
+//! the socket without hyper's two 8 KiB per-connection buffers; a connection kept alive after
+//! it goes to hyper. TLS and HTTP/2 connections, and every other request, are served by hyper.
 
 use std::{
     convert::Infallible,
@@ -56,6 +63,8 @@ use crate::{
     conn_limits::{IpPermit, PerIp},
     error::ApiError,
 };
+
+mod events_h1;
 
 /// How long open connections get to finish once shutdown began.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
@@ -233,39 +242,70 @@ impl Serving {
             shutdown,
         } = self;
         let kill = connection.kill.clone();
-        let service = TowerToHyperService::new(Counted {
+        let mut counted = Counted {
             router,
             connection: connection.clone(),
-        });
+        };
         let result = match tls {
             None => {
                 let mut tcp = tcp;
                 let Some((protocol, prefix)) = sniff(&mut tcp, header_read_timeout).await else {
                     return;
                 };
-                let io = Deadline::new(Prefixed::new(prefix, tcp), connection);
-                protocols
-                    .serve(io, protocol, service, &shutdown, &kill)
-                    .await
-            }
-            Some(acceptor) => {
-                let stream =
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, %err, "TLS handshake failed");
+                let events = if protocol == Protocol::Http1 && prefix.is_empty() {
+                    match events_h1::take_request(&mut tcp).await {
+                        Ok(request) => request,
+                        Err(err) => {
+                            tracing::debug!(%peer, %err, "reading the request failed");
                             return;
                         }
-                        Err(_) => return,
-                    };
-                let protocol = match stream.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => Protocol::Http2,
-                    _ => Protocol::Http1,
+                    }
+                } else {
+                    None
                 };
-                let io = Deadline::new(stream, connection);
-                protocols
-                    .serve(io, protocol, service, &shutdown, &kill)
-                    .await
+                let mut io = Deadline::new(tcp, connection);
+                if let Some(request) = events {
+                    let keep_alive = !events_h1::wants_close(request.headers());
+                    let Ok(response) = tower::Service::call(&mut counted, request).await;
+                    match events_h1::respond(&mut io, response, keep_alive).await {
+                        // Shutdown ended the response: close, so the client reconnects.
+                        Ok(true) if !shutdown.is_cancelled() => {}
+                        Ok(_) => return,
+                        Err(err) => {
+                            tracing::debug!(%peer, %err, "connection ended with an error");
+                            return;
+                        }
+                    }
+                }
+                let service = TowerToHyperService::new(counted);
+                let io = Prefixed::new(prefix, io);
+                // Boxed, like the TLS path below: this task's own state then stays as small
+                // as an idle event stream needs.
+                Box::pin(protocols.serve(io, protocol, service, &shutdown, &kill)).await
+            }
+            Some(acceptor) => {
+                Box::pin(async move {
+                    let stream =
+                        match tokio::time::timeout(header_read_timeout, acceptor.accept(tcp)).await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(err)) => {
+                                tracing::debug!(%peer, %err, "TLS handshake failed");
+                                return Ok(());
+                            }
+                            Err(_) => return Ok(()),
+                        };
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let io = Deadline::new(stream, connection);
+                    let service = TowerToHyperService::new(counted);
+                    protocols
+                        .serve(io, protocol, service, &shutdown, &kill)
+                        .await
+                })
+                .await
             }
         };
         if let Err(err) = result {
@@ -609,7 +649,11 @@ struct Counted {
     connection: Arc<Connection>,
 }
 
-impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
+impl<B> tower::Service<axum::extract::Request<B>> for Counted
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     type Response = axum::response::Response;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -618,7 +662,7 @@ impl tower::Service<axum::extract::Request<hyper::body::Incoming>> for Counted {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: axum::extract::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: axum::extract::Request<B>) -> Self::Future {
         use tower::ServiceExt as _;
         let slot = match self.connection.open_request() {
             Ok(slot) => slot,
@@ -942,5 +986,74 @@ mod tests {
             (Protocol::Http1, 0),
             "peeked only"
         );
+    }
+
+    /// Reads from `tcp` until what was read ends with `end`.
+    async fn read_until(tcp: &mut TcpStream, end: &str) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let read = async {
+            while !got.ends_with(end.as_bytes()) {
+                let n = tcp.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("in time");
+        String::from_utf8(got).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn an_events_response_then_hyper_on_the_same_connection() {
+        use tokio::io::AsyncReadExt as _;
+        let router = Router::new()
+            .route(
+                "/v1/streams/{id}/events",
+                axum::routing::get(|| async { "first" }),
+            )
+            .route("/next", axum::routing::get(|| async { "second" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let lifecycle = crate::Lifecycle::default();
+        let limits = ConnectionLimits {
+            max_connections: 10,
+            per_ip: PerIp::new(10),
+            header_read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(listener, router, None, limits, lifecycle.clone()));
+
+        // Kept alive: the events response, then the next request is hyper's.
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET /v1/streams/abc/events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let first = read_until(&mut tcp, "first").await;
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+        assert!(first.contains("\r\ncontent-length: 5\r\n"), "{first}");
+        assert!(!first.contains("connection"), "{first}");
+        tcp.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut second = String::new();
+        tcp.read_to_string(&mut second).await.expect("read");
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+        assert!(second.ends_with("second"), "{second}");
+
+        // Asked to close: the response says so and the connection ends.
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(
+            b"GET /v1/streams/abc/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut only = String::new();
+        tcp.read_to_string(&mut only).await.expect("read");
+        assert!(only.contains("\r\nconnection: close\r\n"), "{only}");
+        assert!(only.ends_with("\r\n\r\nfirst"), "{only}");
+        lifecycle.root.cancel();
     }
 }

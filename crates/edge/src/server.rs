@@ -526,6 +526,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadline<I> {
     }
 }
 
+impl events_h1::Socket for Deadline<TcpStream> {
+    fn poll_peer(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        self.inner
+            .poll_peek(cx, &mut buf)
+            .map(|peeked| !matches!(peeked, Ok(n) if n > 0))
+    }
+}
+
 /// The caps every connection draws from.
 #[derive(Clone)]
 struct Caps {

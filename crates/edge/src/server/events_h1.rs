@@ -25,11 +25,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Version, header};
 use http_body_util::BodyExt as _;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    io::{AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
-
-use super::Deadline;
 
 /// The largest request head this path takes (larger ones go to hyper).
 const MAX_HEAD: usize = 8 * 1024;
@@ -113,16 +111,6 @@ fn is_events_path(target: &str) -> bool {
 pub(super) trait Socket: AsyncWrite + Unpin {
     /// Ready once the client closed (true) or sent more bytes (false).
     fn poll_peer(&mut self, cx: &mut Context<'_>) -> Poll<bool>;
-}
-
-impl Socket for Deadline<TcpStream> {
-    fn poll_peer(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        self.inner
-            .poll_peek(cx, &mut buf)
-            .map(|peeked| !matches!(peeked, Ok(n) if n > 0))
-    }
 }
 
 /// Whether the request asks to close the connection after its response.

@@ -116,7 +116,6 @@ pub async fn start(
     let router = app::router(AppState {
         hub: hub.clone(),
         config: config.clone(),
-        shutdown: lifecycle.accepting.clone(),
         security: Arc::new(Security::from_args(
             &config.auth,
             config.tls_cert.is_some(),

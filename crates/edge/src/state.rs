@@ -24,8 +24,6 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The configuration.
     pub config: Arc<EdgeConfig>,
-    /// Cancelled at shutdown: streaming responses end so clients reconnect elsewhere.
-    pub shutdown: CancellationToken,
     /// Authentication and tickets.
     pub security: Arc<Security>,
     /// Per-tenant stream limits.
@@ -33,6 +31,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Cancelled at shutdown (the lifecycle's `accepting` phase): streaming responses end so
+    /// clients reconnect elsewhere.
+    pub(crate) fn shutdown(&self) -> &CancellationToken {
+        &self.hub.lifecycle().accepting
+    }
+
     /// The stream `id` as `caller` may see it: another tenant's stream is 404 exactly like an
     /// unknown one, everywhere; a ticket for another stream is 403.
     pub(crate) async fn stream_for(

@@ -57,7 +57,6 @@ use tokenfan_edge::{
     transports::{openai::ChatRequest, sse::parse_cursor, ws},
     upstream::GeneratorPool,
 };
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 /// A finished stream of the fixture that ends with `done`.
@@ -186,7 +185,6 @@ impl Fixture {
                     tokenfan_edge::limits::LEASE,
                 )),
                 config,
-                shutdown: CancellationToken::new(),
             }
         });
         let router = app::router(app.clone());

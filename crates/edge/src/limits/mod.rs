@@ -283,13 +283,18 @@ impl Limiter {
         let handover = lifecycle.handover.clone();
         lifecycle.spawn(async move {
             let mut check = tokio::time::interval(KEEP_EVERY);
+            // Created once: a wait recreated every tick would leave a waker behind each time.
+            let finished = stream.wait_finished();
+            tokio::pin!(finished);
+            let handing_over = handover.cancelled();
+            tokio::pin!(handing_over);
             loop {
                 tokio::select! {
-                    () = stream.wait_finished() => {
+                    () = &mut finished => {
                         limiter.release(stream.tenant(), &stream.id).await;
                         break;
                     }
-                    () = handover.cancelled() => break,
+                    () = &mut handing_over => break,
                     _ = check.tick() => {
                         if !stream.is_owned() {
                             break;
@@ -301,9 +306,9 @@ impl Limiter {
         });
     }
 
-    /// Every [`KEEP_EVERY`] until `lifecycle`'s background phase: renews the entries of the running streams this
-    /// replica owns (`owned`: the hub's, including ones taken over from a dead replica, which
-    /// it then tracks), and forgets idle tenants' in-memory state.
+    /// Every [`KEEP_EVERY`] until `lifecycle`'s background phase: renews the entries of the
+    /// running streams this replica owns (`owned`: the hub's, including ones taken over from a
+    /// dead replica, which it then tracks), and forgets idle tenants' in-memory state.
     pub async fn keep(
         self: Arc<Self>,
         owned: impl Fn() -> Vec<Arc<StreamState>>,

@@ -29,6 +29,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::routes;
+
 /// The largest request head this path takes (larger ones go to hyper).
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -98,12 +100,13 @@ fn parse(bytes: &[u8]) -> Option<(Request<Body>, usize)> {
     Some((request, len))
 }
 
-/// Whether `target` (origin form) is `/v1/streams/{id}/events`, with or without a query.
+/// Whether `target` (origin form) is `/v1/streams/{id}/events` (the route table's
+/// [`routes::STREAM_EVENTS`]) with a non-empty id, with or without a query.
 fn is_events_path(target: &str) -> bool {
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    path.strip_prefix("/v1/streams/")
-        .and_then(|rest| rest.strip_suffix("/events"))
-        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+    routes::find(path).is_some_and(|(route, id)| {
+        *route == routes::STREAM_EVENTS && id.is_some_and(|id| !id.is_empty())
+    })
 }
 
 /// The socket this path writes to: it also tells when the client closed, without consuming

@@ -68,7 +68,7 @@ pub async fn poll(
                     events = batch;
                 }
             }
-            () = app.shutdown.cancelled() => {}
+            () = app.shutdown().cancelled() => {}
         }
     }
     guard.delivered(events.len());

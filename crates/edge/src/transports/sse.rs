@@ -94,7 +94,7 @@ pub(crate) fn response_until(
 ) -> Response {
     let guard = TransportGuard::new(transport);
     let heartbeat = Duration::from_secs(app.config.http.sse_heartbeat_secs);
-    let shutdown = Quiet::new(app.shutdown.clone().cancelled_owned());
+    let shutdown = Quiet::new(app.shutdown().clone().cancelled_owned());
     let stream_id = sub.stream().id.to_string();
     let mut prelude = BytesMut::new();
     framer.start(&mut prelude);

@@ -431,7 +431,7 @@ impl<'a> Socket<'a> {
                     unanswered += 1;
                     Step::Reply(Some(Message::Ping(Default::default())))
                 }
-                () = app.shutdown.cancelled() => {
+                () = app.shutdown().cancelled() => {
                     return Some((CLOSE_RESTART, "server restarting; reconnect"));
                 }
                 () = expired.as_mut() => {
@@ -851,7 +851,6 @@ mod tests {
             security: Arc::new(security),
             limiter: Arc::new(Limiter::new(policy, Arc::new(MemoryLimits::new(policy)))),
             config,
-            shutdown: lifecycle.accepting.clone(),
         }
     }
 
